@@ -1,0 +1,275 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// A stand-in for the FTS auth API on loopback, for the tests, the demo and `fts-tokend mock-server`.
+///
+/// Endpoints:
+/// - `POST /auth/token` and `POST /auth/login`: checks `x-api-key`, then `{email, password}`; answers
+///   `{token, expires, userId, tenantId}` with an HS256 JWT valid for `tokenTTL` (`expires` in seconds
+///   or milliseconds), 401 for a wrong key or password, 400 for a malformed body.
+/// - `GET /api/whoami`: 200 `{userId}` only for the right key and a valid, unexpired token of ours
+///   (`Authorization: Bearer <token>` or the bare token), else 401.
+/// - `POST /_mock/faults` (a `MockFaultScript` as JSON) and `GET /_mock/stats`: control for tests in
+///   other processes.
+public final class MockFTSServer: Sendable {
+    public struct Configuration: Sendable {
+        public var apiKey: String
+        public var email: String
+        public var password: String
+        public var tokenTTL: TimeInterval
+        public var expiresInMilliseconds: Bool
+        public var userId: String
+        public var tenantId: String?
+
+        public init(apiKey: String, email: String, password: String, tokenTTL: TimeInterval = 20,
+                    expiresInMilliseconds: Bool = false, userId: String = "user-1", tenantId: String? = "tenant-1") {
+            self.apiKey = apiKey
+            self.email = email
+            self.password = password
+            self.tokenTTL = tokenTTL
+            self.expiresInMilliseconds = expiresInMilliseconds
+            self.userId = userId
+            self.tenantId = tenantId
+        }
+    }
+
+    /// What the mock has seen.
+    public struct Stats: Sendable, Codable, Equatable {
+        /// Requests to the login paths, whatever their outcome.
+        public var loginRequests = 0
+        /// Tokens issued.
+        public var tokensIssued = 0
+        public var whoamiAccepted = 0
+        public var whoamiRejected = 0
+        /// `User-Agent` of the last login request.
+        public var lastUserAgent: String?
+    }
+
+    private struct State {
+        var configuration: Configuration
+        var script = MockFaultScript()
+        var stats = Stats()
+    }
+
+    private let state: NIOLockedValueBox<State>
+    private let jwt = MockJWT()
+    private let channel = NIOLockedValueBox<(any Channel)?>(nil)
+
+    public init(_ configuration: Configuration) {
+        state = NIOLockedValueBox(State(configuration: configuration))
+    }
+
+    /// Listens on `host:port` (port 0 picks a free one) and returns the bound port.
+    public func start(host: String = "127.0.0.1", port: Int = 0) async throws -> Int {
+        let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.backlog, value: 64)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(MockHTTPHandler(server: self))
+                }
+            }
+        let bound = try await bootstrap.bind(host: host, port: port).get()
+        channel.withLockedValue { $0 = bound }
+        return bound.localAddress?.port ?? port
+    }
+
+    public func stop() async {
+        let bound = channel.withLockedValue { value in
+            defer { value = nil }
+            return value
+        }
+        try? await bound?.close()
+    }
+
+    // MARK: Control
+
+    public var stats: Stats { state.withLockedValue { $0.stats } }
+
+    public func script(_ script: MockFaultScript) {
+        state.withLockedValue { $0.script = script }
+    }
+
+    /// Applies `faults` to the coming logins, one each, keeping `always`.
+    public func enqueue(_ faults: MockFault...) {
+        state.withLockedValue { $0.script.next += faults }
+    }
+
+    /// Applies `fault` to every login until called again with nil.
+    public func always(_ fault: MockFault?) {
+        state.withLockedValue { $0.script.always = fault }
+    }
+
+    public func update(_ change: @Sendable (inout Configuration) -> Void) {
+        state.withLockedValue { change(&$0.configuration) }
+    }
+
+    // MARK: Handling
+
+    struct Response: Sendable {
+        var status: HTTPResponseStatus
+        var headers: [(String, String)] = []
+        var body: String
+        /// Wait this long before answering.
+        var delay: TimeInterval = 0
+        /// Never answer.
+        var hang = false
+    }
+
+    func respond(method: HTTPMethod, path: String, headers: HTTPHeaders, body: [UInt8]) -> Response {
+        let now = Date()
+        switch (method, path) {
+        case (.POST, "/auth/token"), (.POST, "/auth/login"):
+            return login(headers: headers, body: body, now: now)
+        case (.GET, "/api/whoami"):
+            return whoami(headers: headers, now: now)
+        case (.POST, "/_mock/faults"):
+            guard let script = try? JSONDecoder().decode(MockFaultScript.self, from: Data(body)) else {
+                return Response(status: .badRequest, body: #"{"error":"expected a MockFaultScript"}"#)
+            }
+            self.script(script)
+            return Response(status: .ok, body: "{}")
+        case (.GET, "/_mock/stats"):
+            let encoded = (try? JSONEncoder().encode(stats)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+            return Response(status: .ok, body: encoded)
+        default:
+            return Response(status: .notFound, body: #"{"error":"not found"}"#)
+        }
+    }
+
+    private struct Credentials: Decodable {
+        var email: String
+        var password: String
+    }
+
+    private func login(headers: HTTPHeaders, body: [UInt8], now: Date) -> Response {
+        let (configuration, fault, serial) = state.withLockedValue { state -> (Configuration, MockFault?, Int) in
+            state.stats.loginRequests += 1
+            state.stats.lastUserAgent = headers.first(name: "User-Agent")
+            let fault = state.script.next.isEmpty ? state.script.always : state.script.next.removeFirst()
+            return (state.configuration, fault, state.stats.loginRequests)
+        }
+        var response = answer(configuration, fault: fault, headers: headers, body: body, now: now, serial: serial)
+        response.delay = fault?.delaySeconds ?? 0
+        response.hang = fault?.hang ?? false
+        response.headers.append(("Date", Self.httpDate(now)))
+        if response.status == .ok, fault?.body == nil {
+            state.withLockedValue { $0.stats.tokensIssued += 1 }
+        }
+        return response
+    }
+
+    private func answer(_ configuration: Configuration, fault: MockFault?, headers: HTTPHeaders, body: [UInt8], now: Date, serial: Int) -> Response {
+        if let status = fault?.status {
+            var response = Response(status: HTTPResponseStatus(statusCode: status), body: #"{"error":"injected"}"#)
+            if let retryAfter = fault?.retryAfter { response.headers.append(("Retry-After", retryAfter)) }
+            return response
+        }
+        if let text = fault?.body {
+            return Response(status: .ok, headers: [("Content-Type", fault?.contentType ?? "application/json")], body: text)
+        }
+        guard headers.first(name: "x-api-key") == configuration.apiKey else {
+            return Response(status: .unauthorized, body: #"{"error":"invalid api key"}"#)
+        }
+        guard let credentials = try? JSONDecoder().decode(Credentials.self, from: Data(body)) else {
+            return Response(status: .badRequest, body: #"{"error":"expected {email, password}"}"#)
+        }
+        guard credentials.email == configuration.email, credentials.password == configuration.password else {
+            return Response(status: .unauthorized, body: #"{"error":"invalid credentials"}"#)
+        }
+        let expiresAt = (fault?.expired ?? false) ? now.addingTimeInterval(-60) : now.addingTimeInterval(configuration.tokenTTL)
+        let token = jwt.issue(subject: configuration.userId, issuedAt: now, expiresAt: expiresAt, serial: serial)
+        let stated = expiresAt.timeIntervalSince1970.rounded(.down) + (fault?.expiresSkewSeconds ?? 0)
+        let expires = configuration.expiresInMilliseconds ? Int64(stated * 1000) : Int64(stated)
+        var fields = [#""token":"\#(token)""#, #""expires":\#(expires)"#, #""userId":"\#(configuration.userId)""#]
+        if let tenant = configuration.tenantId { fields.append(#""tenantId":"\#(tenant)""#) }
+        return Response(status: .ok, headers: [("Content-Type", "application/json")], body: "{" + fields.joined(separator: ",") + "}")
+    }
+
+    private func whoami(headers: HTTPHeaders, now: Date) -> Response {
+        let configuration = state.withLockedValue { $0.configuration }
+        var token = headers.first(name: "Authorization") ?? ""
+        if token.hasPrefix("Bearer ") { token.removeFirst("Bearer ".count) }
+        guard headers.first(name: "x-api-key") == configuration.apiKey, let subject = jwt.verify(token, now: now) else {
+            state.withLockedValue { $0.stats.whoamiRejected += 1 }
+            return Response(status: .unauthorized, body: #"{"error":"invalid or expired token"}"#)
+        }
+        state.withLockedValue { $0.stats.whoamiAccepted += 1 }
+        return Response(status: .ok, headers: [("Content-Type", "application/json")], body: #"{"userId":"\#(subject)"}"#)
+    }
+
+    /// IMF-fixdate for the `Date` header.
+    static func httpDate(_ date: Date) -> String {
+        let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
+        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        var seconds = time_t(date.timeIntervalSince1970.rounded(.down))
+        var f = tm()
+        gmtime_r(&seconds, &f)
+        func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
+        return "\(days[Int(f.tm_wday)]), \(two(f.tm_mday)) \(months[Int(f.tm_mon)]) \(f.tm_year + 1900) \(two(f.tm_hour)):\(two(f.tm_min)):\(two(f.tm_sec)) GMT"
+    }
+}
+
+/// Collects one request (head and body up to 64 KiB) and writes the server's answer.
+private final class MockHTTPHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let server: MockFTSServer
+    private var head: HTTPRequestHead?
+    private var body: [UInt8] = []
+
+    init(server: MockFTSServer) {
+        self.server = server
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+            body = []
+        case .body(var chunk):
+            if body.count < 64 * 1024, let bytes = chunk.readBytes(length: chunk.readableBytes) { body += bytes }
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            let path = String(head.uri.split(separator: "?", maxSplits: 1).first ?? "")
+            let response = server.respond(method: head.method, path: path, headers: head.headers, body: body)
+            guard !response.hang else { return }
+            let keepAlive = head.isKeepAlive
+            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            if response.delay > 0 {
+                context.eventLoop.scheduleTask(in: .milliseconds(Int64(response.delay * 1000))) {
+                    let (handler, context) = loopBound.value
+                    handler.write(response, keepAlive: keepAlive, context: context)
+                }
+            } else {
+                write(response, keepAlive: keepAlive, context: context)
+            }
+        }
+    }
+
+    private func write(_ response: MockFTSServer.Response, keepAlive: Bool, context: ChannelHandlerContext) {
+        guard context.channel.isActive else { return }
+        var headers = HTTPHeaders(response.headers)
+        if !headers.contains(name: "Content-Type") { headers.add(name: "Content-Type", value: "application/json") }
+        headers.add(name: "Content-Length", value: String(response.body.utf8.count))
+        headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: response.body)))), promise: nil)
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let channel = context.channel
+            done.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import AsyncHTTPClient
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+
+/// Logs in to the FTS auth API: one `POST {baseURL}{tokenPath}` per call, no retries (retrying is the
+/// refresh policy's job), redirects never followed (they would carry the password elsewhere).
+public final class AuthClient: Sendable {
+    /// Bodies above this are refused without being read further.
+    public static let bodyLimit = 64 * 1024
+
+    private let http: HTTPClient
+    private let url: String
+    private let timeout: TimeAmount
+    private let userAgent: String
+    private let parser = TokenResponseParser()
+
+    /// Creates the client; call `shutdown()` before dropping it.
+    public init(api: Configuration.API, version: String) throws {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        if let caFile = api.caFile {
+            tls.additionalTrustRoots = [.file(caFile)]
+        }
+        let timeout = TimeAmount.milliseconds(Int64(api.timeoutSeconds * 1000))
+        var configuration = HTTPClient.Configuration(
+            tlsConfiguration: tls,
+            redirectConfiguration: .disallow,
+            timeout: .init(connect: min(timeout, .seconds(10)), read: timeout),
+            decompression: .disabled)
+        // One login every few minutes: keeping connections open would only hold sockets.
+        configuration.connectionPool.idleTimeout = .seconds(1)
+        self.http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
+        self.url = api.tokenURL
+        self.timeout = timeout
+        self.userAgent = "fts-tokend/\(version)"
+    }
+
+    public func shutdown() async {
+        try? await http.shutdown()
+    }
+
+    /// Logs in once. `now` reads the local clock when the answer arrives.
+    public func login(_ secrets: LoginSecrets, now: @Sendable () -> Date) async throws(LoginError) -> TokenResponseParser.Result {
+        var request = HTTPClientRequest(url: url)
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/json")
+        request.headers.add(name: "Accept", value: "application/json")
+        request.headers.add(name: "User-Agent", value: userAgent)
+        request.headers.add(name: "x-api-key", value: secrets.apiKey)
+        let body: [UInt8]
+        do {
+            body = Array(try JSONEncoder().encode(["email": secrets.email, "password": secrets.password]))
+        } catch {
+            throw LoginError.transport("cannot encode the request")
+        }
+        request.body = .bytes(ByteBuffer(bytes: body))
+
+        let answer: Answer
+        let prepared = request
+        do {
+            answer = try await withOverallTimeout { try await self.send(prepared) }
+        } catch let error as LoginError {
+            throw error
+        } catch {
+            throw Self.classify(error, timeoutSeconds: Double(timeout.nanoseconds) / 1e9)
+        }
+        let arrived = now()
+        guard (200...299).contains(answer.status) else {
+            throw LoginError.httpStatus(answer.status, retryAfter: answer.retryAfter.flatMap { RetryAfter.seconds(from: $0, now: arrived) })
+        }
+        return try parser.parse(body: answer.body, contentType: answer.contentType, serverDate: answer.date, now: arrived)
+    }
+
+    private struct Answer: Sendable {
+        var status: Int
+        var body: [UInt8]
+        var contentType: String?
+        var date: String?
+        var retryAfter: String?
+    }
+
+    private func send(_ request: HTTPClientRequest) async throws -> Answer {
+        let response = try await http.execute(request, timeout: timeout)
+        let status = Int(response.status.code)
+        var body: [UInt8] = []
+        if (200...299).contains(status) {
+            do {
+                body = Array(buffer: try await response.body.collect(upTo: Self.bodyLimit))
+            } catch is NIOTooManyBytesError {
+                throw LoginError.bodyTooLarge(limit: Self.bodyLimit)
+            }
+        }
+        // An error body is never read, never logged: it may echo what we sent.
+        return Answer(
+            status: status, body: body,
+            contentType: response.headers.first(name: "Content-Type"),
+            date: response.headers.first(name: "Date"),
+            retryAfter: response.headers.first(name: "Retry-After"))
+    }
+
+    /// AsyncHTTPClient's deadline ends at the response head; this bounds the body too, so a server that
+    /// trickles its answer cannot hold a login open.
+    private func withOverallTimeout(_ operation: @escaping @Sendable () async throws -> Answer) async throws -> Answer {
+        let limit = timeout
+        let seconds = Double(limit.nanoseconds) / 1e9
+        return try await withThrowingTaskGroup(of: Answer.self) { group in
+            group.addTask { try await operation() }
+            group.addTask {
+                try await Task.sleep(for: .nanoseconds(limit.nanoseconds))
+                throw LoginError.timedOut(seconds: seconds)
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next() else { throw LoginError.timedOut(seconds: seconds) }
+            return first
+        }
+    }
+
+    static func classify(_ error: any Error, timeoutSeconds: Double) -> LoginError {
+        if let error = error as? HTTPClientError {
+            switch error {
+            case .deadlineExceeded, .readTimeout, .connectTimeout, .writeTimeout:
+                return .timedOut(seconds: timeoutSeconds)
+            case .remoteConnectionClosed:
+                return .transport("connection closed by the server")
+            default:
+                return .transport(String(describing: error).prefix(120).description)
+            }
+        }
+        if error is CancellationError { return .transport("cancelled") }
+        if let error = error as? IOError { return .transport(error.description.prefix(120).description) }
+        if let error = error as? NIOConnectionError {
+            return .transport("cannot connect to \(error.host):\(error.port)")
+        }
+        return .transport(String(describing: error).prefix(120).description)
+    }
+}

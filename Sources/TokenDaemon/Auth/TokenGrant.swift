@@ -1,0 +1,53 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Crypto
+
+/// A token the auth server granted, with the times the daemon schedules by.
+public struct TokenGrant: Sendable, Equatable, Codable {
+    /// The JWT. Never log it: log `fingerprint`.
+    public var token: String
+    /// Expiry as the server states it (the earlier of `expires` and the JWT's `exp`), in server time.
+    public var expiresAt: Date
+    /// When the answer arrived, by the local clock.
+    public var obtainedAt: Date
+    public var userId: String?
+    public var tenantId: String?
+    /// Seconds the server's clock is ahead of ours (0 when it is not ahead). Applied to expiry so that a
+    /// slow local clock makes us refresh early rather than late.
+    public var clockSkew: TimeInterval
+
+    public init(token: String, expiresAt: Date, obtainedAt: Date, userId: String?, tenantId: String?, clockSkew: TimeInterval) {
+        self.token = token
+        self.expiresAt = expiresAt
+        self.obtainedAt = obtainedAt
+        self.userId = userId
+        self.tenantId = tenantId
+        self.clockSkew = clockSkew
+    }
+
+    /// The instant of expiry by the local clock.
+    public var localExpiry: Date { expiresAt.addingTimeInterval(-clockSkew) }
+
+    /// Validity from receipt to expiry.
+    public var lifetime: TimeInterval { localExpiry.timeIntervalSince(obtainedAt) }
+
+    public func remaining(at now: Date) -> TimeInterval { localExpiry.timeIntervalSince(now) }
+
+    public func isValid(at now: Date) -> Bool { remaining(at: now) > 0 }
+
+    /// First 8 hex characters of the token's SHA-256: names a token in logs without revealing it.
+    public var fingerprint: String { Fingerprint.of(token) }
+}
+
+/// Short, non-reversible names for secrets in logs.
+public enum Fingerprint {
+    public static func of(_ secret: String) -> String {
+        SHA256.hash(data: Array(secret.utf8)).prefix(4).map { byte in
+            let hex = String(byte, radix: 16)
+            return byte < 16 ? "0" + hex : hex
+        }.joined()
+    }
+}

@@ -1,0 +1,78 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Logging
+
+/// The daemon's validated configuration. Every key is documented in README.md ("Configuration").
+public struct Configuration: Sendable, Equatable {
+    public var api: API
+    public var refresh: Refresh
+    public var outputs: Outputs
+    /// Where the last token is kept (mode 0600) so that a restart needs no login; nil keeps nothing.
+    public var stateFile: String?
+    public var logLevel: Logger.Level
+
+    public struct API: Sendable, Equatable {
+        public var baseURL: String
+        public var tokenPath: String
+        public var email: SecretSource
+        public var password: SecretSource
+        public var apiKey: SecretSource
+        public var timeoutSeconds: Double
+        /// PEM bundle of extra trust roots for a private CA, added to the system's.
+        public var caFile: String?
+
+        /// The full login URL.
+        public var tokenURL: String { baseURL + tokenPath }
+    }
+
+    public struct Refresh: Sendable, Equatable {
+        /// Share of a token's lifetime after which it is refreshed (0 < refreshAt < 1).
+        public var refreshAt: Double
+        /// A refresh is never scheduled later than this many seconds before expiry.
+        public var minRemainingSeconds: Double
+        /// Up to this share of the lifetime is taken off the refresh time at random, to spread a fleet.
+        public var jitter: Double
+        public var backoffInitialSeconds: Double
+        public var backoffMaxSeconds: Double
+
+        public static let defaults = Refresh(
+            refreshAt: 0.8, minRemainingSeconds: 120, jitter: 0.05,
+            backoffInitialSeconds: 1, backoffMaxSeconds: 300)
+    }
+
+    public struct OutputFile: Sendable, Equatable {
+        public var path: String
+        /// Permission bits, applied exactly (the umask does not matter).
+        public var mode: UInt32
+    }
+
+    public struct HeadersFile: Sendable, Equatable {
+        public var file: OutputFile
+        /// Scheme before the token in the `Authorization` line; empty writes the bare token.
+        public var authorizationScheme: String
+    }
+
+    public struct Outputs: Sendable, Equatable {
+        public var tokenFile: OutputFile?
+        public var jsonFile: OutputFile?
+        public var headersFile: HeadersFile?
+
+        /// Every configured file, in the order they are written.
+        public var files: [OutputFile] {
+            [tokenFile, jsonFile, headersFile?.file].compactMap { $0 }
+        }
+    }
+}
+
+/// Where a secret comes from. Resolved to its value by `SecretResolver`.
+public enum SecretSource: Sendable, Equatable {
+    /// Written in the config file itself.
+    case inline(String)
+    /// Read from a file (`…File` key); trailing newlines are trimmed.
+    case file(String)
+    /// Read from the systemd credential of this name in `$CREDENTIALS_DIRECTORY`.
+    case credential(String)
+}

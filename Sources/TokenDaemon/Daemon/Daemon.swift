@@ -1,0 +1,393 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Dispatch
+import Glibc
+import Logging
+import Systemd
+
+/// The long-running daemon: keeps a valid token in the output files and tells systemd how it is doing.
+///
+/// Everything that changes state happens in `run()`, one event at a time: timer ticks, signals and
+/// finished logins all arrive through one `AsyncStream`. Logins run in their own task, so the loop
+/// keeps ticking (and pinging the watchdog) while one is in flight; at most one is in flight.
+///
+/// Timing (README "Refresh timing"): one monotonic `DispatchSourceTimer`, re-armed after every event,
+/// fires at the next refresh, the next watchdog ping, expiry, or at most every `maxTick`. Each tick
+/// compares the schedule with the wall clock, so a clock step or a suspend delays a refresh by at most
+/// one `maxTick`.
+public final class Daemon {
+    /// Longest sleep between two checks of the wall clock.
+    static let maxTick: TimeInterval = 30
+    /// How often to retry writing the outputs after a write failed.
+    static let writeRetry: TimeInterval = 5
+
+    public struct Dependencies: Sendable {
+        public var loader: ConfigurationLoader
+        public var notifier: Notifier
+        public var clock: @Sendable () -> Date
+        public var random: @Sendable () -> Double
+        public var watchdogInterval: Duration?
+        public var version: String
+
+        public init(loader: ConfigurationLoader, notifier: Notifier = Notifier(), clock: @escaping @Sendable () -> Date = { Date() },
+                    random: @escaping @Sendable () -> Double = { Double.random(in: 0..<1) },
+                    watchdogInterval: Duration?, version: String) {
+            self.loader = loader
+            self.notifier = notifier
+            self.clock = clock
+            self.random = random
+            self.watchdogInterval = watchdogInterval
+            self.version = version
+        }
+    }
+
+    enum Event: Sendable {
+        case tick
+        case signal(Int32)
+        case loginFinished(generation: Int, Result<TokenResponseParser.Result, LoginError>)
+    }
+
+    private let configPath: String
+    private let deps: Dependencies
+    private var logger: Logger
+
+    private var loaded: LoadedConfiguration
+    private var policy: RefreshPolicy
+    private var outputs: TokenOutputs
+    private var client: AuthClient
+
+    private var token: TokenGrant?
+    private var nextLogin: Date?
+    private var login: Task<Void, Never>?
+    /// Bumped when the account changes, so that an answer for the old account is dropped.
+    private var generation = 0
+    private var failures = 0
+    private var lastError: LoginError?
+    private var writeError: String?
+    private var ready = false
+    private var nextWatchdog: ContinuousClock.Instant?
+    private var exitStatus: Int32?
+
+    /// Takes a configuration already loaded by the caller (who reports its errors with exit 78).
+    public init(configPath: String, loaded: LoadedConfiguration, dependencies: Dependencies, logger: Logger) throws {
+        self.configPath = configPath
+        self.deps = dependencies
+        self.logger = logger
+        self.logger.logLevel = loaded.configuration.logLevel
+        self.loaded = loaded
+        self.policy = RefreshPolicy(loaded.configuration.refresh)
+        self.outputs = TokenOutputs(loaded.configuration.outputs)
+        self.client = try AuthClient(api: loaded.configuration.api, version: dependencies.version)
+    }
+
+    /// Runs until SIGTERM or SIGINT (exit 0), or until the credentials are rejected before any token
+    /// was obtained (exit 78).
+    public func run() async -> Int32 {
+        let (events, sink) = AsyncStream<Event>.makeStream()
+        let queue = DispatchQueue(label: "fts-tokend.timer")
+        let timer = DispatchSource.makeTimerSource(queue: queue)
+        timer.setEventHandler(handler: { @Sendable in sink.yield(.tick) })
+        timer.schedule(deadline: .distantFuture)
+        timer.activate()
+        let signals = [SIGTERM, SIGINT, SIGHUP, SIGUSR1].map { number -> any DispatchSourceSignal in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+            source.setEventHandler(handler: { @Sendable in sink.yield(.signal(number)) })
+            source.activate()
+            return source
+        }
+        defer {
+            timer.cancel()
+            signals.forEach { $0.cancel() }
+        }
+
+        if let interval = deps.watchdogInterval {
+            nextWatchdog = .now + interval / 2
+            logger.info("watchdog enabled", metadata: ["interval": "\(interval)"])
+        }
+        start()
+        sink.yield(.tick)
+        for await event in events {
+            handle(event, sink: sink)
+            if exitStatus != nil { break }
+            afterEvent(sink: sink)
+            timer.schedule(deadline: .now() + .milliseconds(Int(nextWakeDelay() * 1000)))
+        }
+        login?.cancel()
+        await client.shutdown()
+        return exitStatus ?? ExitStatus.success
+    }
+
+    // MARK: Start
+
+    private func start() {
+        outputs.removeStaleTemporaryFiles()
+        let now = deps.clock()
+        if let stored = loadStoredToken(now: now) {
+            logger.info("reusing stored token", metadata: [
+                "event": "token_reused", "token_fp": "\(stored.fingerprint)",
+                "expires_at": "\(FormatTime.iso8601(stored.localExpiry))",
+            ])
+            adopt(stored, now: now, persist: false)
+        } else {
+            nextLogin = now
+            deps.notifier.notify(.status("logging in to \(loaded.configuration.api.baseURL)"))
+        }
+    }
+
+    private func loadStoredToken(now: Date) -> TokenGrant? {
+        guard let path = loaded.configuration.stateFile else { return nil }
+        let grant: TokenGrant
+        do {
+            grant = try StateStore(path: path).load(identity: loaded.identity)
+        } catch {
+            if error != .missing { logger.warning("ignoring stored token", metadata: ["reason": "\(error)"]) }
+            return nil
+        }
+        guard grant.remaining(at: now) > policy.settings.minRemainingSeconds else {
+            logger.info("stored token too close to expiry, logging in", metadata: ["token_fp": "\(grant.fingerprint)"])
+            return nil
+        }
+        return grant
+    }
+
+    // MARK: Events
+
+    private func handle(_ event: Event, sink: AsyncStream<Event>.Continuation) {
+        switch event {
+        case .tick:
+            break
+        case .signal(let number):
+            handleSignal(number)
+        case .loginFinished(let generation, let result):
+            login = nil
+            guard generation == self.generation else { return }
+            switch result {
+            case .success(let answer): loginSucceeded(answer)
+            case .failure(let error): loginFailed(error)
+            }
+        }
+    }
+
+    private func handleSignal(_ number: Int32) {
+        switch number {
+        case SIGTERM, SIGINT:
+            deps.notifier.notify(.stopping)
+            logger.info("stopping", metadata: ["event": "stopping", "signal": "\(number == SIGTERM ? "TERM" : "INT")"])
+            exitStatus = ExitStatus.success
+        case SIGHUP:
+            reload()
+        case SIGUSR1:
+            logger.info("refresh requested (SIGUSR1)", metadata: ["event": "refresh_requested"])
+            if login == nil { nextLogin = deps.clock() }
+        default:
+            break
+        }
+    }
+
+    private func loginSucceeded(_ answer: TokenResponseParser.Result) {
+        for warning in answer.warnings {
+            logger.warning("\(warning)", metadata: ["event": "login_warning"])
+        }
+        failures = 0
+        lastError = nil
+        let grant = answer.grant
+        logger.info("login ok", metadata: [
+            "event": "login_ok", "token_fp": "\(grant.fingerprint)",
+            "expires_at": "\(FormatTime.iso8601(grant.expiresAt))",
+            "lifetime": "\(FormatTime.duration(grant.lifetime))",
+        ])
+        adopt(grant, now: deps.clock(), persist: true)
+    }
+
+    private func loginFailed(_ error: LoginError) {
+        let now = deps.clock()
+        failures += 1
+        lastError = error
+        let valid = token.map { $0.isValid(at: now) } ?? false
+        var metadata: Logger.Metadata = ["event": "login_failed", "attempt": "\(failures)"]
+        if let status = error.httpStatus { metadata["http_status"] = "\(status)" }
+        if error.kind == .rejected && !valid && !ready {
+            logger.critical("login rejected at start, giving up: \(error)", metadata: metadata)
+            deps.notifier.notify(.status("login rejected: \(error); fix the credentials and start again"))
+            exitStatus = ExitStatus.configuration
+            return
+        }
+        let delay = policy.retryDelay(after: error.kind, attempt: failures, current: token, now: now, random: deps.random())
+        nextLogin = now.addingTimeInterval(delay)
+        metadata["next_refresh_at"] = "\(FormatTime.iso8601(now.addingTimeInterval(delay)))"
+        logger.error("login failed: \(error)", metadata: metadata)
+        reportStatus(now: now)
+    }
+
+    /// Makes `grant` the current token: files first, then state, then the schedule and READY=1.
+    private func adopt(_ grant: TokenGrant, now: Date, persist: Bool) {
+        token = grant
+        writeOutputs(grant)
+        if persist, let path = loaded.configuration.stateFile {
+            do {
+                try StateStore(path: path).save(grant, identity: loaded.identity)
+            } catch {
+                logger.warning("cannot save state, a restart will log in again", metadata: ["event": "state_write_failed", "reason": "\(error)"])
+            }
+        }
+        nextLogin = policy.refreshTime(for: grant, now: now, random: deps.random())
+        logger.info("refresh scheduled", metadata: [
+            "event": "refresh_scheduled", "next_refresh_at": "\(FormatTime.iso8601(nextLogin ?? now))",
+            "expires_at": "\(FormatTime.iso8601(grant.localExpiry))",
+        ])
+        reportStatus(now: now)
+    }
+
+    private func writeOutputs(_ grant: TokenGrant) {
+        do {
+            try outputs.write(grant, apiKey: loaded.secrets.apiKey)
+            if writeError != nil { logger.info("outputs written again", metadata: ["event": "write_recovered"]) }
+            writeError = nil
+            logger.info("token written", metadata: ["event": "token_written", "token_fp": "\(grant.fingerprint)"])
+        } catch {
+            if writeError == nil {
+                logger.error("cannot write outputs: \(error)", metadata: ["event": "write_failed"])
+            }
+            writeError = error.description
+        }
+    }
+
+    /// READY=1 goes out once, when a valid token is first on disk; STATUS= after every event.
+    private func reportStatus(now: Date) {
+        var states: [NotifyState] = [.status(StatusLine.describe(token: token, nextLogin: login == nil ? nextLogin : nil,
+                                                                lastError: lastError, writeError: writeError, now: now))]
+        if !ready, writeError == nil, let token, token.isValid(at: now) {
+            ready = true
+            states.insert(.ready, at: 0)
+            logger.info("ready", metadata: ["event": "ready"])
+        }
+        deps.notifier.notify(states)
+    }
+
+    // MARK: After every event
+
+    private func afterEvent(sink: AsyncStream<Event>.Continuation) {
+        let now = deps.clock()
+        if let interval = deps.watchdogInterval, let due = nextWatchdog, ContinuousClock.now >= due {
+            deps.notifier.notify(.watchdog)
+            nextWatchdog = ContinuousClock.now + interval / 2
+        }
+        if let current = token, !current.isValid(at: now) {
+            expire(current, now: now)
+        } else if writeError != nil, let current = token {
+            writeOutputs(current)
+            if writeError == nil { reportStatus(now: now) }
+        }
+        if login == nil, let due = nextLogin, due <= now {
+            startLogin(sink: sink)
+        }
+        if !ready, login != nil {
+            // Keep the start job alive while the first login is outstanding.
+            let seconds = loaded.configuration.api.timeoutSeconds + Self.maxTick
+            deps.notifier.notify(.extendTimeout(microseconds: UInt64(seconds * 1_000_000)))
+        }
+    }
+
+    private func expire(_ expired: TokenGrant, now: Date) {
+        token = nil
+        do {
+            try outputs.remove()
+        } catch {
+            logger.error("cannot remove expired token files: \(error)", metadata: ["event": "remove_failed"])
+        }
+        logger.error("token expired, files removed", metadata: ["event": "token_expired", "token_fp": "\(expired.fingerprint)"])
+        if nextLogin.map({ $0 > now }) ?? false, lastError == nil { nextLogin = now }
+        reportStatus(now: now)
+    }
+
+    private func startLogin(sink: AsyncStream<Event>.Continuation) {
+        nextLogin = nil
+        let client = self.client
+        let secrets = loaded.secrets
+        let generation = self.generation
+        let clock = deps.clock
+        logger.debug("login started", metadata: ["event": "login_started", "attempt": "\(failures + 1)"])
+        login = Task {
+            let result: Result<TokenResponseParser.Result, LoginError>
+            do throws(LoginError) {
+                result = .success(try await client.login(secrets, now: clock))
+            } catch {
+                result = .failure(error)
+            }
+            sink.yield(.loginFinished(generation: generation, result))
+        }
+    }
+
+    private func nextWakeDelay() -> TimeInterval {
+        let now = deps.clock()
+        var delay = Self.maxTick
+        if login == nil, let due = nextLogin { delay = min(delay, due.timeIntervalSince(now)) }
+        if let token { delay = min(delay, token.remaining(at: now)) }
+        if writeError != nil { delay = min(delay, Self.writeRetry) }
+        if let due = nextWatchdog {
+            let untilPing = ContinuousClock.now.duration(to: due)
+            delay = min(delay, Double(untilPing.components.seconds) + Double(untilPing.components.attoseconds) / 1e18)
+        }
+        return max(0, delay)
+    }
+
+    // MARK: Reload
+
+    private func reload() {
+        deps.notifier.notify(.reloading(monotonicMicroseconds: Notifier.monotonicMicroseconds()))
+        let now = deps.clock()
+        let fresh: LoadedConfiguration
+        do {
+            fresh = try deps.loader.load(path: configPath)
+        } catch {
+            logger.error("reload failed, keeping the previous configuration: \(error)", metadata: ["event": "reload_failed"])
+            deps.notifier.notify(.ready, .status("reload failed (\(error)); running on the previous configuration"))
+            return
+        }
+        let newClient: AuthClient
+        do {
+            newClient = try AuthClient(api: fresh.configuration.api, version: deps.version)
+        } catch {
+            logger.error("reload failed, keeping the previous configuration: \(error)", metadata: ["event": "reload_failed"])
+            deps.notifier.notify(.ready, .status("reload failed (\(error)); running on the previous configuration"))
+            return
+        }
+        let accountChanged = fresh.identity != loaded.identity || fresh.secrets.apiKey != loaded.secrets.apiKey
+        let oldClient = client
+        let inFlight = login
+        Task { _ = await inFlight?.value; await oldClient.shutdown() }
+
+        loaded = fresh
+        client = newClient
+        logger.logLevel = fresh.configuration.logLevel
+        policy = RefreshPolicy(fresh.configuration.refresh)
+        let outputsChanged = outputs != TokenOutputs(fresh.configuration.outputs)
+        outputs = TokenOutputs(fresh.configuration.outputs)
+        logger.info("configuration reloaded", metadata: ["event": "reload", "account_changed": "\(accountChanged)"])
+
+        if accountChanged {
+            // The token held belongs to the old account: get one for the new account now.
+            generation += 1
+            login?.cancel()
+            login = nil
+            failures = 0
+            nextLogin = now
+        } else if let current = token {
+            if outputsChanged { writeOutputs(current) }
+            if lastError?.kind == .rejected {
+                nextLogin = now
+            } else if lastError == nil {
+                nextLogin = policy.refreshTime(for: current, now: now, random: deps.random())
+            }
+        } else if lastError?.kind == .rejected {
+            nextLogin = now
+        }
+        var states: [NotifyState] = [.status(StatusLine.describe(token: token, nextLogin: nextLogin, lastError: lastError, writeError: writeError, now: now))]
+        if ready { states.insert(.ready, at: 0) }
+        deps.notifier.notify(states)
+    }
+}

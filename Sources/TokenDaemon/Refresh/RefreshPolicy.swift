@@ -1,0 +1,56 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// When to log in next: a pure function of the time, the token held and the failures so far.
+///
+/// The contract (README "Refresh timing"):
+/// - A token of lifetime L obtained at T is refreshed at T + refreshAt·L − u·jitter·L (u uniform in
+///   [0, 1)), never later than expiry − minRemainingSeconds and never sooner than 1 s from now.
+/// - After a network error, timeout, 5xx or unusable answer: exponential backoff from
+///   backoffInitialSeconds to backoffMaxSeconds, each wait drawn from [d/2, d]; while a valid token
+///   remains no wait exceeds half of its remaining validity, so several attempts fit before expiry.
+/// - 429, or 503 with Retry-After: wait at least what the server asked.
+/// - 401, 403 and other 4xx: wait backoffMaxSeconds; no fast retries against an account lock-out.
+public struct RefreshPolicy: Sendable, Equatable {
+    public var settings: Configuration.Refresh
+
+    public init(_ settings: Configuration.Refresh) {
+        self.settings = settings
+    }
+
+    /// The instant to refresh `grant`. `random` is uniform in [0, 1).
+    public func refreshTime(for grant: TokenGrant, now: Date, random: Double) -> Date {
+        let lifetime = max(0, grant.lifetime)
+        let planned = grant.obtainedAt.addingTimeInterval((settings.refreshAt - random * settings.jitter) * lifetime)
+        let latest = grant.localExpiry.addingTimeInterval(-settings.minRemainingSeconds)
+        return max(min(planned, latest), now.addingTimeInterval(1))
+    }
+
+    /// Seconds to wait after the `attempt`-th consecutive failed login (1 for the first).
+    /// - Parameters:
+    ///   - current: the token still held, if any; its remaining validity bounds transient waits.
+    ///   - random: uniform in [0, 1).
+    public func retryDelay(after failure: LoginError.Kind, attempt: Int, current: TokenGrant?, now: Date, random: Double) -> TimeInterval {
+        switch failure {
+        case .rejected:
+            return settings.backoffMaxSeconds
+        case .rateLimited(let retryAfter?):
+            return max(retryAfter, backoff(attempt: attempt, current: current, now: now, random: random))
+        case .rateLimited(nil), .transient:
+            return backoff(attempt: attempt, current: current, now: now, random: random)
+        }
+    }
+
+    private func backoff(attempt: Int, current: TokenGrant?, now: Date, random: Double) -> TimeInterval {
+        let doublings = min(max(attempt, 1), 62) - 1
+        let ceiling = min(settings.backoffMaxSeconds, settings.backoffInitialSeconds * Double(1 << doublings))
+        var delay = ceiling - random * ceiling / 2
+        if let current, current.isValid(at: now) {
+            delay = min(delay, current.remaining(at: now) / 2)
+        }
+        return max(delay, settings.backoffInitialSeconds)
+    }
+}

@@ -1,0 +1,82 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Crypto
+import Glibc
+
+/// Keeps the last token on disk (mode 0600) so that a restart reuses it instead of logging in.
+public struct StateStore: Sendable {
+    public var path: String
+
+    /// Bumped when the file's shape changes; other versions are ignored (one extra login).
+    static let version = 1
+
+    struct Document: Codable {
+        var version: Int
+        /// SHA-256 of base URL and email: the token belongs to that account on that server.
+        var identity: String
+        var grant: TokenGrant
+    }
+
+    public init(path: String) {
+        self.path = path
+    }
+
+    /// Identity of the account a token belongs to.
+    public static func identity(baseURL: String, email: String) -> String {
+        SHA256.hash(data: Array((baseURL + "\n" + email).utf8)).map { byte in
+            let hex = String(byte, radix: 16)
+            return byte < 16 ? "0" + hex : hex
+        }.joined()
+    }
+
+    public func save(_ grant: TokenGrant, identity: String) throws(SystemError) {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .secondsSince1970
+        encoder.outputFormatting = [.sortedKeys]
+        guard let bytes = try? encoder.encode(Document(version: Self.version, identity: identity, grant: grant)) else {
+            throw SystemError("encode state", errno: nil)
+        }
+        try AtomicFileWriter.write(Array(bytes), to: path, mode: 0o600, directoryMode: 0o700)
+    }
+
+    /// Why a stored token was not loaded.
+    public enum LoadProblem: Error, Sendable, Equatable, CustomStringConvertible {
+        case missing
+        case unreadable(String)
+        case otherAccount
+        public var description: String {
+            switch self {
+            case .missing: return "no state file"
+            case .unreadable(let reason): return "state file unusable (\(reason))"
+            case .otherAccount: return "stored token belongs to another account or server"
+            }
+        }
+    }
+
+    /// The stored token for `identity`, whatever its remaining validity (the caller decides).
+    public func load(identity: String) throws(LoadProblem) -> TokenGrant {
+        let contents: SmallFile.Contents
+        do {
+            contents = try SmallFile.read(path, limit: 256 * 1024)
+        } catch {
+            if error.errno == ENOENT { throw LoadProblem.missing }
+            throw LoadProblem.unreadable(error.description)
+        }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .secondsSince1970
+        guard let document = try? decoder.decode(Document.self, from: Data(contents.bytes)),
+              document.version == Self.version else {
+            throw LoadProblem.unreadable("not a version \(Self.version) state document")
+        }
+        guard document.identity == identity else { throw LoadProblem.otherAccount }
+        do {
+            try TokenResponseParser.validate(token: document.grant.token)
+        } catch {
+            throw LoadProblem.unreadable(error.description)
+        }
+        return document.grant
+    }
+}

@@ -1,0 +1,78 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Renders a token into the configured output files and writes them (README "Output files").
+public struct TokenOutputs: Sendable, Equatable {
+    public var outputs: Configuration.Outputs
+
+    public init(_ outputs: Configuration.Outputs) {
+        self.outputs = outputs
+    }
+
+    /// Writes every configured file atomically, in order. Stops at the first failure, which names the
+    /// file; files written before it hold the new token, the others still the old one.
+    public func write(_ grant: TokenGrant, apiKey: String) throws(SystemError) {
+        for (file, bytes) in render(grant, apiKey: apiKey) {
+            try AtomicFileWriter.write(bytes, to: file.path, mode: file.mode)
+        }
+    }
+
+    /// Removes every configured file, so that no one reads an expired token.
+    public func remove() throws(SystemError) {
+        for file in outputs.files {
+            try AtomicFileWriter.remove(file.path)
+        }
+    }
+
+    /// Deletes temporary files left beside the outputs by a writer that was killed.
+    public func removeStaleTemporaryFiles() {
+        for file in outputs.files {
+            AtomicFileWriter.removeStaleTemporaryFiles(for: file.path)
+        }
+    }
+
+    func render(_ grant: TokenGrant, apiKey: String) -> [(Configuration.OutputFile, [UInt8])] {
+        var files: [(Configuration.OutputFile, [UInt8])] = []
+        if let file = outputs.tokenFile {
+            files.append((file, Array(grant.token.utf8)))
+        }
+        if let file = outputs.jsonFile {
+            files.append((file, Self.jsonDocument(grant)))
+        }
+        if let headers = outputs.headersFile {
+            files.append((headers.file, Self.headersText(grant, apiKey: apiKey, scheme: headers.authorizationScheme)))
+        }
+        return files
+    }
+
+    /// The `jsonFile` document (also served on the socket as `/token.json`).
+    public static func jsonDocument(_ grant: TokenGrant) -> [UInt8] {
+        struct Document: Encodable {
+            var token: String
+            var expires: Int64
+            var expiresAt: String
+            var userId: String?
+            var tenantId: String?
+            var obtainedAt: String
+        }
+        let document = Document(
+            token: grant.token,
+            expires: Int64(grant.expiresAt.timeIntervalSince1970.rounded(.down)),
+            expiresAt: FormatTime.iso8601(grant.expiresAt),
+            userId: grant.userId, tenantId: grant.tenantId,
+            obtainedAt: FormatTime.iso8601(grant.obtainedAt))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        // Encoding plain strings and integers cannot fail.
+        return Array((try? encoder.encode(document)) ?? Data()) + [0x0A]
+    }
+
+    /// The `headersFile` text, for `curl -H @file`. Token and key were checked to be header-safe.
+    public static func headersText(_ grant: TokenGrant, apiKey: String, scheme: String) -> [UInt8] {
+        let authorization = scheme.isEmpty ? grant.token : scheme + " " + grant.token
+        return Array("x-api-key: \(apiKey)\nAuthorization: \(authorization)\n".utf8)
+    }
+}
