@@ -56,11 +56,14 @@ let package = Package(
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]
         ),
-        .testTarget(name: "SystemdTests", dependencies: ["Systemd"]),
-        .testTarget(name: "TokenDaemonTests", dependencies: ["TokenDaemon", "MockFTS",
+        // Helpers shared by the test targets: temporary folders, a NOTIFY_SOCKET listener, child processes.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "SystemdTests", dependencies: ["Systemd", "TestSupport"]),
+        .testTarget(name: "TokenDaemonTests", dependencies: ["TokenDaemon", "MockFTS", "TestSupport",
             .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "MockFTSTests", dependencies: ["MockFTS", "TokenDaemon"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["MockFTS", "Systemd"]),
+        .testTarget(name: "MockFTSTests", dependencies: ["MockFTS", "TestSupport",
+            .product(name: "AsyncHTTPClient", package: "async-http-client")]),
+        .testTarget(name: "IntegrationTests", dependencies: ["MockFTS", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -51,12 +51,16 @@ public final class MockFTSServer: Sendable {
         public var whoamiRejected = 0
         /// `User-Agent` of the last login request.
         public var lastUserAgent: String?
+        /// Arrival of every login request, in seconds since 1970.
+        public var loginTimes: [Double] = []
     }
 
     private struct State {
         var configuration: Configuration
         var script = MockFaultScript()
         var stats = Stats()
+        /// Every token issued, so tests can search output for them (never served over HTTP).
+        var issuedTokens: [String] = []
     }
 
     private let state: NIOLockedValueBox<State>
@@ -95,6 +99,14 @@ public final class MockFTSServer: Sendable {
 
     public var stats: Stats { state.withLockedValue { $0.stats } }
 
+    /// Every token issued so far.
+    public var issuedTokens: [String] { state.withLockedValue { $0.issuedTokens } }
+
+    /// Whether `token` is one of ours and unexpired now: what `whoami` checks, without HTTP.
+    public func accepts(_ token: String) -> Bool {
+        jwt.verify(token, now: Date()) != nil
+    }
+
     public func script(_ script: MockFaultScript) {
         state.withLockedValue { $0.script = script }
     }
@@ -123,6 +135,8 @@ public final class MockFTSServer: Sendable {
         var delay: TimeInterval = 0
         /// Never answer.
         var hang = false
+        /// The token issued in this answer, if any.
+        var token: String?
     }
 
     func respond(method: HTTPMethod, path: String, headers: HTTPHeaders, body: [UInt8]) -> Response {
@@ -154,6 +168,7 @@ public final class MockFTSServer: Sendable {
     private func login(headers: HTTPHeaders, body: [UInt8], now: Date) -> Response {
         let (configuration, fault, serial) = state.withLockedValue { state -> (Configuration, MockFault?, Int) in
             state.stats.loginRequests += 1
+            state.stats.loginTimes.append(now.timeIntervalSince1970)
             state.stats.lastUserAgent = headers.first(name: "User-Agent")
             let fault = state.script.next.isEmpty ? state.script.always : state.script.next.removeFirst()
             return (state.configuration, fault, state.stats.loginRequests)
@@ -162,8 +177,11 @@ public final class MockFTSServer: Sendable {
         response.delay = fault?.delaySeconds ?? 0
         response.hang = fault?.hang ?? false
         response.headers.append(("Date", Self.httpDate(now)))
-        if response.status == .ok, fault?.body == nil {
-            state.withLockedValue { $0.stats.tokensIssued += 1 }
+        if response.status == .ok, fault?.body == nil, let token = response.token {
+            state.withLockedValue {
+                $0.stats.tokensIssued += 1
+                $0.issuedTokens.append(token)
+            }
         }
         return response
     }
@@ -192,7 +210,7 @@ public final class MockFTSServer: Sendable {
         let expires = configuration.expiresInMilliseconds ? Int64(stated * 1000) : Int64(stated)
         var fields = [#""token":"\#(token)""#, #""expires":\#(expires)"#, #""userId":"\#(configuration.userId)""#]
         if let tenant = configuration.tenantId { fields.append(#""tenantId":"\#(tenant)""#) }
-        return Response(status: .ok, headers: [("Content-Type", "application/json")], body: "{" + fields.joined(separator: ",") + "}")
+        return Response(status: .ok, headers: [("Content-Type", "application/json")], body: "{" + fields.joined(separator: ",") + "}", token: token)
     }
 
     private func whoami(headers: HTTPHeaders, now: Date) -> Response {
@@ -208,7 +226,7 @@ public final class MockFTSServer: Sendable {
     }
 
     /// IMF-fixdate for the `Date` header.
-    static func httpDate(_ date: Date) -> String {
+    public static func httpDate(_ date: Date) -> String {
         let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
         let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
         var seconds = time_t(date.timeIntervalSince1970.rounded(.down))

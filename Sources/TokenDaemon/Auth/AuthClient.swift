@@ -31,7 +31,9 @@ public final class AuthClient: Sendable {
         var configuration = HTTPClient.Configuration(
             tlsConfiguration: tls,
             redirectConfiguration: .disallow,
-            timeout: .init(connect: min(timeout, .seconds(10)), read: timeout),
+            // AsyncHTTPClient retries refused connections until the connect timeout, then reports the
+            // last connection error; a connect timeout shorter than the total lets that error surface.
+            timeout: .init(connect: min(.nanoseconds(timeout.nanoseconds / 2), .seconds(10)), read: timeout),
             decompression: .disabled)
         // One login every few minutes: keeping connections open would only hold sockets.
         configuration.connectionPool.idleTimeout = .seconds(1)

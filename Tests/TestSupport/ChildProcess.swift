@@ -1,0 +1,71 @@
+import Foundation
+
+/// The real `fts-tokend` binary run as a child process, its stdout and stderr kept in files.
+public final class ChildProcess: @unchecked Sendable {
+    // @unchecked: Foundation's Process is thread-safe for the calls used here (run, signals, status)
+    // but is not marked Sendable; the other properties are immutable.
+    public let process = Process()
+    private let outputPath: String
+    private let errorPath: String
+
+    /// The binary under test: `$FTS_TOKEND_BINARY`, else the one built beside the test bundle.
+    public static var binary: String {
+        if let path = ProcessInfo.processInfo.environment["FTS_TOKEND_BINARY"] { return path }
+        let beside = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("fts-tokend").path
+        if FileManager.default.isExecutableFile(atPath: beside) { return beside }
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        return root.appendingPathComponent(".build/debug/fts-tokend").path
+    }
+
+    /// Starts `fts-tokend arguments…` with exactly `environment` (plus PATH).
+    public init(_ arguments: [String], environment: [String: String] = [:], in directory: TemporaryDirectory, name: String = "child") throws {
+        outputPath = directory.file("\(name).stdout")
+        errorPath = directory.file("\(name).stderr")
+        _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: errorPath, contents: nil)
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        process.arguments = arguments
+        process.environment = environment.merging(["PATH": "/usr/bin:/bin"]) { mine, _ in mine }
+        process.standardOutput = FileHandle(forWritingAtPath: outputPath)
+        process.standardError = FileHandle(forWritingAtPath: errorPath)
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    public var pid: Int32 { process.processIdentifier }
+    public var isRunning: Bool { process.isRunning }
+
+    public func signal(_ number: Int32) {
+        kill(process.processIdentifier, number)
+    }
+
+    /// The exit status once the process has ended, or nil if it is still running after `timeout`.
+    public func waitForExit(timeout: TimeInterval = 30) -> Int32? {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        guard !process.isRunning else { return nil }
+        return process.terminationStatus
+    }
+
+    public var standardOutput: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
+    public var standardError: String { (try? String(contentsOfFile: errorPath, encoding: .utf8)) ?? "" }
+    public var allOutput: String { standardOutput + standardError }
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes: waiting on an event that has no
+/// notification (a file appearing) without guessing how long it takes.
+public func eventually(timeout: TimeInterval = 30, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        if condition() { return true }
+        usleep(10_000)
+    }
+    return condition()
+}

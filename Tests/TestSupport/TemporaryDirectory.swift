@@ -1,0 +1,42 @@
+import Foundation
+
+/// A fresh folder under /tmp, removed with everything in it when the value is released.
+public final class TemporaryDirectory: Sendable {
+    public let path: String
+
+    public init() throws {
+        var template = Array("/tmp/fts-tokend-test-XXXXXX".utf8CString)
+        guard let created = mkdtemp(&template) else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+        path = String(cString: created)
+    }
+
+    deinit {
+        try? FileManager.default.removeItem(atPath: path)
+    }
+
+    public func file(_ name: String) -> String { path + "/" + name }
+
+    /// Writes `text` to `name` and sets `mode` explicitly (tests must not depend on the umask).
+    @discardableResult
+    public func write(_ name: String, _ text: String, mode: mode_t = 0o600) throws -> String {
+        let target = file(name)
+        try FileManager.default.createDirectory(atPath: (target as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try Data(text.utf8).write(to: URL(fileURLWithPath: target))
+        guard chmod(target, mode) == 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+        return target
+    }
+
+    public func read(_ name: String) -> String? {
+        FileManager.default.contents(atPath: file(name)).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    public func mode(_ name: String) -> mode_t? {
+        var info = stat()
+        guard lstat(file(name), &info) == 0 else { return nil }
+        return info.st_mode & 0o7777
+    }
+
+    public func entries(_ folder: String = "") -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: folder.isEmpty ? path : file(folder))) ?? []).sorted()
+    }
+}

@@ -1,0 +1,123 @@
+import Foundation
+import MockFTS
+import Testing
+@testable import TokenDaemon
+
+/// The real client against the real mock server on loopback.
+@Suite struct AuthClientTests {
+    static let secrets = LoginSecrets(email: "svc@example.com", password: "pw-1", apiKey: "key-1")
+
+    func withMock(ttl: TimeInterval = 600, milliseconds: Bool = false, timeout: Double = 5, tokenPath: String = "/auth/token",
+                  _ body: (MockFTSServer, AuthClient) async throws -> Void) async throws {
+        let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1", tokenTTL: ttl, expiresInMilliseconds: milliseconds))
+        let port = try await mock.start()
+        let api = Configuration.API(baseURL: "http://127.0.0.1:\(port)", tokenPath: tokenPath, email: .inline(""), password: .inline(""),
+                                    apiKey: .inline(""), timeoutSeconds: timeout, caFile: nil)
+        let client = try AuthClient(api: api, version: "9.9.9")
+        do {
+            try await body(mock, client)
+        } catch {
+            await client.shutdown()
+            await mock.stop()
+            throw error
+        }
+        await client.shutdown()
+        await mock.stop()
+    }
+
+    func failure(_ client: AuthClient, _ secrets: LoginSecrets = secrets) async -> LoginError? {
+        do {
+            _ = try await client.login(secrets, now: { Date() })
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    @Test(arguments: [false, true])
+    func logsInAndGetsATokenTheServerAccepts(milliseconds: Bool) async throws {
+        try await withMock(milliseconds: milliseconds) { mock, client in
+            let answer = try await client.login(Self.secrets, now: { Date() })
+            #expect(mock.accepts(answer.grant.token))
+            #expect(abs(answer.grant.lifetime - 600) < 2)
+            #expect(answer.grant.userId == "user-1")
+            #expect(answer.grant.tenantId == "tenant-1")
+            #expect(answer.warnings.isEmpty)
+            #expect(mock.stats.lastUserAgent == "fts-tokend/9.9.9")
+        }
+    }
+
+    @Test func theLoginPathIsConfigurable() async throws {
+        try await withMock(tokenPath: "/auth/login") { mock, client in
+            _ = try await client.login(Self.secrets, now: { Date() })
+            #expect(mock.stats.tokensIssued == 1)
+        }
+    }
+
+    @Test func wrongPasswordOrKeyIsRejected() async throws {
+        try await withMock { _, client in
+            let password = await failure(client, LoginSecrets(email: "svc@example.com", password: "wrong", apiKey: "key-1"))
+            #expect(password == .httpStatus(401, retryAfter: nil))
+            #expect(password?.kind == .rejected)
+            let key = await failure(client, LoginSecrets(email: "svc@example.com", password: "pw-1", apiKey: "wrong"))
+            #expect(key == .httpStatus(401, retryAfter: nil))
+        }
+    }
+
+    @Test func rateLimitCarriesRetryAfterInBothForms() async throws {
+        try await withMock { mock, client in
+            mock.enqueue(.status(429, retryAfter: "7"), .status(503, retryAfter: MockFTSServer.httpDate(Date().addingTimeInterval(60))))
+            #expect(await failure(client) == .httpStatus(429, retryAfter: 7))
+            guard case .rateLimited(let wait?) = await failure(client)?.kind else {
+                Issue.record("expected rate limiting with a wait")
+                return
+            }
+            #expect(wait > 55 && wait <= 60)
+        }
+    }
+
+    @Test func unusableBodiesAreDistinctErrors() async throws {
+        try await withMock { mock, client in
+            mock.enqueue(.body("<html>proxy</html>", contentType: "text/html"),
+                         .body(String(repeating: "x", count: 100 * 1024)),
+                         .body(#"{"expires":1}"#),
+                         .expiredToken)
+            #expect(await failure(client) == .notJSON(contentType: "text/html"))
+            #expect(await failure(client) == .bodyTooLarge(limit: 65536))
+            #expect(await failure(client) == .missingToken)
+            guard case .alreadyExpired = await failure(client) else {
+                Issue.record("expected alreadyExpired")
+                return
+            }
+        }
+    }
+
+    @Test func aHangingServerTimesOut() async throws {
+        try await withMock(timeout: 1) { mock, client in
+            mock.enqueue(.hang)
+            #expect(await failure(client) == .timedOut(seconds: 1))
+        }
+    }
+
+    @Test func redirectsAreNotFollowed() async throws {
+        try await withMock { mock, client in
+            mock.enqueue(MockFault(status: 307, retryAfter: nil))
+            let error = await failure(client)
+            #expect(error == .httpStatus(307, retryAfter: nil))
+            #expect(error?.kind == .rejected)
+            #expect(mock.stats.loginRequests == 1)
+        }
+    }
+
+    @Test func anUnreachableServerIsATransportError() async throws {
+        let api = Configuration.API(baseURL: "http://127.0.0.1:1", tokenPath: "/auth/token", email: .inline(""), password: .inline(""),
+                                    apiKey: .inline(""), timeoutSeconds: 5, caFile: nil)
+        let client = try AuthClient(api: api, version: "1")
+        let error = await failure(client)
+        await client.shutdown()
+        guard case .transport = error else {
+            Issue.record("expected a transport error, got \(String(describing: error))")
+            return
+        }
+    }
+}

@@ -1,0 +1,158 @@
+import Foundation
+import Testing
+@testable import TokenDaemon
+
+/// A valid config; tests change one key at a time.
+let validConfig = """
+    {
+      "api": { "baseURL": "https://global-api.fintechstudios.com", "tokenPath": "/auth/token",
+               "email": "svc@example.com", "passwordFile": "/etc/fts-tokend/password",
+               "apiKeyFile": "/etc/fts-tokend/api-key", "timeoutSeconds": 30 },
+      "refresh": { "refreshAt": 0.8, "minRemainingSeconds": 120, "jitter": 0.05,
+                   "backoffInitialSeconds": 1, "backoffMaxSeconds": 300 },
+      "outputs": { "tokenFile":   { "path": "/run/fts-tokend/token",      "mode": "0640" },
+                   "jsonFile":    { "path": "/run/fts-tokend/token.json", "mode": "0640" },
+                   "headersFile": { "path": "/run/fts-tokend/headers",    "mode": "0640" } },
+      "stateFile": "/var/lib/fts-tokend/state.json",
+      "logLevel": "info"
+    }
+    """
+
+/// `validConfig` with `change` applied to its parsed form.
+func config(_ change: (inout [String: Any]) -> Void) -> [UInt8] {
+    var object = try! JSONSerialization.jsonObject(with: Data(validConfig.utf8)) as! [String: Any]
+    change(&object)
+    return Array(try! JSONSerialization.data(withJSONObject: object))
+}
+
+func set(_ object: inout [String: Any], _ path: String, _ value: Any?) {
+    let keys = path.split(separator: ".").map(String.init)
+    func apply(_ dict: inout [String: Any], _ keys: ArraySlice<String>) {
+        let key = keys.first!
+        if keys.count == 1 {
+            dict[key] = value
+        } else {
+            var child = dict[key] as? [String: Any] ?? [:]
+            apply(&child, keys.dropFirst())
+            dict[key] = child
+        }
+    }
+    apply(&object, keys[...])
+}
+
+func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
+    do {
+        _ = try ConfigurationParser().parse(bytes)
+        return nil
+    } catch {
+        return error
+    }
+}
+
+@Suite struct ConfigurationParserTests {
+    @Test func parsesTheDocumentedExample() throws {
+        let parsed = try ConfigurationParser().parse(Array(validConfig.utf8))
+        #expect(parsed.api.tokenURL == "https://global-api.fintechstudios.com/auth/token")
+        #expect(parsed.api.email == .inline("svc@example.com"))
+        #expect(parsed.api.password == .file("/etc/fts-tokend/password"))
+        #expect(parsed.api.apiKey == .file("/etc/fts-tokend/api-key"))
+        #expect(parsed.refresh == .defaults)
+        #expect(parsed.outputs.files.map(\.path) == ["/run/fts-tokend/token", "/run/fts-tokend/token.json", "/run/fts-tokend/headers"])
+        #expect(parsed.outputs.files.allSatisfy { $0.mode == 0o640 })
+        #expect(parsed.outputs.headersFile?.authorizationScheme == "Bearer")
+        #expect(parsed.stateFile == "/var/lib/fts-tokend/state.json")
+        #expect(parsed.logLevel == .info)
+    }
+
+    @Test func appliesDefaultsAndCredentialFallbacks() throws {
+        let minimal = #"{"api":{"baseURL":"https://fts.example/"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#
+        let parsed = try ConfigurationParser().parse(Array(minimal.utf8))
+        #expect(parsed.api.baseURL == "https://fts.example")
+        #expect(parsed.api.tokenPath == "/auth/token")
+        #expect(parsed.api.timeoutSeconds == 30)
+        #expect(parsed.api.email == .credential("email"))
+        #expect(parsed.api.password == .credential("password"))
+        #expect(parsed.api.apiKey == .credential("api-key"))
+        #expect(parsed.outputs.tokenFile?.mode == 0o640)
+        #expect(parsed.stateFile == nil)
+        #expect(parsed.refresh == .defaults)
+    }
+
+    @Test func acceptsLoopbackHTTPAndBareAuthorizationScheme() throws {
+        let parsed = try ConfigurationParser().parse(config {
+            set(&$0, "api.baseURL", "http://127.0.0.1:8080")
+            set(&$0, "outputs.headersFile.authorizationScheme", "")
+            set(&$0, "outputs.tokenFile.mode", "600")
+        })
+        #expect(parsed.api.baseURL == "http://127.0.0.1:8080")
+        #expect(parsed.outputs.headersFile?.authorizationScheme == "")
+        #expect(parsed.outputs.tokenFile?.mode == 0o600)
+    }
+
+    struct BadInput: Sendable, CustomTestStringConvertible {
+        var name: String
+        var bytes: [UInt8]
+        var keyPath: String
+        var message: String
+        var testDescription: String { name }
+    }
+
+    static let badInputs: [BadInput] = [
+        BadInput(name: "not JSON", bytes: Array("{api:".utf8), keyPath: "(file)", message: "not valid JSON"),
+        BadInput(name: "top level array", bytes: Array("[]".utf8), keyPath: "(file)", message: "must be a JSON object"),
+        BadInput(name: "unknown top-level key", bytes: config { set(&$0, "refreshAT", 1) }, keyPath: "refreshAT", message: "unknown key"),
+        BadInput(name: "unknown api key", bytes: config { set(&$0, "api.pasword", "x") }, keyPath: "api.pasword", message: "unknown key"),
+        BadInput(name: "unknown refresh key", bytes: config { set(&$0, "refresh.jiter", 0.1) }, keyPath: "refresh.jiter", message: "unknown key"),
+        BadInput(name: "unknown output", bytes: config { set(&$0, "outputs.socket", ["path": "/run/x"]) }, keyPath: "outputs.socket", message: "unknown key"),
+        BadInput(name: "unknown output file key", bytes: config { set(&$0, "outputs.tokenFile.owner", "root") }, keyPath: "outputs.tokenFile.owner", message: "unknown key"),
+        BadInput(name: "missing api", bytes: config { $0["api"] = nil }, keyPath: "api", message: "is required"),
+        BadInput(name: "api not an object", bytes: config { $0["api"] = "x" }, keyPath: "api", message: "must be a JSON object, not a string"),
+        BadInput(name: "missing baseURL", bytes: config { set(&$0, "api.baseURL", nil) }, keyPath: "api.baseURL", message: "is required"),
+        BadInput(name: "baseURL a number", bytes: config { set(&$0, "api.baseURL", 5) }, keyPath: "api.baseURL", message: "must be a string, not a number"),
+        BadInput(name: "baseURL not a URL", bytes: config { set(&$0, "api.baseURL", "global-api.fintechstudios.com") }, keyPath: "api.baseURL", message: "is not a URL"),
+        BadInput(name: "plain http to another host", bytes: config { set(&$0, "api.baseURL", "http://global-api.fintechstudios.com") }, keyPath: "api.baseURL", message: "only to loopback"),
+        BadInput(name: "ftp scheme", bytes: config { set(&$0, "api.baseURL", "ftp://x.example") }, keyPath: "api.baseURL", message: "not supported"),
+        BadInput(name: "baseURL with user info", bytes: config { set(&$0, "api.baseURL", "https://u:p@x.example") }, keyPath: "api.baseURL", message: "user info"),
+        BadInput(name: "tokenPath without slash", bytes: config { set(&$0, "api.tokenPath", "auth/token") }, keyPath: "api.tokenPath", message: "starting with \"/\""),
+        BadInput(name: "timeout zero", bytes: config { set(&$0, "api.timeoutSeconds", 0) }, keyPath: "api.timeoutSeconds", message: "more than 0"),
+        BadInput(name: "timeout a string", bytes: config { set(&$0, "api.timeoutSeconds", "30") }, keyPath: "api.timeoutSeconds", message: "must be a number, not a string"),
+        BadInput(name: "password and passwordFile", bytes: config { set(&$0, "api.password", "x") }, keyPath: "api.password", message: "not both"),
+        BadInput(name: "empty inline email", bytes: config { set(&$0, "api.email", "") }, keyPath: "api.email", message: "must not be empty"),
+        BadInput(name: "relative secret file", bytes: config { set(&$0, "api.apiKeyFile", "api-key") }, keyPath: "api.apiKeyFile", message: "absolute path"),
+        BadInput(name: "relative caFile", bytes: config { set(&$0, "api.caFile", "ca.pem") }, keyPath: "api.caFile", message: "absolute path"),
+        BadInput(name: "refreshAt 1", bytes: config { set(&$0, "refresh.refreshAt", 1) }, keyPath: "refresh.refreshAt", message: "less than 1"),
+        BadInput(name: "refreshAt 0", bytes: config { set(&$0, "refresh.refreshAt", 0) }, keyPath: "refresh.refreshAt", message: "more than 0"),
+        BadInput(name: "negative minRemaining", bytes: config { set(&$0, "refresh.minRemainingSeconds", -1) }, keyPath: "refresh.minRemainingSeconds", message: "0 or more"),
+        BadInput(name: "jitter above refreshAt", bytes: config { set(&$0, "refresh.jitter", 0.9) }, keyPath: "refresh.jitter", message: "less than refreshAt"),
+        BadInput(name: "backoff initial too small", bytes: config { set(&$0, "refresh.backoffInitialSeconds", 0) }, keyPath: "refresh.backoffInitialSeconds", message: "at least 0.1"),
+        BadInput(name: "backoff max below initial", bytes: config { set(&$0, "refresh.backoffMaxSeconds", 0.5) }, keyPath: "refresh.backoffMaxSeconds", message: "at least backoffInitialSeconds"),
+        BadInput(name: "no outputs", bytes: config { $0["outputs"] = [String: Any]() }, keyPath: "outputs", message: "at least one"),
+        BadInput(name: "two outputs on one file", bytes: config { set(&$0, "outputs.jsonFile.path", "/run/fts-tokend/token") }, keyPath: "outputs", message: "same file"),
+        BadInput(name: "mode as a JSON number", bytes: config { set(&$0, "outputs.tokenFile.mode", 640) }, keyPath: "outputs.tokenFile.mode", message: "not the number 640"),
+        BadInput(name: "mode not octal", bytes: config { set(&$0, "outputs.tokenFile.mode", "0980") }, keyPath: "outputs.tokenFile.mode", message: "not an octal file mode"),
+        BadInput(name: "mode world-writable", bytes: config { set(&$0, "outputs.jsonFile.mode", "0666") }, keyPath: "outputs.jsonFile.mode", message: "lets anyone write"),
+        BadInput(name: "mode owner cannot read", bytes: config { set(&$0, "outputs.headersFile.mode", "0040") }, keyPath: "outputs.headersFile.mode", message: "owner read"),
+        BadInput(name: "mode a boolean", bytes: config { set(&$0, "outputs.tokenFile.mode", true) }, keyPath: "outputs.tokenFile.mode", message: "not a boolean"),
+        BadInput(name: "relative output path", bytes: config { set(&$0, "outputs.tokenFile.path", "token") }, keyPath: "outputs.tokenFile.path", message: "absolute path"),
+        BadInput(name: "output path with ..", bytes: config { set(&$0, "outputs.tokenFile.path", "/run/../etc/passwd") }, keyPath: "outputs.tokenFile.path", message: "\"..\""),
+        BadInput(name: "output path a folder", bytes: config { set(&$0, "outputs.tokenFile.path", "/run/fts-tokend/") }, keyPath: "outputs.tokenFile.path", message: "not a folder"),
+        BadInput(name: "scheme with a space", bytes: config { set(&$0, "outputs.headersFile.authorizationScheme", "Bearer x") }, keyPath: "outputs.headersFile.authorizationScheme", message: "letters only"),
+        BadInput(name: "relative stateFile", bytes: config { $0["stateFile"] = "state.json" }, keyPath: "stateFile", message: "absolute path"),
+        BadInput(name: "unknown log level", bytes: config { $0["logLevel"] = "verbose" }, keyPath: "logLevel", message: "is not one of"),
+    ]
+
+    @Test(arguments: badInputs)
+    func refusesWithKeyPathAndReason(_ input: BadInput) {
+        let error = parseError(input.bytes)
+        #expect(error?.keyPath == input.keyPath)
+        #expect(error?.problem.contains(input.message) == true, "\(String(describing: error))")
+    }
+
+    @Test func fileModeRoundTrip() {
+        #expect(FileMode.parse("0640") == 0o640)
+        #expect(FileMode.parse("640") == 0o640)
+        #expect(FileMode.parse("01640") == nil)
+        #expect(FileMode.parse("64") == nil)
+        #expect(FileMode.format(0o600) == "0600")
+    }
+}

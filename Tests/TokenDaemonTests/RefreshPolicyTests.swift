@@ -1,0 +1,103 @@
+import Foundation
+import Testing
+@testable import TokenDaemon
+
+@Suite struct RefreshPolicyTests {
+    let policy = RefreshPolicy(.defaults)
+    let start = Date(timeIntervalSince1970: 1_800_000_000)
+
+    func grant(lifetime: TimeInterval, obtainedAt: Date? = nil) -> TokenGrant {
+        let obtained = obtainedAt ?? start
+        return TokenGrant(token: "t", expiresAt: obtained.addingTimeInterval(lifetime), obtainedAt: obtained,
+                          userId: nil, tenantId: nil, clockSkew: 0)
+    }
+
+    @Test func refreshesAtRefreshAtShareOfTheLifetimeWithoutJitter() {
+        let time = policy.refreshTime(for: grant(lifetime: 3600), now: start, random: 0)
+        #expect(time == start.addingTimeInterval(2880))
+    }
+
+    @Test(arguments: [0.0, 0.25, 0.5, 0.999_999])
+    func jitterOnlyMovesTheRefreshEarlierByAtMostJitterTimesLifetime(random: Double) {
+        let time = policy.refreshTime(for: grant(lifetime: 3600), now: start, random: random)
+        #expect(time <= start.addingTimeInterval(2880))
+        #expect(time >= start.addingTimeInterval(2880 - 0.05 * 3600))
+    }
+
+    @Test func neverLaterThanMinRemainingBeforeExpiry() {
+        // 0.8 × 300 s = 240 s would leave 60 s; minRemainingSeconds 120 pulls it to 180 s.
+        let time = policy.refreshTime(for: grant(lifetime: 300), now: start, random: 0)
+        #expect(time == start.addingTimeInterval(180))
+    }
+
+    @Test func neverSoonerThanOneSecondFromNow() {
+        // Lifetime shorter than minRemainingSeconds: the clamp would say "before it was obtained".
+        let time = policy.refreshTime(for: grant(lifetime: 60), now: start, random: 0)
+        #expect(time == start.addingTimeInterval(1))
+    }
+
+    @Test func clockSkewMovesTheScheduleEarlier() {
+        var skewed = grant(lifetime: 3600)
+        skewed.clockSkew = 100
+        // L = 3500 s by the local clock.
+        #expect(policy.refreshTime(for: skewed, now: start, random: 0) == start.addingTimeInterval(0.8 * 3500))
+    }
+
+    @Test func transientFailuresBackOffExponentiallyUpToTheMaximum() {
+        let ceilings = (1...12).map { policy.retryDelay(after: .transient, attempt: $0, current: nil, now: start, random: 0) }
+        #expect(ceilings == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300])
+        #expect(policy.retryDelay(after: .transient, attempt: 10_000, current: nil, now: start, random: 0) == 300)
+    }
+
+    @Test(arguments: [0.0, 0.3, 0.999])
+    func backoffJitterStaysWithinHalfToFullDelay(random: Double) {
+        let delay = policy.retryDelay(after: .transient, attempt: 6, current: nil, now: start, random: random)
+        #expect(delay <= 32)
+        #expect(delay >= 16)
+    }
+
+    @Test func backoffNeverBelowTheInitialDelay() {
+        #expect(policy.retryDelay(after: .transient, attempt: 1, current: nil, now: start, random: 0.999) == 1)
+    }
+
+    @Test func noWaitExceedsHalfTheRemainingValidity() {
+        let held = grant(lifetime: 200, obtainedAt: start.addingTimeInterval(-100))
+        // 100 s left: waits are capped at 50 s even after many failures.
+        #expect(policy.retryDelay(after: .transient, attempt: 9, current: held, now: start, random: 0) == 50)
+        #expect(policy.retryDelay(after: .rateLimited(retryAfter: nil), attempt: 9, current: held, now: start, random: 0) == 50)
+        // An expired token does not cap anything.
+        let expired = grant(lifetime: 10, obtainedAt: start.addingTimeInterval(-100))
+        #expect(policy.retryDelay(after: .transient, attempt: 9, current: expired, now: start, random: 0) == 256)
+    }
+
+    @Test func retryAfterIsAlwaysHonouredEvenAboveTheCap() {
+        let held = grant(lifetime: 200, obtainedAt: start.addingTimeInterval(-100))
+        #expect(policy.retryDelay(after: .rateLimited(retryAfter: 120), attempt: 1, current: held, now: start, random: 0) == 120)
+        #expect(policy.retryDelay(after: .rateLimited(retryAfter: 0), attempt: 3, current: nil, now: start, random: 0) == 4)
+    }
+
+    @Test func rejectedCredentialsWaitTheMaximum() {
+        let held = grant(lifetime: 200, obtainedAt: start.addingTimeInterval(-100))
+        #expect(policy.retryDelay(after: .rejected, attempt: 1, current: held, now: start, random: 0) == 300)
+        #expect(policy.retryDelay(after: .rejected, attempt: 1, current: nil, now: start, random: 0.5) == 300)
+    }
+
+    @Test(arguments: [
+        (LoginError.httpStatus(401, retryAfter: nil), LoginError.Kind.rejected),
+        (.httpStatus(403, retryAfter: nil), .rejected),
+        (.httpStatus(400, retryAfter: nil), .rejected),
+        (.httpStatus(302, retryAfter: nil), .rejected),
+        (.httpStatus(408, retryAfter: nil), .transient),
+        (.httpStatus(500, retryAfter: nil), .transient),
+        (.httpStatus(503, retryAfter: nil), .transient),
+        (.httpStatus(503, retryAfter: 30), .rateLimited(retryAfter: 30)),
+        (.httpStatus(429, retryAfter: nil), .rateLimited(retryAfter: nil)),
+        (.httpStatus(429, retryAfter: 5), .rateLimited(retryAfter: 5)),
+        (.timedOut(seconds: 30), .transient),
+        (.transport("refused"), .transient),
+        (.bodyTooLarge(limit: 65536), .transient),
+    ])
+    func failuresAreClassified(_ error: LoginError, _ kind: LoginError.Kind) {
+        #expect(error.kind == kind)
+    }
+}
