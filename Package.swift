@@ -62,7 +62,8 @@ let package = Package(
         .testTarget(name: "TokenDaemonTests", dependencies: ["TokenDaemon", "MockFTS", "TestSupport",
             .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "MockFTSTests", dependencies: ["MockFTS", "TestSupport",
-            .product(name: "AsyncHTTPClient", package: "async-http-client")]),
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOHTTP1", package: "swift-nio")]),
         .testTarget(name: "IntegrationTests", dependencies: ["MockFTS", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -1,0 +1,122 @@
+import AsyncHTTPClient
+import Foundation
+import MockFTS
+import NIOCore
+import NIOHTTP1
+import Testing
+
+/// The mock over real HTTP, as the daemon and the tests in other processes see it.
+@Suite struct MockFTSServerTests {
+    struct Answer {
+        var status: Int
+        var headers: [String: String]
+        var json: [String: Any]
+    }
+
+    func request(_ method: HTTPMethod, _ url: String, headers: [String: String] = [:], body: String? = nil) async throws -> Answer {
+        var request = HTTPClientRequest(url: url)
+        request.method = method
+        for (name, value) in headers { request.headers.add(name: name, value: value) }
+        if let body { request.body = .bytes(ByteBuffer(string: body)) }
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(10))
+        let bytes = try await response.body.collect(upTo: 1 << 20)
+        let json = (try? JSONSerialization.jsonObject(with: Data(bytes.readableBytesView))) as? [String: Any] ?? [:]
+        return Answer(status: Int(response.status.code), headers: Dictionary(response.headers.map { ($0.name, $0.value) }) { a, _ in a }, json: json)
+    }
+
+    func withMock(ttl: TimeInterval = 60, _ body: (MockFTSServer, String) async throws -> Void) async throws {
+        let mock = MockFTSServer(.init(apiKey: "key-1", email: "e@x", password: "pw", tokenTTL: ttl))
+        let port = try await mock.start()
+        do {
+            try await body(mock, "http://127.0.0.1:\(port)")
+        } catch {
+            await mock.stop()
+            throw error
+        }
+        await mock.stop()
+    }
+
+    let credentials = #"{"email":"e@x","password":"pw"}"#
+
+    @Test func issuesTokensThatWhoamiAccepts() async throws {
+        try await withMock { (mock, base) async throws in
+            let login = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            #expect(login.status == 200)
+            #expect(login.headers["Date"] != nil)
+            let token = try #require(login.json["token"] as? String)
+            let expires = try #require(login.json["expires"] as? Int)
+            #expect(abs(Double(expires) - Date().addingTimeInterval(60).timeIntervalSince1970) < 2)
+            #expect(login.json["userId"] as? String == "user-1")
+            #expect(login.json["tenantId"] as? String == "tenant-1")
+
+            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": "Bearer " + token]).status == 200)
+            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token]).status == 200)
+            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "other", "Authorization": token]).status == 401)
+            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token + "x"]).status == 401)
+            #expect(mock.stats.tokensIssued == 1)
+            #expect(mock.stats.whoamiAccepted == 2)
+            #expect(mock.stats.whoamiRejected == 2)
+            #expect(mock.issuedTokens == [token])
+        }
+    }
+
+    @Test func refusesWrongKeyPasswordAndBody() async throws {
+        try await withMock { (_, base) async throws in
+            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "nope"], body: credentials).status == 401)
+            #expect(try await request(.POST, base + "/auth/login", headers: ["x-api-key": "key-1"], body: #"{"email":"e@x","password":"x"}"#).status == 401)
+            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: "not json").status == 400)
+            #expect(try await request(.GET, base + "/elsewhere").status == 404)
+        }
+    }
+
+    @Test func expiredTokensAreRefusedByWhoami() async throws {
+        try await withMock(ttl: 1) { (mock, base) async throws in
+            let login = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            let token = try #require(login.json["token"] as? String)
+            #expect(mock.accepts(token))
+            try await Task.sleep(for: .milliseconds(2100))
+            #expect(!mock.accepts(token))
+            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token]).status == 401)
+        }
+    }
+
+    @Test func faultsScriptedOverHTTPApplyInOrderThenAlways() async throws {
+        try await withMock { (mock, base) async throws in
+            let script = #"{"next":[{"status":429,"retryAfter":"3"},{"body":"<html>","contentType":"text/html"}],"always":{"status":503}}"#
+            #expect(try await request(.POST, base + "/_mock/faults", body: script).status == 200)
+            let limited = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            #expect(limited.status == 429)
+            #expect(limited.headers["Retry-After"] == "3")
+            let html = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            #expect(html.status == 200)
+            #expect(html.headers["Content-Type"] == "text/html")
+            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 503)
+            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 503)
+            mock.always(nil)
+            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 200)
+            let stats = try await request(.GET, base + "/_mock/stats")
+            #expect(stats.json["loginRequests"] as? Int == 5)
+            #expect(stats.json["tokensIssued"] as? Int == 1)
+        }
+    }
+
+    @Test func delayedAnswersArriveLate() async throws {
+        try await withMock { (mock, base) async throws in
+            mock.enqueue(.delay(0.5))
+            let started = Date()
+            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 200)
+            #expect(Date().timeIntervalSince(started) >= 0.5)
+        }
+    }
+
+    @Test func millisecondExpiresAndSkewedExpires() async throws {
+        try await withMock { (mock, base) async throws in
+            mock.update { $0.expiresInMilliseconds = true }
+            mock.enqueue(MockFault(expiresSkewSeconds: 600))
+            let login = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            let expires = try #require(login.json["expires"] as? Int)
+            #expect(expires > 100_000_000_000)
+            #expect(abs(Double(expires) / 1000 - Date().addingTimeInterval(660).timeIntervalSince1970) < 2)
+        }
+    }
+}
