@@ -70,11 +70,11 @@ import Testing
     }
 
     @Test func expiredTokensAreRefusedByWhoami() async throws {
-        try await withMock(ttl: 1) { (mock, base) async throws in
+        try await withMock(ttl: 2) { (mock, base) async throws in
             let login = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
             let token = try #require(login.json["token"] as? String)
             #expect(mock.accepts(token))
-            try await Task.sleep(for: .milliseconds(2100))
+            try await Task.sleep(for: .milliseconds(3100))
             #expect(!mock.accepts(token))
             #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token]).status == 401)
         }

@@ -5,20 +5,21 @@ import Testing
 
 /// Serialized: these tests set process-wide environment variables that libsystemd reads.
 @Suite(.serialized) struct SystemdTests {
-    @Test func notifySendsAllStatesInOneDatagram() throws {
+    @Test func notifySendsAllStatesInOneDatagram() async throws {
         let folder = try TemporaryDirectory()
         let listener = try NotifyListener(in: folder)
+        defer { listener.stop() }
         setenv("NOTIFY_SOCKET", listener.path, 1)
         defer { unsetenv("NOTIFY_SOCKET") }
 
         #expect(Notifier().notify(.ready, .status("token valid\nuntil noon")) == .sent)
-        #expect(listener.waitFor(timeout: 5) { _ in true } == "READY=1\nSTATUS=token valid until noon")
+        #expect(await listener.waitFor(timeout: 5) { _ in true } == "READY=1\nSTATUS=token valid until noon")
 
         #expect(Notifier().notify(.reloading(monotonicMicroseconds: 42)) == .sent)
-        #expect(listener.waitFor(timeout: 5) { $0.hasPrefix("RELOADING") } == "RELOADING=1\nMONOTONIC_USEC=42")
+        #expect(await listener.waitFor(timeout: 5) { $0.hasPrefix("RELOADING") } == "RELOADING=1\nMONOTONIC_USEC=42")
 
         #expect(Notifier().notify(.watchdog, .extendTimeout(microseconds: 5_000_000), .stopping) == .sent)
-        #expect(listener.waitFor(timeout: 5) { $0.hasPrefix("WATCHDOG") } == "WATCHDOG=1\nEXTEND_TIMEOUT_USEC=5000000\nSTOPPING=1")
+        #expect(await listener.waitFor(timeout: 5) { $0.hasPrefix("WATCHDOG") } == "WATCHDOG=1\nEXTEND_TIMEOUT_USEC=5000000\nSTOPPING=1")
     }
 
     @Test func notifyWithoutASupervisorIsNotAnError() {

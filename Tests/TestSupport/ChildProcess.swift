@@ -47,9 +47,9 @@ public final class ChildProcess: @unchecked Sendable {
     }
 
     /// The exit status once the process has ended, or nil if it is still running after `timeout`.
-    public func waitForExit(timeout: TimeInterval = 30) -> Int32? {
+    public func waitForExit(timeout: TimeInterval = 30) async -> Int32? {
         let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
+        while process.isRunning && Date() < deadline { try? await Task.sleep(for: .milliseconds(10)) }
         guard !process.isRunning else { return nil }
         return process.terminationStatus
     }
@@ -60,12 +60,13 @@ public final class ChildProcess: @unchecked Sendable {
 }
 
 /// Polls `condition` every 10 ms until it holds or `timeout` passes: waiting on an event that has no
-/// notification (a file appearing) without guessing how long it takes.
-public func eventually(timeout: TimeInterval = 30, _ condition: () -> Bool) -> Bool {
+/// notification (a file appearing) without guessing how long it takes. Sleeps without blocking a
+/// thread: the tests share a small cooperative pool with the in-process mock's clients.
+public func eventually(timeout: TimeInterval = 30, _ condition: () -> Bool) async -> Bool {
     let deadline = Date().addingTimeInterval(timeout)
     while Date() < deadline {
         if condition() { return true }
-        usleep(10_000)
+        try? await Task.sleep(for: .milliseconds(10))
     }
     return condition()
 }

@@ -1,0 +1,66 @@
+import Foundation
+import MockFTS
+import TestSupport
+import Testing
+
+@Suite struct CommandTests {
+    @Test func checkValidatesAndLogsInWithoutPrintingTheToken() async throws {
+        let harness = try await DaemonHarness()
+        let check = try harness.start(["check", "--config", harness.configPath, "--login"])
+        #expect(await check.waitForExit(timeout: 30) == 0)
+        #expect(check.standardOutput.contains("configuration OK"))
+        #expect(check.standardOutput.contains("login OK: token "))
+        #expect(harness.mock.stats.tokensIssued == 1)
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func checkReportsRejectedCredentialsWith78() async throws {
+        let harness = try await DaemonHarness()
+        harness.mock.always(.status(403))
+        let check = try harness.start(["check", "--config", harness.configPath, "--login"])
+        #expect(await check.waitForExit(timeout: 30) == 78)
+        #expect(check.standardError.contains("HTTP 403"))
+        await harness.stop()
+    }
+
+    @Test func checkWithoutLoginMakesNoRequest() async throws {
+        let harness = try await DaemonHarness()
+        let check = try harness.start(["check", "--config", harness.configPath])
+        #expect(await check.waitForExit(timeout: 30) == 0)
+        #expect(harness.mock.stats.loginRequests == 0)
+        await harness.stop()
+    }
+
+    @Test func versionPrintsTheVersion() async throws {
+        let harness = try await DaemonHarness()
+        let version = try harness.start(["--version"])
+        #expect(await version.waitForExit(timeout: 30) == 0)
+        #expect(version.standardOutput.hasPrefix("0."))
+        await harness.stop()
+    }
+
+    @Test func theDemoRotatesTokensAndProvesThem() async throws {
+        let harness = try await DaemonHarness()
+        let demo = try harness.start(["demo", "--duration", "9", "--ttl", "4"])
+        #expect(await demo.waitForExit(timeout: 60) == 0)
+        let output = demo.standardOutput
+        #expect(output.contains("-> HTTP 200"))
+        #expect(!output.contains("-> HTTP 401"))
+        #expect(output.contains("demo finished"))
+        #expect(demo.standardError.contains("login ok"))
+        // The temporary folder it printed is gone.
+        let folder = output.split(separator: "\n").first { $0.hasPrefix("token files:") }?.split(separator: " ").last(where: { $0.hasPrefix("/") })
+        let path = String(try #require(folder)).replacingOccurrences(of: "/run/", with: "")
+        #expect(!FileManager.default.fileExists(atPath: path))
+        await harness.stop()
+    }
+
+    @Test func mockServerRefusesNonLoopbackAddresses() async throws {
+        let harness = try await DaemonHarness()
+        let mock = try harness.start(["mock-server", "--listen", "0.0.0.0:0"])
+        #expect(await mock.waitForExit(timeout: 30) == 64)
+        #expect(mock.standardError.contains("loopback"))
+        await harness.stop()
+    }
+}

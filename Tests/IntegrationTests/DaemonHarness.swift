@@ -1,0 +1,98 @@
+import Foundation
+import MockFTS
+import TestSupport
+import Testing
+
+/// One daemon under test: the real binary as a child process, the mock FTS server on loopback, a real
+/// NOTIFY_SOCKET, and outputs in a temporary folder. Credentials are fresh per harness so that the
+/// output can be searched for them.
+final class DaemonHarness: @unchecked Sendable {
+    // @unchecked: `child` is set by start() from the test's own task only; the rest is immutable.
+    let folder: TemporaryDirectory
+    let mock: MockFTSServer
+    let port: Int
+    let notify: NotifyListener
+    let password = "pw-" + UUID().uuidString
+    let apiKey = UUID().uuidString.lowercased()
+    var child: ChildProcess?
+    private var children: [ChildProcess] = []
+
+    struct Refresh {
+        var refreshAt = 0.8
+        var minRemainingSeconds = 1.0
+        var jitter = 0.05
+        var backoffInitialSeconds = 0.2
+        var backoffMaxSeconds = 1.0
+    }
+
+    init(ttl: TimeInterval = 60, refresh: Refresh = Refresh()) async throws {
+        folder = try TemporaryDirectory()
+        mock = MockFTSServer(.init(apiKey: apiKey, email: "svc@example.com", password: password, tokenTTL: ttl))
+        port = try await mock.start()
+        notify = try NotifyListener(in: folder)
+        try folder.write("secrets/password", password + "\n")
+        try folder.write("secrets/api-key", apiKey + "\n")
+        try writeConfig(refresh: refresh)
+    }
+
+    var configPath: String { folder.file("config.json") }
+
+    func writeConfig(refresh: Refresh = Refresh(), logLevel: String = "debug") throws {
+        try folder.write("config.json", """
+            {
+              "api": { "baseURL": "http://127.0.0.1:\(port)", "email": "svc@example.com",
+                       "passwordFile": "\(folder.file("secrets/password"))", "apiKeyFile": "\(folder.file("secrets/api-key"))",
+                       "timeoutSeconds": 5 },
+              "refresh": { "refreshAt": \(refresh.refreshAt), "minRemainingSeconds": \(refresh.minRemainingSeconds),
+                           "jitter": \(refresh.jitter), "backoffInitialSeconds": \(refresh.backoffInitialSeconds),
+                           "backoffMaxSeconds": \(refresh.backoffMaxSeconds) },
+              "outputs": { "tokenFile":   { "path": "\(folder.file("run/token"))",      "mode": "0640" },
+                           "jsonFile":    { "path": "\(folder.file("run/token.json"))", "mode": "0600" },
+                           "headersFile": { "path": "\(folder.file("run/headers"))",    "mode": "0640" } },
+              "stateFile": "\(folder.file("state/state.json"))",
+              "logLevel": "\(logLevel)"
+            }
+            """)
+    }
+
+    /// Starts `fts-tokend run` (or other `arguments`) with NOTIFY_SOCKET and `environment`.
+    @discardableResult
+    func start(_ arguments: [String]? = nil, environment: [String: String] = [:]) throws -> ChildProcess {
+        let process = try ChildProcess(arguments ?? ["run", "--config", configPath],
+                                       environment: environment.merging(["NOTIFY_SOCKET": notify.path]) { mine, _ in mine },
+                                       in: folder, name: "child\(children.count)")
+        children.append(process)
+        child = process
+        return process
+    }
+
+    /// Waits for `READY=1` and returns that message.
+    func waitUntilReady(timeout: TimeInterval = 30) async -> String? {
+        await notify.waitFor(timeout: timeout) { $0.contains("READY=1") }
+    }
+
+    var token: String? { folder.read("run/token") }
+
+    /// Searches everything every child printed for the password, the key and every token issued.
+    func expectNoSecretsInOutput(sourceLocation: SourceLocation = #_sourceLocation) {
+        let output = children.map(\.allOutput).joined()
+        #expect(!output.isEmpty, "the daemon logs something", sourceLocation: sourceLocation)
+        #expect(!output.contains(password), "password leaked", sourceLocation: sourceLocation)
+        #expect(!output.contains(apiKey), "API key leaked", sourceLocation: sourceLocation)
+        for token in mock.issuedTokens {
+            #expect(!output.contains(token), "token leaked", sourceLocation: sourceLocation)
+            // A token's signature alone is as good as leaked too.
+            #expect(!output.contains(String(token.split(separator: ".").last ?? "")), "token signature leaked", sourceLocation: sourceLocation)
+        }
+    }
+
+    /// Stops the children and the mock.
+    func stop() async {
+        for process in children where process.isRunning {
+            process.signal(SIGKILL)
+            _ = await process.waitForExit(timeout: 10)
+        }
+        notify.stop()
+        await mock.stop()
+    }
+}
