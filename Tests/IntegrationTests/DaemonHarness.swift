@@ -57,10 +57,11 @@ final class DaemonHarness: @unchecked Sendable {
 
     /// Starts `fts-tokend run` (or other `arguments`) with NOTIFY_SOCKET and `environment`.
     @discardableResult
-    func start(_ arguments: [String]? = nil, environment: [String: String] = [:]) throws -> ChildProcess {
+    func start(_ arguments: [String]? = nil, environment: [String: String] = [:],
+               environmentForStandardError: (String) -> [String: String] = { _ in [:] }) throws -> ChildProcess {
         let process = try ChildProcess(arguments ?? ["run", "--config", configPath],
                                        environment: environment.merging(["NOTIFY_SOCKET": notify.path]) { mine, _ in mine },
-                                       in: folder, name: "child\(children.count)")
+                                       in: folder, name: "child\(children.count)", environmentForStandardError: environmentForStandardError)
         children.append(process)
         child = process
         return process

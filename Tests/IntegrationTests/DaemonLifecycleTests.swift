@@ -164,4 +164,47 @@ import Testing
         #expect(gaps[gaps.count / 2] > 0.6 && gaps[gaps.count / 2] < 1.4)
         await harness.stop()
     }
+
+    @Test func anExpiredTokenIsRemovedNotServed() async throws {
+        let harness = try await DaemonHarness(ttl: 3, refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1, backoffInitialSeconds: 5, backoffMaxSeconds: 10))
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        harness.mock.always(.status(503))
+        #expect(await harness.notify.waitFor(timeout: 30) { $0.contains("token expired at") } != nil)
+        #expect(harness.folder.entries("run").isEmpty, "no expired token left for readers")
+        #expect(harness.child?.standardError.contains("event=token_expired") == true)
+        harness.mock.always(nil)
+        #expect(await eventually { harness.token.map(harness.mock.accepts) == true })
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func sigtermDuringAHangingLoginExitsAtOnce() async throws {
+        let harness = try await DaemonHarness()
+        harness.mock.always(.hang)
+        let child = try harness.start()
+        #expect(await eventually { harness.mock.stats.loginRequests == 1 })
+        let sent = Date()
+        child.signal(SIGTERM)
+        #expect(await child.waitForExit(timeout: 10) == 0)
+        // Generous: the daemon promises well under a second; this only catches waiting for the login.
+        #expect(Date().timeIntervalSince(sent) < 4)
+        await harness.stop()
+    }
+
+    @Test func underJournaldLinesCarryPriorityPrefixes() async throws {
+        let harness = try await DaemonHarness()
+        harness.mock.enqueue(.status(500))
+        try harness.start(environmentForStandardError: { path in
+            var info = stat()
+            _ = stat(path, &info)
+            return ["JOURNAL_STREAM": "\(info.st_dev):\(info.st_ino)"]
+        })
+        #expect(await harness.waitUntilReady() != nil)
+        let lines = (harness.child?.standardError ?? "").split(separator: "\n")
+        #expect(lines.contains { $0.hasPrefix("<6>login ok") })
+        #expect(lines.contains { $0.hasPrefix("<3>login failed: auth server unavailable (HTTP 500)") })
+        #expect(lines.allSatisfy { $0.hasPrefix("<") })
+        await harness.stop()
+    }
 }

@@ -6,7 +6,8 @@ public final class ChildProcess: @unchecked Sendable {
     // but is not marked Sendable; the other properties are immutable.
     public let process = Process()
     private let outputPath: String
-    private let errorPath: String
+    /// Where the child's stderr goes (a regular file).
+    public let errorPath: String
 
     /// The binary under test: `$FTS_TOKEND_BINARY`, else the one built beside the test bundle.
     public static var binary: String {
@@ -17,15 +18,19 @@ public final class ChildProcess: @unchecked Sendable {
         return root.appendingPathComponent(".build/debug/fts-tokend").path
     }
 
-    /// Starts `fts-tokend arguments…` with exactly `environment` (plus PATH).
-    public init(_ arguments: [String], environment: [String: String] = [:], in directory: TemporaryDirectory, name: String = "child") throws {
+    /// Starts `fts-tokend arguments…` with exactly `environment` (plus PATH). `environment` may be a
+    /// function of the path that will receive the child's stderr.
+    public init(_ arguments: [String], environment: [String: String] = [:], in directory: TemporaryDirectory, name: String = "child",
+                environmentForStandardError: (String) -> [String: String] = { _ in [:] }) throws {
         outputPath = directory.file("\(name).stdout")
         errorPath = directory.file("\(name).stderr")
         _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
         _ = FileManager.default.createFile(atPath: errorPath, contents: nil)
         process.executableURL = URL(fileURLWithPath: Self.binary)
         process.arguments = arguments
-        process.environment = environment.merging(["PATH": "/usr/bin:/bin"]) { mine, _ in mine }
+        process.environment = environment
+            .merging(environmentForStandardError(errorPath)) { mine, _ in mine }
+            .merging(["PATH": "/usr/bin:/bin"]) { mine, _ in mine }
         process.standardOutput = FileHandle(forWritingAtPath: outputPath)
         process.standardError = FileHandle(forWritingAtPath: errorPath)
         process.standardInput = FileHandle.nullDevice

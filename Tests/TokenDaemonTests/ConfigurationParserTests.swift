@@ -64,6 +64,13 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         #expect(parsed.logLevel == .info)
     }
 
+    @Test func theShippedExampleConfigParses() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let bytes = try Data(contentsOf: root.appendingPathComponent("config.example.json"))
+        let parsed = try ConfigurationParser().parse(Array(bytes))
+        #expect(parsed == (try ConfigurationParser().parse(Array(validConfig.utf8))))
+    }
+
     @Test func appliesDefaultsAndCredentialFallbacks() throws {
         let minimal = #"{"api":{"baseURL":"https://fts.example/"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#
         let parsed = try ConfigurationParser().parse(Array(minimal.utf8))

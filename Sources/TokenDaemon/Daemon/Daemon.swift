@@ -59,7 +59,9 @@ public final class Daemon {
     private var outputs: TokenOutputs
     private var client: AuthClient
 
+    /// The last token obtained; it may have expired (then its files were removed).
     private var token: TokenGrant?
+    private var expiredFilesRemoved = false
     private var nextLogin: Date?
     private var login: Task<Void, Never>?
     /// Bumped when the account changes, so that an answer for the old account is dropped.
@@ -163,8 +165,10 @@ public final class Daemon {
         case .signal(let number):
             handleSignal(number)
         case .loginFinished(let generation, let result):
-            login = nil
+            // An answer for an account replaced by a reload is dropped; that login was cancelled and
+            // another may be in flight already.
             guard generation == self.generation else { return }
+            login = nil
             switch result {
             case .success(let answer): loginSucceeded(answer)
             case .failure(let error): loginFailed(error)
@@ -226,6 +230,7 @@ public final class Daemon {
     /// Makes `grant` the current token: files first, then state, then the schedule and READY=1.
     private func adopt(_ grant: TokenGrant, now: Date, persist: Bool) {
         token = grant
+        expiredFilesRemoved = false
         writeOutputs(grant)
         if persist, let path = loaded.configuration.stateFile {
             do {
@@ -277,7 +282,7 @@ public final class Daemon {
             nextWatchdog = ContinuousClock.now + interval / 2
         }
         if let current = token, !current.isValid(at: now) {
-            expire(current, now: now)
+            if !expiredFilesRemoved { expire(current, now: now) }
         } else if writeError != nil, let current = token {
             writeOutputs(current)
             if writeError == nil { reportStatus(now: now) }
@@ -293,7 +298,8 @@ public final class Daemon {
     }
 
     private func expire(_ expired: TokenGrant, now: Date) {
-        token = nil
+        expiredFilesRemoved = true
+        writeError = nil
         do {
             try outputs.remove()
         } catch {
@@ -326,7 +332,7 @@ public final class Daemon {
         let now = deps.clock()
         var delay = Self.maxTick
         if login == nil, let due = nextLogin { delay = min(delay, due.timeIntervalSince(now)) }
-        if let token { delay = min(delay, token.remaining(at: now)) }
+        if let token, token.isValid(at: now) { delay = min(delay, token.remaining(at: now)) }
         if writeError != nil { delay = min(delay, Self.writeRetry) }
         if let due = nextWatchdog {
             let untilPing = ContinuousClock.now.duration(to: due)
@@ -376,7 +382,7 @@ public final class Daemon {
             login = nil
             failures = 0
             nextLogin = now
-        } else if let current = token {
+        } else if let current = token, current.isValid(at: now) {
             if outputsChanged { writeOutputs(current) }
             if lastError?.kind == .rejected {
                 nextLogin = now

@@ -1,0 +1,30 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// The shipped unit files pass `systemd-analyze verify` with nothing on stderr (it exits 0 even on
+/// unknown keys, so any output counts as a failure).
+@Suite struct UnitFileTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze")), arguments: ["fts-tokend.service"])
+    func unitVerifiesClean(_ name: String) async throws {
+        let folder = try TemporaryDirectory()
+        // verify checks that ExecStart= exists: point it at the binary under test.
+        let text = try String(contentsOf: Self.root.appendingPathComponent("systemd/" + name), encoding: .utf8)
+            .replacingOccurrences(of: "/usr/bin/fts-tokend", with: ChildProcess.binary)
+        let unit = try folder.write(name, text, mode: 0o644)
+
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/systemd-analyze")
+        process.arguments = ["verify", unit]
+        let errors = Pipe()
+        process.standardError = errors
+        process.standardOutput = errors
+        try process.run()
+        let output = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        #expect(output.isEmpty, "systemd-analyze verify said: \(output)")
+    }
+}
