@@ -2,8 +2,9 @@
 SWIFT   ?= swift
 PREFIX  ?= /usr/local
 DESTDIR ?=
-# Debian packages the build needs: libsystemd's headers (CSystemd) and pkg-config to find them.
-APT_PACKAGES := libsystemd-dev pkg-config
+# Debian packages the build needs: libsystemd's headers (CSystemd) and pkg-config to find them;
+# openssl makes the test certificates for the HTTPS tests.
+APT_PACKAGES := libsystemd-dev pkg-config openssl
 
 .PHONY: all deps build test demo release clean
 

@@ -8,6 +8,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 
 /// A stand-in for the FTS auth API on loopback, for the tests, the demo and `fts-tokend mock-server`.
 ///
@@ -71,13 +72,33 @@ public final class MockFTSServer: Sendable {
         state = NIOLockedValueBox(State(configuration: configuration))
     }
 
-    /// Listens on `host:port` (port 0 picks a free one) and returns the bound port.
-    public func start(host: String = "127.0.0.1", port: Int = 0) async throws -> Int {
+    /// PEM files for serving HTTPS.
+    public struct TLSFiles: Sendable {
+        public var certificateChain: String
+        public var privateKey: String
+
+        public init(certificateChain: String, privateKey: String) {
+            self.certificateChain = certificateChain
+            self.privateKey = privateKey
+        }
+    }
+
+    /// Listens on `host:port` (port 0 picks a free one) and returns the bound port. With `tls`, it
+    /// speaks HTTPS.
+    public func start(host: String = "127.0.0.1", port: Int = 0, tls: TLSFiles? = nil) async throws -> Int {
+        let context = try tls.map { files in
+            try NIOSSLContext(configuration: .makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMFile(files.certificateChain).map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(file: files.privateKey, format: .pem))))
+        }
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.backlog, value: 64)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let context {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
+                    }
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(MockHTTPHandler(server: self))
                 }

@@ -1,5 +1,6 @@
 import Foundation
 import MockFTS
+import TestSupport
 import Testing
 @testable import TokenDaemon
 
@@ -119,5 +120,56 @@ import Testing
             Issue.record("expected a transport error, got \(String(describing: error))")
             return
         }
+    }
+
+    /// A throw-away CA and a server certificate for 127.0.0.1, made with openssl(1).
+    static func makeCertificates(in folder: TemporaryDirectory) throws -> (ca: String, tls: MockFTSServer.TLSFiles) {
+        try folder.write("san.ext", "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n", mode: 0o644)
+        let steps = [
+            ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=fts-tokend test CA"],
+            ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext"],
+        ]
+        for arguments in steps {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+            process.arguments = arguments
+            process.currentDirectoryURL = URL(fileURLWithPath: folder.path)
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            process.waitUntilExit()
+            guard process.terminationStatus == 0 else { throw POSIXError(.EIO) }
+        }
+        return (folder.file("ca.pem"), .init(certificateChain: folder.file("server.pem"), privateKey: folder.file("server.key")))
+    }
+
+    @Test func httpsIsVerifiedAgainstTheSystemRootsPlusCAFile() async throws {
+        let folder = try TemporaryDirectory()
+        let (ca, tls) = try Self.makeCertificates(in: folder)
+        let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1"))
+        let port = try await mock.start(tls: tls)
+        func client(caFile: String?) throws -> AuthClient {
+            try AuthClient(api: Configuration.API(baseURL: "https://127.0.0.1:\(port)", tokenPath: "/auth/token", email: .inline(""),
+                                                  password: .inline(""), apiKey: .inline(""), timeoutSeconds: 5, caFile: caFile), version: "1")
+        }
+
+        let trusting = try client(caFile: ca)
+        let answer = try await trusting.login(Self.secrets, now: { Date() })
+        #expect(mock.accepts(answer.grant.token))
+        await trusting.shutdown()
+
+        // Without the CA the certificate is not trusted and no credentials are sent.
+        let strict = try client(caFile: nil)
+        let error = await failure(strict)
+        await strict.shutdown()
+        guard case .transport(let reason) = error else {
+            Issue.record("expected a TLS failure, got \(String(describing: error))")
+            await mock.stop()
+            return
+        }
+        #expect(reason.lowercased().contains("certificate") || reason.contains("handshake") || reason.contains("TLS"), "\(reason)")
+        #expect(mock.stats.loginRequests == 1)
+        await mock.stop()
     }
 }
