@@ -115,4 +115,18 @@ import Testing
             #expect(!error.description.contains("Evil"))
         }
     }
+
+    @Test func aCAFileThatIsNotPEMIsAConfigurationError() throws {
+        let folder = try TemporaryDirectory()
+        let notPEM = try folder.write("ca.pem", "hello")
+        let path = try folder.write("config.json", #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k","caFile":"\#(notPEM)"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#)
+        #expect(throws: ConfigurationError.self) { try ConfigurationLoader(environment: [:]).load(path: path) }
+        let missing = try folder.write("config2.json", #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k","caFile":"\#(folder.file("none.pem"))"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#)
+        do {
+            _ = try ConfigurationLoader(environment: [:]).load(path: missing)
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.keyPath == "api.caFile")
+        }
+    }
 }

@@ -1,3 +1,5 @@
+import NIOSSL
+
 /// A configuration with its secrets resolved: everything a login needs.
 public struct LoadedConfiguration: Sendable, Equatable {
     public var configuration: Configuration
@@ -32,6 +34,18 @@ public struct ConfigurationLoader: Sendable {
         }
         guard !secrets.email.contains(where: { $0.isNewline }) else {
             throw ConfigurationError("api.email", "contains a line break")
+        }
+        if let caFile = configuration.api.caFile {
+            // Checked now so that a wrong path is a configuration error, not a failed login per retry.
+            do {
+                guard !(try NIOSSLCertificate.fromPEMFile(caFile)).isEmpty else {
+                    throw ConfigurationError("api.caFile", "\(caFile) holds no certificate")
+                }
+            } catch let error as ConfigurationError {
+                throw error
+            } catch {
+                throw ConfigurationError("api.caFile", "cannot read \(caFile) as PEM certificates: \(error)")
+            }
         }
         return LoadedConfiguration(configuration: configuration, secrets: secrets)
     }

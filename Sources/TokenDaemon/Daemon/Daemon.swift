@@ -290,9 +290,10 @@ public final class Daemon {
         if login == nil, let due = nextLogin, due <= now {
             startLogin(sink: sink)
         }
-        if !ready, login != nil {
-            // Keep the start job alive while the first login is outstanding.
-            let seconds = loaded.configuration.api.timeoutSeconds + Self.maxTick
+        if !ready {
+            // Keep the start job alive until the first token is on disk: ticks come at least every
+            // maxTick, and each extension outlasts the next tick plus a whole login.
+            let seconds = Self.maxTick + loaded.configuration.api.timeoutSeconds + 5
             deps.notifier.notify(.extendTimeout(microseconds: UInt64(seconds * 1_000_000)))
         }
     }
