@@ -28,7 +28,8 @@ struct Run: AsyncParsableCommand {
         }
         let daemon = try Daemon(
             configPath: options.config, loaded: loaded,
-            dependencies: .init(loader: loader, watchdogInterval: Watchdog.interval(), version: FTSTokend.version),
+            dependencies: .init(loader: loader, watchdogInterval: Watchdog.interval(),
+                                activatedSocket: SocketActivation.listenFDs().first, version: FTSTokend.version),
             logger: logger)
         logger.info("fts-tokend \(FTSTokend.version) starting", metadata: ["event": "starting", "config": "\(options.config)"])
         let status = await daemon.run()

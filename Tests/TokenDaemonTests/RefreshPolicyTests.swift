@@ -30,10 +30,18 @@ import Testing
         #expect(time == start.addingTimeInterval(180))
     }
 
+    @Test func aTokenShorterThanTwiceTheMarginIsRefreshedAtHalfItsLifetimeNotEverySecond() {
+        // expiry − minRemainingSeconds would be before the token was obtained.
+        let short = grant(lifetime: 60)
+        #expect(policy.isShorterThanMargin(short))
+        #expect(!policy.isShorterThanMargin(grant(lifetime: 240)))
+        #expect(policy.refreshTime(for: short, now: start, random: 0) == start.addingTimeInterval(30))
+    }
+
     @Test func neverSoonerThanOneSecondFromNow() {
-        // Lifetime shorter than minRemainingSeconds: the clamp would say "before it was obtained".
-        let time = policy.refreshTime(for: grant(lifetime: 60), now: start, random: 0)
-        #expect(time == start.addingTimeInterval(1))
+        // A stored token well past its planned refresh time.
+        let old = grant(lifetime: 3600, obtainedAt: start.addingTimeInterval(-3500))
+        #expect(policy.refreshTime(for: old, now: start, random: 0) == start.addingTimeInterval(1))
     }
 
     @Test func clockSkewMovesTheScheduleEarlier() {

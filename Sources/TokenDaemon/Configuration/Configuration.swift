@@ -55,10 +55,24 @@ public struct Configuration: Sendable, Equatable {
         public var authorizationScheme: String
     }
 
+    /// The Unix socket server (README "Socket API").
+    public struct Socket: Sendable, Equatable {
+        public var path: String
+        public var mode: UInt32
+        /// When either list is non-empty, only peers whose uid is in `allowUIDs` or whose gid is in
+        /// `allowGIDs` are served; root is not implicitly allowed.
+        public var allowUIDs: [UInt32]
+        public var allowGIDs: [UInt32]
+        public var maxConnections: Int
+
+        public var restrictsPeers: Bool { !allowUIDs.isEmpty || !allowGIDs.isEmpty }
+    }
+
     public struct Outputs: Sendable, Equatable {
         public var tokenFile: OutputFile?
         public var jsonFile: OutputFile?
         public var headersFile: HeadersFile?
+        public var socket: Socket?
 
         /// Every configured file, in the order they are written.
         public var files: [OutputFile] {

@@ -99,7 +99,7 @@ public struct ConfigurationParser {
     }
 
     private func parseOutputs(_ outputs: Object) throws(ConfigurationError) -> Configuration.Outputs {
-        try outputs.allowOnly(["tokenFile", "jsonFile", "headersFile"])
+        try outputs.allowOnly(["tokenFile", "jsonFile", "headersFile", "socket"])
         let headers = try outputs.optionalObject("headersFile")
         let result = Configuration.Outputs(
             tokenFile: try outputs.optionalObject("tokenFile").map { (o) throws(ConfigurationError) in try outputFile(o) },
@@ -108,11 +108,12 @@ public struct ConfigurationParser {
                 Configuration.HeadersFile(
                     file: try outputFile(o, extraKeys: ["authorizationScheme"]),
                     authorizationScheme: try parseScheme(o))
-            })
-        guard !result.files.isEmpty else {
-            throw ConfigurationError(outputs.path(nil), "configure at least one of tokenFile, jsonFile, headersFile")
+            },
+            socket: try outputs.optionalObject("socket").map { (o) throws(ConfigurationError) in try parseSocket(o) })
+        guard !result.files.isEmpty || result.socket != nil else {
+            throw ConfigurationError(outputs.path(nil), "configure at least one of tokenFile, jsonFile, headersFile, socket")
         }
-        let paths = result.files.map(\.path)
+        let paths = result.files.map(\.path) + (result.socket.map { [$0.path] } ?? [])
         if let duplicate = paths.first(where: { path in paths.filter { $0 == path }.count > 1 }) {
             throw ConfigurationError(outputs.path(nil), "two outputs write the same file \(duplicate)")
         }
@@ -133,20 +134,7 @@ public struct ConfigurationParser {
         guard !path.hasSuffix("/") else {
             throw ConfigurationError(file.path("path"), "must name a file, not a folder")
         }
-        let mode: UInt32
-        switch file.value("mode") {
-        case nil:
-            mode = 0o640
-        case .string(let text):
-            guard let parsed = FileMode.parse(text) else {
-                throw ConfigurationError(file.path("mode"), "\"\(text)\" is not an octal file mode such as \"0640\"")
-            }
-            mode = parsed
-        case .number(let number):
-            throw ConfigurationError(file.path("mode"), "must be an octal string such as \"0640\", not the number \(FileMode.formatNumber(number)) (JSON numbers are decimal: 640 would mean 0o1200)")
-        case .some(let other):
-            throw ConfigurationError(file.path("mode"), "must be an octal string such as \"0640\", not \(other.typeName)")
-        }
+        let mode = try parseMode(file, default: 0o640)
         guard mode & 0o002 == 0 else {
             throw ConfigurationError(file.path("mode"), "\(FileMode.format(mode)) lets anyone write the token; use \"0640\" or \"0600\"")
         }
@@ -154,6 +142,44 @@ public struct ConfigurationParser {
             throw ConfigurationError(file.path("mode"), "\(FileMode.format(mode)) does not let the owner read the file")
         }
         return Configuration.OutputFile(path: path, mode: mode)
+    }
+
+    private func parseMode(_ object: Object, default defaultMode: UInt32) throws(ConfigurationError) -> UInt32 {
+        switch object.value("mode") {
+        case nil:
+            return defaultMode
+        case .string(let text):
+            guard let parsed = FileMode.parse(text) else {
+                throw ConfigurationError(object.path("mode"), "\"\(text)\" is not an octal file mode such as \"0640\"")
+            }
+            return parsed
+        case .number(let number):
+            throw ConfigurationError(object.path("mode"), "must be an octal string such as \"0640\", not the number \(FileMode.formatNumber(number)) (JSON numbers are decimal: 640 would mean 0o1200)")
+        case .some(let other):
+            throw ConfigurationError(object.path("mode"), "must be an octal string such as \"0640\", not \(other.typeName)")
+        }
+    }
+
+    private func parseSocket(_ socket: Object) throws(ConfigurationError) -> Configuration.Socket {
+        try socket.allowOnly(["path", "mode", "allowUIDs", "allowGIDs", "maxConnections"])
+        let path = try Self.absolutePath(try socket.string("path"), at: socket.path("path"))
+        // sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+        guard path.utf8.count <= 107 else {
+            throw ConfigurationError(socket.path("path"), "longer than the 107 bytes a Unix socket path can have")
+        }
+        // Connecting needs write permission on the socket file: "0660" lets the group in.
+        let mode = try parseMode(socket, default: 0o660)
+        guard mode & 0o002 == 0 else {
+            throw ConfigurationError(socket.path("mode"), "\(FileMode.format(mode)) lets every local user connect; use \"0660\" and a group, or allowUIDs/allowGIDs")
+        }
+        let maxConnections = try socket.optionalNumber("maxConnections") ?? 512
+        guard maxConnections >= 1, maxConnections <= 65_536, maxConnections.rounded() == maxConnections else {
+            throw ConfigurationError(socket.path("maxConnections"), "must be a whole number from 1 to 65536")
+        }
+        return Configuration.Socket(
+            path: path, mode: mode,
+            allowUIDs: try socket.optionalIDs("allowUIDs"), allowGIDs: try socket.optionalIDs("allowGIDs"),
+            maxConnections: Int(maxConnections))
     }
 
     private func parseLogLevel(_ root: Object) throws(ConfigurationError) -> Logger.Level {
@@ -273,6 +299,25 @@ private struct Object {
         case nil: return nil
         case .string(let text): return text
         case .some(let other): throw ConfigurationError(path(key), "must be a string, not \(other.typeName)")
+        }
+    }
+
+    /// A list of numeric user or group IDs.
+    func optionalIDs(_ key: String) throws(ConfigurationError) -> [UInt32] {
+        switch value(key) {
+        case nil:
+            return []
+        case .array(let items):
+            var ids: [UInt32] = []
+            for item in items {
+                guard case .number(let number) = item, number >= 0, number < 4_294_967_295, number.rounded() == number else {
+                    throw ConfigurationError(path(key), "must list numeric IDs such as [0, 1001], found \(item.typeName)")
+                }
+                ids.append(UInt32(number))
+            }
+            return ids
+        case .some(let other):
+            throw ConfigurationError(path(key), "must be an array of numeric IDs, not \(other.typeName)")
         }
     }
 

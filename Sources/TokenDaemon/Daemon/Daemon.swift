@@ -30,16 +30,19 @@ public final class Daemon {
         public var clock: @Sendable () -> Date
         public var random: @Sendable () -> Double
         public var watchdogInterval: Duration?
+        /// A listening socket passed by systemd (socket activation), served instead of binding one.
+        public var activatedSocket: Int32?
         public var version: String
 
         public init(loader: ConfigurationLoader, notifier: Notifier = Notifier(), clock: @escaping @Sendable () -> Date = { Date() },
                     random: @escaping @Sendable () -> Double = { Double.random(in: 0..<1) },
-                    watchdogInterval: Duration?, version: String) {
+                    watchdogInterval: Duration?, activatedSocket: Int32? = nil, version: String) {
             self.loader = loader
             self.notifier = notifier
             self.clock = clock
             self.random = random
             self.watchdogInterval = watchdogInterval
+            self.activatedSocket = activatedSocket
             self.version = version
         }
     }
@@ -58,6 +61,8 @@ public final class Daemon {
     private var policy: RefreshPolicy
     private var outputs: TokenOutputs
     private var client: AuthClient
+    /// What the socket serves; updated after every event.
+    private let board = TokenBoard()
 
     /// The last token obtained; it may have expired (then its files were removed).
     private var token: TokenGrant?
@@ -110,6 +115,20 @@ public final class Daemon {
             nextWatchdog = .now + interval / 2
             logger.info("watchdog enabled", metadata: ["interval": "\(interval)"])
         }
+        // The socket listens before READY=1 can go out.
+        var server: SocketServer?
+        if loaded.configuration.outputs.socket != nil || deps.activatedSocket != nil {
+            do {
+                server = try await SocketServer.start(
+                    socket: loaded.configuration.outputs.socket, activatedFD: deps.activatedSocket,
+                    board: board, logger: logger, clock: deps.clock)
+            } catch {
+                logger.critical("cannot listen on the socket: \(error)", metadata: ["event": "socket_failed"])
+                deps.notifier.notify(.status("cannot listen on the socket: \(error)"))
+                await client.shutdown()
+                return ExitStatus.failure
+            }
+        }
         start()
         sink.yield(.tick)
         for await event in events {
@@ -119,6 +138,7 @@ public final class Daemon {
             timer.schedule(deadline: .now() + .milliseconds(Int(nextWakeDelay() * 1000)))
         }
         login?.cancel()
+        await server?.stop()
         await client.shutdown()
         return exitStatus ?? ExitStatus.success
     }
@@ -199,6 +219,9 @@ public final class Daemon {
         failures = 0
         lastError = nil
         let grant = answer.grant
+        if policy.isShorterThanMargin(grant) {
+            logger.warning("token lifetime \(FormatTime.duration(grant.lifetime)) is shorter than twice refresh.minRemainingSeconds; refreshing at half its lifetime", metadata: ["event": "login_warning"])
+        }
         logger.info("login ok", metadata: [
             "event": "login_ok", "token_fp": "\(grant.fingerprint)",
             "expires_at": "\(FormatTime.iso8601(grant.expiresAt))",
@@ -232,6 +255,7 @@ public final class Daemon {
         token = grant
         expiredFilesRemoved = false
         writeOutputs(grant)
+        board.post(grant, apiKey: loaded.secrets.apiKey, authorizationScheme: loaded.configuration.outputs.headersFile?.authorizationScheme ?? "Bearer")
         if persist, let path = loaded.configuration.stateFile {
             do {
                 try StateStore(path: path).save(grant, identity: loaded.identity)
@@ -248,6 +272,7 @@ public final class Daemon {
     }
 
     private func writeOutputs(_ grant: TokenGrant) {
+        guard !outputs.outputs.files.isEmpty else { return }
         do {
             try outputs.write(grant, apiKey: loaded.secrets.apiKey)
             if writeError != nil { logger.info("outputs written again", metadata: ["event": "write_recovered"]) }
@@ -261,9 +286,12 @@ public final class Daemon {
         }
     }
 
-    /// READY=1 goes out once, when a valid token is first on disk; STATUS= after every event.
+    /// READY=1 goes out once, when a valid token is first on disk; STATUS= and the socket's health
+    /// after every event.
     private func reportStatus(now: Date) {
-        var states: [NotifyState] = [.status(StatusLine.describe(token: token, nextLogin: login == nil ? nextLogin : nil,
+        let upcoming = login == nil ? nextLogin : nil
+        board.update(health: health(now: now, nextLogin: upcoming), nextLogin: upcoming)
+        var states: [NotifyState] = [.status(StatusLine.describe(token: token, nextLogin: upcoming,
                                                                 lastError: lastError, writeError: writeError, now: now))]
         if !ready, writeError == nil, let token, token.isValid(at: now) {
             ready = true
@@ -271,6 +299,20 @@ public final class Daemon {
             logger.info("ready", metadata: ["event": "ready"])
         }
         deps.notifier.notify(states)
+    }
+
+    private func health(now: Date, nextLogin: Date?) -> TokenBoard.Health {
+        let status: String
+        switch token {
+        case nil: status = "starting"
+        case let token? where !token.isValid(at: now): status = "expired"
+        default: status = lastError == nil && writeError == nil ? "ok" : "degraded"
+        }
+        return TokenBoard.Health(
+            status: status, expiresAt: token.map { FormatTime.iso8601($0.expiresAt) },
+            nextRefreshAt: nextLogin.map(FormatTime.iso8601),
+            lastError: lastError?.description ?? writeError.map { "writing outputs failed: \($0)" },
+            lastSuccessAt: token.map { FormatTime.iso8601($0.obtainedAt) })
     }
 
     // MARK: After every event

@@ -9,6 +9,8 @@ import Foundation
 /// The contract (README "Refresh timing"):
 /// - A token of lifetime L obtained at T is refreshed at T + refreshAt·L − u·jitter·L (u uniform in
 ///   [0, 1)), never later than expiry − minRemainingSeconds and never sooner than 1 s from now.
+///   A token shorter than 2·minRemainingSeconds cannot honour that margin: it is refreshed at
+///   T + L/2 at the latest rather than every second, which would hammer the server.
 /// - After a network error, timeout, 5xx or unusable answer: exponential backoff from
 ///   backoffInitialSeconds to backoffMaxSeconds, each wait drawn from [d/2, d]; while a valid token
 ///   remains no wait exceeds half of its remaining validity, so several attempts fit before expiry.
@@ -25,7 +27,8 @@ public struct RefreshPolicy: Sendable, Equatable {
     public func refreshTime(for grant: TokenGrant, now: Date, random: Double) -> Date {
         let lifetime = max(0, grant.lifetime)
         let planned = grant.obtainedAt.addingTimeInterval((settings.refreshAt - random * settings.jitter) * lifetime)
-        let latest = grant.localExpiry.addingTimeInterval(-settings.minRemainingSeconds)
+        let latest = max(grant.localExpiry.addingTimeInterval(-settings.minRemainingSeconds),
+                         grant.obtainedAt.addingTimeInterval(lifetime / 2))
         return max(min(planned, latest), now.addingTimeInterval(1))
     }
 
@@ -42,6 +45,11 @@ public struct RefreshPolicy: Sendable, Equatable {
         case .rateLimited(nil), .transient:
             return backoff(attempt: attempt, current: current, now: now, random: random)
         }
+    }
+
+    /// Whether `grant` is too short to keep `minRemainingSeconds` (see `refreshTime`).
+    public func isShorterThanMargin(_ grant: TokenGrant) -> Bool {
+        grant.lifetime < 2 * settings.minRemainingSeconds
     }
 
     private func backoff(attempt: Int, current: TokenGrant?, now: Date, random: Double) -> TimeInterval {

@@ -70,7 +70,7 @@ public enum AtomicFileWriter {
         return (directory.isEmpty ? "/" : directory, String(path[path.index(after: slash)...]))
     }
 
-    private static func ensureDirectory(_ directory: String, mode: UInt32) throws(SystemError) {
+    static func ensureDirectory(_ directory: String, mode: UInt32) throws(SystemError) {
         var info = stat()
         if stat(directory, &info) == 0 {
             guard info.st_mode & S_IFMT == S_IFDIR else { throw SystemError("\(directory) is not a directory", errno: nil) }

@@ -1,0 +1,209 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+import Logging
+import NIOCore
+import NIOHTTP1
+
+/// The identity of a connected peer (SO_PEERCRED), read once per connection.
+struct PeerCredentials: Sendable, Equatable {
+    var pid: Int32
+    var uid: UInt32
+    var gid: UInt32
+}
+
+/// Mirrors glibc's `struct ucred` (pid_t, uid_t, gid_t: three 32-bit fields), which Glibc exposes to
+/// Swift only under _GNU_SOURCE. Read through NIO's `unsafeGetSocketOption`, which copies the bytes
+/// getsockopt(2) returns; a unit test checks the layout.
+struct RawPeerCredentials: Sendable {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
+}
+
+/// Serves one connection: routes each request (the pipelining handler hands them over one at a time)
+/// and answers from the `TokenBoard`. Errors stay on this connection.
+final class SocketRequestHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// Longest long poll a client may ask for.
+    static let maxWait: TimeInterval = 300
+    /// Request-target length accepted (the headers are bounded by the decoder's limits).
+    static let maxTargetLength = 2048
+
+    private let board: TokenBoard
+    private let socket: Configuration.Socket?
+    private let logger: Logger
+    private let clock: @Sendable () -> Date
+    private let record: @Sendable (_ path: String, _ status: Int) -> Void
+
+    private var peer: PeerCredentials?
+    private var head: HTTPRequestHead?
+    /// A long poll in progress: its waiter and timeout.
+    private var pending: (id: Int, timeout: Scheduled<Void>)?
+
+    init(board: TokenBoard, socket: Configuration.Socket?, logger: Logger, clock: @escaping @Sendable () -> Date,
+         record: @escaping @Sendable (String, Int) -> Void) {
+        self.board = board
+        self.socket = socket
+        self.logger = logger
+        self.clock = clock
+        self.record = record
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if let provider = context.channel as? any SocketOptionProvider {
+            // On the channel's loop the option is read at once; the callback runs before any request.
+            let credentials: EventLoopFuture<RawPeerCredentials> = provider.unsafeGetSocketOption(
+                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+            credentials.assumeIsolated().whenSuccess { raw in
+                self.peer = PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid)
+            }
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        cancelPending()
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // Idle connections are closed; a long poll is not idle.
+        if event is IdleStateHandler.IdleStateEvent, pending == nil {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+        case .body:
+            break
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            route(head, context: context)
+        }
+    }
+
+    private func route(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let (path, query) = Self.split(head.uri)
+        guard head.uri.utf8.count <= Self.maxTargetLength else {
+            return respond(.uriTooLong, path: "other", json: #"{"error":"request target too long"}"#, head: head, context: context)
+        }
+        guard head.method == .GET || head.method == .HEAD else {
+            return respond(.methodNotAllowed, path: path, json: #"{"error":"only GET"}"#, head: head, context: context, extra: [("Allow", "GET, HEAD")])
+        }
+        guard isAllowed() else {
+            logger.warning("socket peer refused", metadata: [
+                "event": "peer_refused", "uid": "\(peer.map { "\($0.uid)" } ?? "?")",
+                "gid": "\(peer.map { "\($0.gid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
+            ])
+            return respond(.forbidden, path: path, json: #"{"error":"this user may not read the token"}"#, head: head, context: context)
+        }
+        let now = clock()
+        switch path {
+        case "/token", "/token.json", "/headers":
+            if let wait = query["wait"].flatMap(Double.init), wait > 0 {
+                return longPoll(head, path: path, wait: min(wait, Self.maxWait), after: query["after"], context: context)
+            }
+            serveToken(head, path: path, now: now, context: context)
+        case "/healthz":
+            let health = board.health
+            let body = (try? JSONEncoder().encode(health)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+            respond(board.validEntry(at: now) != nil ? .ok : .serviceUnavailable, path: path, json: body, head: head, context: context)
+        default:
+            respond(.notFound, path: "other", json: #"{"error":"not found","paths":["/token","/token.json","/headers","/healthz"]}"#, head: head, context: context)
+        }
+    }
+
+    private func serveToken(_ head: HTTPRequestHead, path: String, now: Date, context: ChannelHandlerContext) {
+        guard let entry = board.validEntry(at: now) else {
+            return respond(.serviceUnavailable, path: path, json: #"{"error":"no valid token","status":"\#(board.health.status)"}"#,
+                           head: head, context: context, extra: [("Retry-After", String(board.retryAfter(at: now)))])
+        }
+        switch path {
+        case "/token.json": respond(.ok, path: path, body: entry.json, contentType: "application/json", head: head, context: context, fingerprint: entry.fingerprint)
+        case "/headers": respond(.ok, path: path, body: entry.headers, contentType: "text/plain; charset=utf-8", head: head, context: context, fingerprint: entry.fingerprint)
+        default: respond(.ok, path: path, body: entry.token, contentType: "text/plain; charset=utf-8", head: head, context: context, fingerprint: entry.fingerprint)
+        }
+    }
+
+    private func longPoll(_ head: HTTPRequestHead, path: String, wait: TimeInterval, after: String?, context: ChannelHandlerContext) {
+        let loop = context.eventLoop
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        let answer: @Sendable () -> Void = {
+            loop.execute {
+                let (handler, context) = bound.value
+                guard handler.pending != nil else { return }
+                handler.cancelPending()
+                handler.serveToken(head, path: path, now: handler.clock(), context: context)
+            }
+        }
+        guard let id = board.wait(after: after, now: clock(), wake: answer) else {
+            return serveToken(head, path: path, now: clock(), context: context)
+        }
+        let timeout = loop.scheduleTask(in: .milliseconds(Int64(wait * 1000))) { answer() }
+        pending = (id, timeout)
+    }
+
+    private func cancelPending() {
+        guard let pending else { return }
+        self.pending = nil
+        pending.timeout.cancel()
+        board.cancelWait(pending.id)
+    }
+
+    private func isAllowed() -> Bool {
+        guard let socket, socket.restrictsPeers else { return true }
+        guard let peer else { return false }
+        return socket.allowUIDs.contains(peer.uid) || socket.allowGIDs.contains(peer.gid)
+    }
+
+    private func respond(_ status: HTTPResponseStatus, path: String, json: String, head: HTTPRequestHead, context: ChannelHandlerContext,
+                         extra: [(String, String)] = []) {
+        respond(status, path: path, body: ByteBuffer(string: json + "\n"), contentType: "application/json", head: head, context: context, extra: extra)
+    }
+
+    private func respond(_ status: HTTPResponseStatus, path: String, body: ByteBuffer, contentType: String, head: HTTPRequestHead,
+                         context: ChannelHandlerContext, fingerprint: String? = nil, extra: [(String, String)] = []) {
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(6 + extra.count)
+        headers.add(name: "Content-Type", value: contentType)
+        headers.add(name: "Content-Length", value: String(body.readableBytes))
+        headers.add(name: "Cache-Control", value: "no-store")
+        if let fingerprint { headers.add(name: "X-Token-Fingerprint", value: fingerprint) }
+        for (name, value) in extra { headers.add(name: name, value: value) }
+        let keepAlive = head.isKeepAlive && status != .uriTooLong
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        record(path, Int(status.code))
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
+        if head.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+        }
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            done.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
+        }
+    }
+
+    static func split(_ uri: String) -> (path: String, query: [String: String]) {
+        let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        var query: [String: String] = [:]
+        if parts.count == 2 {
+            for pair in parts[1].split(separator: "&") {
+                let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                query[String(kv[0])] = kv.count == 2 ? String(kv[1]) : ""
+            }
+        }
+        return (String(parts[0]), query)
+    }
+}

@@ -1,0 +1,115 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// HTTP/1.1 on a Unix socket (README "Socket API"), on one event loop: this load needs no more.
+///
+/// Limits: request heads up to 8 KiB, idle connections closed after 10 s, at most
+/// `maxConnections` at once (more are closed on accept). Each connection's errors stay with it.
+public final class SocketServer: Sendable {
+    static let headLimit = 8 * 1024
+    static let idleTimeout = TimeAmount.seconds(10)
+
+    private let channel: any Channel
+    /// The path we bound and must remove at shutdown; nil when systemd owns the socket.
+    private let ownedPath: String?
+
+    public var localPath: String? { ownedPath }
+
+    private init(channel: any Channel, ownedPath: String?) {
+        self.channel = channel
+        self.ownedPath = ownedPath
+    }
+
+    /// Starts serving `board`, on the socket systemd passed (`activatedFD`) or on `socket.path`.
+    public static func start(socket: Configuration.Socket?, activatedFD: Int32?, board: TokenBoard, logger: Logger,
+                             clock: @escaping @Sendable () -> Date,
+                             record: @escaping @Sendable (String, Int) -> Void = { _, _ in }) async throws -> SocketServer {
+        let maxConnections = socket?.maxConnections ?? 512
+        let open = NIOLockedValueBox(0)
+        var limits = NIOHTTPDecoderLimitConfiguration()
+        limits.maxHeaderFieldSize = headLimit
+        limits.maxHeaderListSize = headLimit
+        limits.maxHeaderFieldCount = 100
+        let decoderLimits = limits
+        let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton.next())
+            .serverChannelOption(.backlog, value: 256)
+            .childChannelInitializer { channel in
+                let admitted = open.withLockedValue { count -> Bool in
+                    guard count < maxConnections else { return false }
+                    count += 1
+                    return true
+                }
+                guard admitted else {
+                    return channel.close()
+                }
+                channel.closeFuture.whenComplete { _ in open.withLockedValue { $0 -= 1 } }
+                return channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(IdleStateHandler(readTimeout: idleTimeout))
+                    try sync.configureHTTPServerPipeline(
+                        withPipeliningAssistance: true, withErrorHandling: true,
+                        withEncoderConfiguration: .init(), withDecoderLimitConfiguration: decoderLimits)
+                    try sync.addHandler(SocketRequestHandler(board: board, socket: socket, logger: logger, clock: clock, record: record))
+                }
+            }
+        if let fd = activatedFD {
+            let channel = try await bootstrap.withBoundSocket(fd).get()
+            logger.info("serving on the socket passed by systemd", metadata: ["event": "socket_listening", "fd": "\(fd)"])
+            return SocketServer(channel: channel, ownedPath: nil)
+        }
+        guard let socket else { throw SystemError("no socket configured", errno: nil) }
+        let channel = try await bind(bootstrap, socket: socket)
+        logger.info("serving on \(socket.path)", metadata: ["event": "socket_listening", "mode": "\(FileMode.format(socket.mode))"])
+        return SocketServer(channel: channel, ownedPath: socket.path)
+    }
+
+    /// Binds so that the socket never exists with wider permissions than configured:
+    /// 1. bind a temporary name under umask 0177, so the socket file starts as 0600;
+    /// 2. chmod it to the configured mode;
+    /// 3. rename it over the configured path (replacing a stale socket from a previous run).
+    /// Connections made through the final path reach the same socket.
+    private static func bind(_ bootstrap: ServerBootstrap, socket: Configuration.Socket) async throws -> any Channel {
+        let (directory, name) = AtomicFileWriter.split(socket.path)
+        try AtomicFileWriter.ensureDirectory(directory, mode: 0o750)
+        let temporary = directory + "/." + name + ".tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        guard temporary.utf8.count <= 107 else {
+            throw SystemError("socket path \(socket.path) too long for its temporary name", errno: nil)
+        }
+        // 1. The umask is process-wide: this runs at start, before any other file is created.
+        let previous = umask(0o177)
+        let bound: any Channel
+        do {
+            bound = try await bootstrap.bind(unixDomainSocketPath: temporary).get()
+            umask(previous)
+        } catch {
+            umask(previous)
+            throw error
+        }
+        do {
+            // 2.
+            guard chmod(temporary, mode_t(socket.mode)) == 0 else { throw SystemError("chmod \(temporary)", errno: errno) }
+            // 3.
+            guard rename(temporary, socket.path) == 0 else { throw SystemError("rename to \(socket.path)", errno: errno) }
+        } catch {
+            unlink(temporary)
+            try? await bound.close()
+            throw error
+        }
+        return bound
+    }
+
+    /// Stops accepting, closes the listening socket and removes the socket file we created.
+    public func stop() async {
+        try? await channel.close()
+        if let ownedPath { unlink(ownedPath) }
+    }
+}

@@ -1,0 +1,107 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// What the socket serves: the daemon's loop posts every change here, connections read it.
+///
+/// Response bodies are encoded once per token, when it is posted, so that serving `GET /token` is a
+/// lock, a copy-on-write buffer reference and a write: no per-request JSON or string formatting.
+/// Long polls register a waiter that is woken when a token with another fingerprint is posted.
+public final class TokenBoard: Sendable {
+    /// The daemon's view, as `/healthz` reports it.
+    public struct Health: Sendable, Equatable, Codable {
+        /// `ok`, `degraded` (valid token, but the last login or write failed), `expired`, `starting`.
+        public var status: String
+        public var expiresAt: String?
+        public var nextRefreshAt: String?
+        public var lastError: String?
+        public var lastSuccessAt: String?
+    }
+
+    /// One token with its pre-encoded bodies.
+    public struct Entry: Sendable {
+        public var grant: TokenGrant
+        public var fingerprint: String
+        public var token: ByteBuffer
+        public var json: ByteBuffer
+        public var headers: ByteBuffer
+    }
+
+    private struct State {
+        var entry: Entry?
+        var health = Health(status: "starting")
+        /// Seconds until the next login attempt, for `Retry-After` while no token is valid.
+        var nextLogin: Date?
+        var waiters: [Int: Waiter] = [:]
+        var nextWaiterID = 0
+    }
+
+    struct Waiter {
+        var after: String?
+        var wake: @Sendable () -> Void
+    }
+
+    private let state = NIOLockedValueBox(State())
+
+    public init() {}
+
+    /// Posts a new current token; wakes long polls waiting for a change.
+    public func post(_ grant: TokenGrant, apiKey: String, authorizationScheme: String) {
+        let fingerprint = grant.fingerprint
+        let woken = state.withLockedValue { state -> [Waiter] in
+            guard state.entry?.fingerprint != fingerprint else { return [] }
+            state.entry = Entry(
+                grant: grant, fingerprint: fingerprint,
+                token: ByteBuffer(string: grant.token),
+                json: ByteBuffer(bytes: TokenOutputs.jsonDocument(grant)),
+                headers: ByteBuffer(bytes: TokenOutputs.headersText(grant, apiKey: apiKey, scheme: authorizationScheme)))
+            let woken = state.waiters.values.filter { $0.after != fingerprint }
+            state.waiters = state.waiters.filter { $0.value.after == fingerprint }
+            return Array(woken)
+        }
+        woken.forEach { $0.wake() }
+    }
+
+    /// Updates what `/healthz` says and when the next login is due.
+    public func update(health: Health, nextLogin: Date?) {
+        state.withLockedValue {
+            $0.health = health
+            $0.nextLogin = nextLogin
+        }
+    }
+
+    /// The current token if it is valid at `now`; an expired one is never returned.
+    public func validEntry(at now: Date) -> Entry? {
+        state.withLockedValue { $0.entry }.flatMap { $0.grant.isValid(at: now) ? $0 : nil }
+    }
+
+    public var health: Health { state.withLockedValue { $0.health } }
+
+    /// Seconds a client should wait before asking again while no token is valid (at least 1).
+    public func retryAfter(at now: Date) -> Int {
+        let next = state.withLockedValue { $0.nextLogin }
+        return max(1, Int((next?.timeIntervalSince(now) ?? 1).rounded(.up)))
+    }
+
+    /// Registers `wake` to run once a token whose fingerprint is not `after` is posted. Returns an ID
+    /// for `cancelWait`, or nil when such a token is already current (the caller answers at once).
+    func wait(after: String?, now: Date, wake: @escaping @Sendable () -> Void) -> Int? {
+        state.withLockedValue { state in
+            if let entry = state.entry, entry.grant.isValid(at: now), entry.fingerprint != after { return nil }
+            let id = state.nextWaiterID
+            state.nextWaiterID += 1
+            state.waiters[id] = Waiter(after: after, wake: wake)
+            return id
+        }
+    }
+
+    func cancelWait(_ id: Int) {
+        _ = state.withLockedValue { $0.waiters.removeValue(forKey: id) }
+    }
+
+    var waiterCount: Int { state.withLockedValue { $0.waiters.count } }
+}

@@ -1,0 +1,100 @@
+import ArgumentParser
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+import NIOCore
+import TokenDaemon
+
+struct TokenCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "token",
+        abstract: "Print the current token for scripts: curl -H \"Authorization: Bearer $(fts-tokend token)\" …",
+        discussion: "Exits 1 with a message on stderr when no valid token is available (or, with --wait, none came in time).")
+
+    enum Format: String, ExpressibleByArgument, CaseIterable {
+        case raw, json, headers
+    }
+
+    @Option(help: "The daemon's socket.")
+    var socket: String?
+
+    @Option(help: "Read this token file instead of asking the socket (tokenFile, jsonFile or headersFile).")
+    var file: String?
+
+    @Option(help: "raw (the bare token), json (the jsonFile document) or headers (the headersFile text). Socket only.")
+    var format: Format = .raw
+
+    @Flag(help: "Wait until a valid token is available (up to --timeout seconds).")
+    var wait = false
+
+    @Option(help: "Seconds to wait with --wait.")
+    var timeout: Double = 300
+
+    func validate() throws {
+        if socket != nil && file != nil { throw ValidationError("give --socket or --file, not both") }
+        if file != nil && format != .raw { throw ValidationError("--format applies to the socket; a file is printed as it is") }
+        guard timeout > 0 else { throw ValidationError("--timeout must be more than 0") }
+    }
+
+    func run() async throws {
+        let deadline = Date().addingTimeInterval(wait ? timeout : 0)
+        if let file {
+            try await printFile(file, until: deadline)
+        } else {
+            try await printFromSocket(socket ?? SocketClient.defaultPath, until: deadline)
+        }
+    }
+
+    private func printFromSocket(_ socket: String, until deadline: Date) async throws {
+        let path = ["raw": "/token", "json": "/token.json", "headers": "/headers"][format.rawValue] ?? "/token"
+        while true {
+            let remaining = deadline.timeIntervalSinceNow
+            let target = remaining > 0 ? path + "?wait=\(Int(remaining.rounded(.up)))" : path
+            let answer: SocketClient.Answer
+            do {
+                answer = try await SocketClient.get(target, socket: socket, timeout: .seconds(Int64(max(remaining, 0)) + 10))
+            } catch {
+                guard deadline.timeIntervalSinceNow > 0 else { throw fail(error.description) }
+                try await Task.sleep(for: .milliseconds(500))
+                continue
+            }
+            if answer.status == 200 {
+                Console.out(format == .raw ? answer.body : String(answer.body.dropLast(answer.body.hasSuffix("\n") ? 1 : 0)))
+                return
+            }
+            guard deadline.timeIntervalSinceNow > 0 else {
+                throw fail("no valid token (HTTP \(answer.status)); `fts-tokend status` tells why")
+            }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+    }
+
+    private func printFile(_ path: String, until deadline: Date) async throws {
+        while true {
+            if let contents = try? SmallFile.read(path, limit: 1 << 20).bytes, let text = Self.validText(contents) {
+                Console.out(text.hasSuffix("\n") ? String(text.dropLast()) : text)
+                return
+            }
+            guard deadline.timeIntervalSinceNow > 0 else {
+                throw fail("no valid token in \(path) (missing, empty or expired); `fts-tokend status` tells why")
+            }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+    }
+
+    /// The file's text when it holds a token that has not expired (judged by the JWT's `exp` or the
+    /// JSON document's `expires`, whichever the file has).
+    static func validText(_ bytes: [UInt8]) -> String? {
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard !text.isEmpty else { return nil }
+        return TokenFileInspector.expiry(of: text).map { $0 > Date() ? text : nil } ?? text
+    }
+
+    private func fail(_ message: String) -> ExitCode {
+        Console.error(message)
+        return ExitCode.failure
+    }
+}
