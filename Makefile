@@ -3,8 +3,9 @@ SWIFT   ?= swift
 PREFIX  ?= /usr/local
 DESTDIR ?=
 # Debian packages the build needs: libsystemd's headers (CSystemd) and pkg-config to find them;
-# openssl makes the test certificates for the HTTPS tests.
-APT_PACKAGES := libsystemd-dev pkg-config openssl
+# openssl makes the test certificates for the HTTPS tests; curl, systemd-socket-activate and setpriv
+# drive the socket tests.
+APT_PACKAGES := libsystemd-dev pkg-config openssl curl systemd util-linux
 
 .PHONY: all deps build test demo release clean
 

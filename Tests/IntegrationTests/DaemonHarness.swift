@@ -25,8 +25,13 @@ final class DaemonHarness: @unchecked Sendable {
         var backoffMaxSeconds = 1.0
     }
 
-    init(ttl: TimeInterval = 60, refresh: Refresh = Refresh()) async throws {
-        folder = try TemporaryDirectory()
+    /// `outputs.socket` in the config; nil leaves it out.
+    let socket: String?
+
+    init(ttl: TimeInterval = 60, refresh: Refresh = Refresh(), socket: String? = nil) async throws {
+        let folder = try TemporaryDirectory()
+        self.folder = folder
+        self.socket = socket.map { "{ \"path\": \"\(folder.file("run/tokend.sock"))\"\($0.isEmpty ? "" : ", " + $0) }" }
         mock = MockFTSServer(.init(apiKey: apiKey, email: "svc@example.com", password: password, tokenTTL: ttl))
         port = try await mock.start()
         notify = try NotifyListener(in: folder)
@@ -48,7 +53,8 @@ final class DaemonHarness: @unchecked Sendable {
                            "backoffMaxSeconds": \(refresh.backoffMaxSeconds) },
               "outputs": { "tokenFile":   { "path": "\(folder.file("run/token"))",      "mode": "0640" },
                            "jsonFile":    { "path": "\(folder.file("run/token.json"))", "mode": "0600" },
-                           "headersFile": { "path": "\(folder.file("run/headers"))",    "mode": "0640" } },
+                           "headersFile": { "path": "\(folder.file("run/headers"))",    "mode": "0640" }
+                           \(socket.map { ", \"socket\": " + $0 } ?? "") },
               "stateFile": "\(folder.file("state/state.json"))",
               "logLevel": "\(logLevel)"
             }
@@ -57,11 +63,12 @@ final class DaemonHarness: @unchecked Sendable {
 
     /// Starts `fts-tokend run` (or other `arguments`) with NOTIFY_SOCKET and `environment`.
     @discardableResult
-    func start(_ arguments: [String]? = nil, environment: [String: String] = [:],
+    func start(_ arguments: [String]? = nil, environment: [String: String] = [:], executable: String? = nil,
                environmentForStandardError: (String) -> [String: String] = { _ in [:] }) throws -> ChildProcess {
         let process = try ChildProcess(arguments ?? ["run", "--config", configPath],
                                        environment: environment.merging(["NOTIFY_SOCKET": notify.path]) { mine, _ in mine },
-                                       in: folder, name: "child\(children.count)", environmentForStandardError: environmentForStandardError)
+                                       in: folder, name: "child\(children.count)", executable: executable,
+                                       environmentForStandardError: environmentForStandardError)
         children.append(process)
         child = process
         return process
@@ -73,6 +80,8 @@ final class DaemonHarness: @unchecked Sendable {
     }
 
     var token: String? { folder.read("run/token") }
+
+    var socketPath: String { folder.file("run/tokend.sock") }
 
     /// Searches everything every child printed for the password, the key and every token issued.
     func expectNoSecretsInOutput(sourceLocation: SourceLocation = #_sourceLocation) {

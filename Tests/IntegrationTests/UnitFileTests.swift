@@ -15,16 +15,8 @@ import Testing
             .replacingOccurrences(of: "/usr/bin/fts-tokend", with: ChildProcess.binary)
         let unit = try folder.write(name, text, mode: 0o644)
 
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/systemd-analyze")
-        process.arguments = ["verify", unit]
-        let errors = Pipe()
-        process.standardError = errors
-        process.standardOutput = errors
-        try process.run()
-        let output = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 0)
-        #expect(output.isEmpty, "systemd-analyze verify said: \(output)")
+        let result = try await Command.run("/usr/bin/systemd-analyze", ["verify", unit])
+        #expect(result.status == 0)
+        #expect(result.output.isEmpty && result.error.isEmpty, "systemd-analyze verify said: \(result.output)\(result.error)")
     }
 }

@@ -1,10 +1,8 @@
 import Foundation
 
 /// The real `fts-tokend` binary run as a child process, its stdout and stderr kept in files.
-public final class ChildProcess: @unchecked Sendable {
-    // @unchecked: Foundation's Process is thread-safe for the calls used here (run, signals, status)
-    // but is not marked Sendable; the other properties are immutable.
-    public let process = Process()
+public final class ChildProcess: Sendable {
+    private let spawned: Spawned
     private let outputPath: String
     /// Where the child's stderr goes (a regular file).
     public let errorPath: String
@@ -18,45 +16,32 @@ public final class ChildProcess: @unchecked Sendable {
         return root.appendingPathComponent(".build/debug/fts-tokend").path
     }
 
-    /// Starts `fts-tokend arguments…` with exactly `environment` (plus PATH). `environment` may be a
-    /// function of the path that will receive the child's stderr.
+    /// Starts `fts-tokend arguments…` (or `executable arguments[1...]`) with exactly `environment`
+    /// (plus PATH). `environmentForStandardError` may add variables that depend on the path that will
+    /// receive the child's stderr.
     public init(_ arguments: [String], environment: [String: String] = [:], in directory: TemporaryDirectory, name: String = "child",
-                environmentForStandardError: (String) -> [String: String] = { _ in [:] }) throws {
+                executable: String? = nil, environmentForStandardError: (String) -> [String: String] = { _ in [:] }) throws {
         outputPath = directory.file("\(name).stdout")
         errorPath = directory.file("\(name).stderr")
-        _ = FileManager.default.createFile(atPath: outputPath, contents: nil)
+        // Created first so that environmentForStandardError can stat it; the spawn truncates it.
         _ = FileManager.default.createFile(atPath: errorPath, contents: nil)
-        process.executableURL = URL(fileURLWithPath: Self.binary)
-        process.arguments = arguments
-        process.environment = environment
+        let fullEnvironment = environment
             .merging(environmentForStandardError(errorPath)) { mine, _ in mine }
             .merging(["PATH": "/usr/bin:/bin"]) { mine, _ in mine }
-        process.standardOutput = FileHandle(forWritingAtPath: outputPath)
-        process.standardError = FileHandle(forWritingAtPath: errorPath)
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
+        spawned = try Spawned(executable ?? Self.binary, executable == nil ? arguments : Array(arguments.dropFirst()),
+                              environment: fullEnvironment, standardOutput: outputPath, standardError: errorPath)
     }
 
-    deinit {
-        if process.isRunning {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
-        }
-    }
-
-    public var pid: Int32 { process.processIdentifier }
-    public var isRunning: Bool { process.isRunning }
+    public var pid: Int32 { spawned.pid }
+    public var isRunning: Bool { spawned.isRunning }
 
     public func signal(_ number: Int32) {
-        kill(process.processIdentifier, number)
+        kill(spawned.pid, number)
     }
 
     /// The exit status once the process has ended, or nil if it is still running after `timeout`.
     public func waitForExit(timeout: TimeInterval = 30) async -> Int32? {
-        let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { try? await Task.sleep(for: .milliseconds(10)) }
-        guard !process.isRunning else { return nil }
-        return process.terminationStatus
+        await spawned.waitForExit(timeout: timeout)
     }
 
     public var standardOutput: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }

@@ -123,30 +123,25 @@ import Testing
     }
 
     /// A throw-away CA and a server certificate for 127.0.0.1, made with openssl(1).
-    static func makeCertificates(in folder: TemporaryDirectory) throws -> (ca: String, tls: MockFTSServer.TLSFiles) {
+    static func makeCertificates(in folder: TemporaryDirectory) async throws -> (ca: String, tls: MockFTSServer.TLSFiles) {
         try folder.write("san.ext", "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n", mode: 0o644)
+        let (caKey, ca, key, request, certificate) = (folder.file("ca.key"), folder.file("ca.pem"), folder.file("server.key"),
+                                                       folder.file("server.csr"), folder.file("server.pem"))
         let steps = [
-            ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=fts-tokend test CA"],
-            ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
-            ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext"],
+            ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", caKey, "-out", ca, "-days", "2", "-subj", "/CN=fts-tokend test CA"],
+            ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", caKey, "-CAcreateserial", "-out", certificate, "-days", "2", "-extfile", folder.file("san.ext")],
         ]
         for arguments in steps {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-            process.arguments = arguments
-            process.currentDirectoryURL = URL(fileURLWithPath: folder.path)
-            process.standardOutput = FileHandle.nullDevice
-            process.standardError = FileHandle.nullDevice
-            try process.run()
-            process.waitUntilExit()
-            guard process.terminationStatus == 0 else { throw POSIXError(.EIO) }
+            let result = try await Command.run("/usr/bin/openssl", arguments)
+            guard result.status == 0 else { throw POSIXError(.EIO) }
         }
         return (folder.file("ca.pem"), .init(certificateChain: folder.file("server.pem"), privateKey: folder.file("server.key")))
     }
 
     @Test func httpsIsVerifiedAgainstTheSystemRootsPlusCAFile() async throws {
         let folder = try TemporaryDirectory()
-        let (ca, tls) = try Self.makeCertificates(in: folder)
+        let (ca, tls) = try await Self.makeCertificates(in: folder)
         let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1"))
         let port = try await mock.start(tls: tls)
         func client(caFile: String?) throws -> AuthClient {

@@ -110,7 +110,16 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         BadInput(name: "unknown top-level key", bytes: config { set(&$0, "refreshAT", 1) }, keyPath: "refreshAT", message: "unknown key"),
         BadInput(name: "unknown api key", bytes: config { set(&$0, "api.pasword", "x") }, keyPath: "api.pasword", message: "unknown key"),
         BadInput(name: "unknown refresh key", bytes: config { set(&$0, "refresh.jiter", 0.1) }, keyPath: "refresh.jiter", message: "unknown key"),
-        BadInput(name: "unknown output", bytes: config { set(&$0, "outputs.socket", ["path": "/run/x"]) }, keyPath: "outputs.socket", message: "unknown key"),
+        BadInput(name: "unknown output", bytes: config { set(&$0, "outputs.pipe", ["path": "/run/x"]) }, keyPath: "outputs.pipe", message: "unknown key"),
+        BadInput(name: "socket without path", bytes: config { set(&$0, "outputs.socket", ["mode": "0660"]) }, keyPath: "outputs.socket.path", message: "is required"),
+        BadInput(name: "socket mode as a number", bytes: config { set(&$0, "outputs.socket", ["path": "/run/s.sock", "mode": 660]) }, keyPath: "outputs.socket.mode", message: "not the number 660"),
+        BadInput(name: "socket open to everyone", bytes: config { set(&$0, "outputs.socket", ["path": "/run/s.sock", "mode": "0666"]) }, keyPath: "outputs.socket.mode", message: "every local user"),
+        BadInput(name: "socket path too long", bytes: config { set(&$0, "outputs.socket", ["path": "/run/" + String(repeating: "s", count: 110)]) }, keyPath: "outputs.socket.path", message: "107 bytes"),
+        BadInput(name: "negative uid", bytes: config { set(&$0, "outputs.socket", ["path": "/run/s.sock", "allowUIDs": [-1]]) }, keyPath: "outputs.socket.allowUIDs", message: "numeric IDs"),
+        BadInput(name: "gid as a name", bytes: config { set(&$0, "outputs.socket", ["path": "/run/s.sock", "allowGIDs": ["fts-token"]]) }, keyPath: "outputs.socket.allowGIDs", message: "numeric IDs"),
+        BadInput(name: "uids not a list", bytes: config { set(&$0, "outputs.socket", ["path": "/run/s.sock", "allowUIDs": 0]) }, keyPath: "outputs.socket.allowUIDs", message: "an array"),
+        BadInput(name: "zero connections", bytes: config { set(&$0, "outputs.socket", ["path": "/run/s.sock", "maxConnections": 0]) }, keyPath: "outputs.socket.maxConnections", message: "whole number"),
+        BadInput(name: "socket on a token file's path", bytes: config { set(&$0, "outputs.socket", ["path": "/run/fts-tokend/token"]) }, keyPath: "outputs", message: "same file"),
         BadInput(name: "unknown output file key", bytes: config { set(&$0, "outputs.tokenFile.owner", "root") }, keyPath: "outputs.tokenFile.owner", message: "unknown key"),
         BadInput(name: "missing api", bytes: config { $0["api"] = nil }, keyPath: "api", message: "is required"),
         BadInput(name: "api not an object", bytes: config { $0["api"] = "x" }, keyPath: "api", message: "must be a JSON object, not a string"),
@@ -153,6 +162,13 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         let error = parseError(input.bytes)
         #expect(error?.keyPath == input.keyPath)
         #expect(error?.problem.contains(input.message) == true, "\(String(describing: error))")
+    }
+
+    @Test func parsesASocketAlone() throws {
+        let text = #"{"api":{"baseURL":"https://x.example"},"outputs":{"socket":{"path":"/run/fts-tokend/tokend.sock","allowUIDs":[0,1001],"allowGIDs":[998]}}}"#
+        let socket = try #require(try ConfigurationParser().parse(Array(text.utf8)).outputs.socket)
+        #expect(socket == Configuration.Socket(path: "/run/fts-tokend/tokend.sock", mode: 0o660, allowUIDs: [0, 1001], allowGIDs: [998], maxConnections: 512))
+        #expect(socket.restrictsPeers)
     }
 
     @Test func fileModeRoundTrip() {

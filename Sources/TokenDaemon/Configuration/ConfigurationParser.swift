@@ -311,7 +311,7 @@ private struct Object {
             var ids: [UInt32] = []
             for item in items {
                 guard case .number(let number) = item, number >= 0, number < 4_294_967_295, number.rounded() == number else {
-                    throw ConfigurationError(path(key), "must list numeric IDs such as [0, 1001], found \(item.typeName)")
+                    throw ConfigurationError(path(key), "must list numeric IDs (whole numbers, 0 or more) such as [0, 1001]")
                 }
                 ids.append(UInt32(number))
             }

@@ -14,6 +14,14 @@ import NIOCore
 public final class TokenBoard: Sendable {
     /// The daemon's view, as `/healthz` reports it.
     public struct Health: Sendable, Equatable, Codable {
+        public init(status: String, expiresAt: String? = nil, nextRefreshAt: String? = nil, lastError: String? = nil, lastSuccessAt: String? = nil) {
+            self.status = status
+            self.expiresAt = expiresAt
+            self.nextRefreshAt = nextRefreshAt
+            self.lastError = lastError
+            self.lastSuccessAt = lastSuccessAt
+        }
+
         /// `ok`, `degraded` (valid token, but the last login or write failed), `expired`, `starting`.
         public var status: String
         public var expiresAt: String?

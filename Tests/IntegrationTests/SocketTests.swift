@@ -1,0 +1,221 @@
+import Foundation
+import MockFTS
+import TestSupport
+import Testing
+
+/// The socket API through curl and raw sockets, against the real daemon.
+@Suite struct SocketTests {
+    @Test func everyEndpointAnswersOverTheSocket() async throws {
+        let harness = try await DaemonHarness(socket: "")
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        // READY=1 waited for the socket too.
+        let token = try await Command.curl("/token", socket: harness.socketPath)
+        #expect(token.status == 200)
+        #expect(token.body == harness.token)
+        #expect(harness.mock.accepts(token.body))
+        #expect(token.headers.contains("Cache-Control: no-store"))
+        #expect(token.headers.contains("Content-Type: text/plain"))
+
+        let json = try await Command.curl("/token.json", socket: harness.socketPath)
+        #expect(json.status == 200)
+        #expect(json.body == harness.folder.read("run/token.json"))
+
+        let headers = try await Command.curl("/headers", socket: harness.socketPath)
+        #expect(headers.body == harness.folder.read("run/headers"))
+
+        let health = try await Command.curl("/healthz", socket: harness.socketPath)
+        #expect(health.status == 200)
+        let fields = try JSONSerialization.jsonObject(with: Data(health.body.utf8)) as? [String: Any]
+        #expect(fields?["status"] as? String == "ok")
+        #expect(fields?["expiresAt"] is String)
+        #expect(fields?["nextRefreshAt"] is String)
+        #expect(fields?["lastSuccessAt"] is String)
+
+        #expect(try await Command.curl("/nothing", socket: harness.socketPath).status == 404)
+        #expect(try await Command.curl("/token", socket: harness.socketPath, extra: ["-X", "POST"]).status == 405)
+        #expect(harness.folder.mode("run/tokend.sock") == 0o660)
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func answers503WithRetryAfterWhileNoValidTokenExists() async throws {
+        let harness = try await DaemonHarness(refresh: .init(backoffInitialSeconds: 3, backoffMaxSeconds: 5), socket: "")
+        harness.mock.always(.status(503))
+        try harness.start()
+        #expect(await eventually { harness.mock.stats.loginRequests >= 1 })
+        let answer = try await Command.curl("/token", socket: harness.socketPath)
+        #expect(answer.status == 503)
+        #expect(answer.headers.contains("Retry-After: "))
+        #expect(answer.body.contains("no valid token"))
+        let health = try await Command.curl("/healthz", socket: harness.socketPath)
+        #expect(health.status == 503)
+        #expect(health.body.contains(#""status":"starting""#))
+        #expect(health.body.contains("HTTP 503"))
+        await harness.stop()
+    }
+
+    @Test func aLongPollWakesOnRotationAndTimesOutWithTheCurrentToken() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let first = try await Command.curl("/token", socket: harness.socketPath)
+        let fingerprint = try #require(first.headers.split(separator: "\r\n").first { $0.hasPrefix("X-Token-Fingerprint: ") }?.split(separator: " ").last)
+
+        // No rotation: answers at the timeout with the current token.
+        let started = Date()
+        let timedOut = try await Command.curl("/token?wait=1&after=\(fingerprint)", socket: harness.socketPath)
+        #expect(timedOut.status == 200)
+        #expect(timedOut.body == first.body)
+        #expect(Date().timeIntervalSince(started) >= 0.9)
+
+        // A rotation wakes it long before its 30 s timeout.
+        async let woken = Command.curl("/token?wait=30&after=\(fingerprint)", socket: harness.socketPath)
+        try await Task.sleep(for: .milliseconds(300))
+        child.signal(SIGUSR1)
+        let rotated = try await woken
+        let arrived = Date().timeIntervalSince1970
+        #expect(rotated.status == 200)
+        #expect(rotated.body != first.body)
+        #expect(harness.mock.accepts(rotated.body))
+        let issued = try #require(harness.mock.stats.loginTimes.last)
+        #expect(arrived - issued < 10, "woken \(arrived - issued) s after the login")
+
+        // A stale fingerprint answers at once.
+        #expect(try await Command.curl("/token?wait=30&after=old", socket: harness.socketPath).body == rotated.body)
+        await harness.stop()
+    }
+
+    @Test func twoHundredConcurrentClientsGetWholeValidTokensDuringRotations() async throws {
+        let harness = try await DaemonHarness(ttl: 3, refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1), socket: "")
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        var failures = 0
+        var tokens = Set<String>()
+        for _ in 0..<4 {
+            let answers = try UnixSocketClient.concurrentGets("/token", count: 200, socket: harness.socketPath)
+            for (status, body) in answers {
+                if status == 200 && harness.mock.accepts(body) { tokens.insert(body) } else { failures += 1 }
+            }
+            try await Task.sleep(for: .milliseconds(700))
+        }
+        #expect(failures == 0)
+        #expect(tokens.count >= 2, "rotations happened during the run")
+        await harness.stop()
+    }
+
+    @Test func peersOutsideTheAllowListsGet403AndAreLogged() async throws {
+        let harness = try await DaemonHarness(socket: #""allowUIDs": [0], "allowGIDs": [4242]"#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        // Let uid/gid 65534 reach the socket file, so that only the peer check can refuse it.
+        chmod(harness.folder.path, 0o711)
+        chown(harness.folder.file("run"), 0, 65534)
+        chown(harness.socketPath, 0, 65534)
+
+        let outsider = try await Command.curl("/token", socket: harness.socketPath, as: (65534, 65534))
+        #expect(outsider.status == 403)
+        #expect(!outsider.body.contains("eyJ"))
+        #expect(await eventually { harness.child?.standardError.contains("event=peer_refused gid=65534 pid=") == true })
+        #expect(harness.child?.standardError.contains("uid=65534") == true)
+
+        // Primary gid 4242 is allowed; supplementary group 65534 opens the socket file.
+        let byGroup = try await Command.curl("/token", socket: harness.socketPath, as: (65534, 4242), groups: [65534])
+        #expect(byGroup.status == 200)
+        #expect(harness.mock.accepts(byGroup.body))
+        #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200, "uid 0 is listed")
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func garbageSlowOversizedAndHalfClosedClientsCostNothingElse() async throws {
+        let harness = try await DaemonHarness(socket: "")
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let path = harness.socketPath
+
+        let garbage = try UnixSocketClient.exchange(Array("\u{01}\u{02}garbage\r\n\r\n".utf8), socket: path)
+        #expect(garbage.hasPrefix("HTTP/1.1 400"))
+
+        let oversized = "GET /token HTTP/1.1\r\nHost: x\r\nX-Big: " + String(repeating: "a", count: 16 * 1024) + "\r\n\r\n"
+        let tooBig = try UnixSocketClient.exchange(Array(oversized.utf8), socket: path)
+        #expect(tooBig.hasPrefix("HTTP/1.1 4"), "\(tooBig.prefix(40))")
+
+        let halfClosed = try UnixSocketClient.exchange(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8), socket: path, shutdownWrite: true)
+        #expect(!halfClosed.contains("token"))
+
+        // A slow client that never finishes its head is dropped after the idle timeout.
+        let slow = try UnixSocketClient(socket: path)
+        try slow.send(Array("GET /tok".utf8))
+        // Meanwhile everyone else is served.
+        #expect(try await Command.curl("/token", socket: path).status == 200)
+        #expect(slow.waitForClose(timeout: 30), "idle connection closed")
+        #expect(try await Command.curl("/token", socket: path).status == 200)
+        await harness.stop()
+    }
+
+    @Test func socketActivationServesThePassedSocket() async throws {
+        let harness = try await DaemonHarness(socket: "")
+        let socket = harness.folder.file("activated.sock")
+        let child = try harness.start(["/usr/bin/systemd-socket-activate", "-l", socket, ChildProcess.binary, "run", "--config", harness.configPath],
+                                      executable: "/usr/bin/systemd-socket-activate")
+        #expect(await eventually { FileManager.default.fileExists(atPath: socket) })
+        // systemd-socket-activate starts the daemon on the first connection, which it then serves.
+        let answer = try await Command.curl("/token?wait=20", socket: socket)
+        #expect(answer.status == 200)
+        #expect(harness.mock.accepts(answer.body))
+        #expect(!FileManager.default.fileExists(atPath: harness.socketPath), "the configured path is not bound when a socket is passed")
+        child.signal(SIGTERM)
+        _ = await child.waitForExit(timeout: 10)
+        await harness.stop()
+    }
+}
+
+@Suite struct TokenAndStatusCommandTests {
+    @Test func againstNoDaemonBothFailClearly() async throws {
+        let harness = try await DaemonHarness()
+        let token = try harness.start(["token", "--socket", harness.socketPath])
+        #expect(await token.waitForExit() == 1)
+        #expect(token.standardError.contains("no fts-tokend answering on"))
+        let status = try harness.start(["status", "--socket", harness.socketPath])
+        #expect(await status.waitForExit() == 1)
+        let file = try harness.start(["token", "--file", harness.folder.file("run/token")])
+        #expect(await file.waitForExit() == 1)
+        #expect(file.standardError.contains("no valid token in"))
+        await harness.stop()
+    }
+
+    @Test func againstARunningDaemon() async throws {
+        let harness = try await DaemonHarness(socket: "")
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let token = try #require(harness.token)
+
+        let raw = try harness.start(["token", "--socket", harness.socketPath])
+        #expect(await raw.waitForExit() == 0)
+        #expect(raw.standardOutput == token + "\n")
+        let headers = try harness.start(["token", "--socket", harness.socketPath, "--format", "headers"])
+        #expect(await headers.waitForExit() == 0)
+        #expect(headers.standardOutput == harness.folder.read("run/headers"))
+        let file = try harness.start(["token", "--file", harness.folder.file("run/token")])
+        #expect(await file.waitForExit() == 0)
+        #expect(file.standardOutput == token + "\n")
+
+        let status = try harness.start(["status", "--socket", harness.socketPath])
+        #expect(await status.waitForExit() == 0)
+        #expect(status.standardOutput.contains("status:       ok"))
+        #expect(status.standardOutput.contains("valid until:  "))
+        #expect(!status.standardOutput.contains(token))
+        await harness.stop()
+    }
+
+    @Test func waitBlocksUntilATokenArrives() async throws {
+        let harness = try await DaemonHarness(socket: "")
+        harness.mock.enqueue(.status(503))
+        let waiter = try harness.start(["token", "--socket", harness.socketPath, "--wait", "--timeout", "30"])
+        try harness.start()
+        #expect(await waiter.waitForExit(timeout: 40) == 0)
+        #expect(harness.mock.accepts(waiter.standardOutput.trimmingCharacters(in: .newlines)))
+        await harness.stop()
+    }
+}

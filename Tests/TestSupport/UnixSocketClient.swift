@@ -1,0 +1,91 @@
+import Foundation
+
+/// A raw client on a Unix stream socket: for requests no well-behaved client would send, and for many
+/// connections open at once.
+public final class UnixSocketClient {
+    private let fd: Int32
+
+    public init(socket path: String) throws {
+        fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: Array(path.utf8).prefix(raw.count - 1))
+        }
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard result == 0 else {
+            let error = errno
+            Glibc.close(fd)
+            throw POSIXError(.init(rawValue: error) ?? .EIO)
+        }
+    }
+
+    deinit {
+        Glibc.close(fd)
+    }
+
+    public func send(_ bytes: [UInt8]) throws {
+        var offset = 0
+        while offset < bytes.count {
+            let count = bytes[offset...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            guard count > 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
+            offset += count
+        }
+    }
+
+    public func shutdownWrite() {
+        Glibc.shutdown(fd, Int32(SHUT_WR))
+    }
+
+    /// Everything the server sends until it closes the connection or `timeout` passes.
+    public func readAll(timeout: TimeInterval = 15) -> String {
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, Int32(max(1, deadline.timeIntervalSinceNow * 1000))) > 0 else { break }
+            let count = recv(fd, &buffer, buffer.count, 0)
+            if count <= 0 { break }
+            received += buffer[0..<count]
+        }
+        return String(decoding: received, as: UTF8.self)
+    }
+
+    /// Whether the server closes the connection within `timeout`.
+    public func waitForClose(timeout: TimeInterval) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while Date() < deadline {
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, 100) > 0 else { continue }
+            if recv(fd, &buffer, buffer.count, 0) <= 0 { return true }
+        }
+        return false
+    }
+
+    /// Sends `bytes` on a new connection and returns all the server answers.
+    public static func exchange(_ bytes: [UInt8], socket: String, shutdownWrite: Bool = false) throws -> String {
+        let client = try UnixSocketClient(socket: socket)
+        try client.send(bytes)
+        if shutdownWrite { client.shutdownWrite() }
+        return client.readAll()
+    }
+
+    /// One `GET target` per connection, all connections open before any request is sent, so that the
+    /// server has them all at once. Returns each answer's status and body.
+    public static func concurrentGets(_ target: String, count: Int, socket: String) throws -> [(status: Int, body: String)] {
+        let clients = try (0..<count).map { _ in try UnixSocketClient(socket: socket) }
+        let request = Array("GET \(target) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".utf8)
+        for client in clients { try client.send(request) }
+        return clients.map { client in
+            let answer = client.readAll()
+            let status = Int(answer.split(separator: " ", maxSplits: 2).dropFirst().first ?? "") ?? 0
+            let body = answer.range(of: "\r\n\r\n").map { String(answer[$0.upperBound...]) } ?? ""
+            return (status, body)
+        }
+    }
+}
