@@ -28,9 +28,14 @@ final class DaemonHarness: @unchecked Sendable {
     /// `outputs.socket` in the config; nil leaves it out.
     let socket: String?
 
-    init(ttl: TimeInterval = 60, refresh: Refresh = Refresh(), socket: String? = nil) async throws {
+    /// More top-level config keys, as JSON members (`"onRotate": [...]`); `{folder}` stands for the
+    /// harness's folder.
+    let extraConfig: String?
+
+    init(ttl: TimeInterval = 60, refresh: Refresh = Refresh(), socket: String? = nil, extraConfig: String? = nil) async throws {
         let folder = try TemporaryDirectory()
         self.folder = folder
+        self.extraConfig = extraConfig
         self.socket = socket.map { "{ \"path\": \"\(folder.file("run/tokend.sock"))\"\($0.isEmpty ? "" : ", " + $0) }" }
         mock = MockFTSServer(.init(apiKey: apiKey, email: "svc@example.com", password: password, tokenTTL: ttl))
         port = try await mock.start()
@@ -56,6 +61,7 @@ final class DaemonHarness: @unchecked Sendable {
                            "headersFile": { "path": "\(folder.file("run/headers"))",    "mode": "0640" }
                            \(socket.map { ", \"socket\": " + $0 } ?? "") },
               "stateFile": "\(folder.file("state/state.json"))",
+              \(extraConfig.map { $0.replacingOccurrences(of: "{folder}", with: folder.path) + "," } ?? "")
               "logLevel": "\(logLevel)"
             }
             """)

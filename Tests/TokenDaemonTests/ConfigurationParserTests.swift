@@ -154,6 +154,16 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         BadInput(name: "output path a folder", bytes: config { set(&$0, "outputs.tokenFile.path", "/run/fts-tokend/") }, keyPath: "outputs.tokenFile.path", message: "not a folder"),
         BadInput(name: "scheme with a space", bytes: config { set(&$0, "outputs.headersFile.authorizationScheme", "Bearer x") }, keyPath: "outputs.headersFile.authorizationScheme", message: "letters only"),
         BadInput(name: "relative stateFile", bytes: config { $0["stateFile"] = "state.json" }, keyPath: "stateFile", message: "absolute path"),
+        BadInput(name: "onRotate not a list", bytes: config { $0["onRotate"] = ["exec": ["/bin/true"]] }, keyPath: "onRotate", message: "must be an array"),
+        BadInput(name: "onRotate empty action", bytes: config { $0["onRotate"] = [[String: Any]()] }, keyPath: "onRotate[0]", message: "needs exec"),
+        BadInput(name: "onRotate exec and signal", bytes: config { $0["onRotate"] = [["exec": ["/bin/true"], "signal": "HUP"]] }, keyPath: "onRotate[0]", message: "not both"),
+        BadInput(name: "onRotate exec a string", bytes: config { $0["onRotate"] = [["exec": "systemctl reload app"]] }, keyPath: "onRotate[0].exec", message: "no shell"),
+        BadInput(name: "onRotate relative program", bytes: config { $0["onRotate"] = [["exec": ["systemctl", "reload", "app"]]] }, keyPath: "onRotate[0].exec[0]", message: "absolute path"),
+        BadInput(name: "onRotate zero timeout", bytes: config { $0["onRotate"] = [["exec": ["/bin/true"], "timeoutSeconds": 0]] }, keyPath: "onRotate[0].timeoutSeconds", message: "more than 0"),
+        BadInput(name: "onRotate unknown key", bytes: config { $0["onRotate"] = [["exec": ["/bin/true"], "shell": true]] }, keyPath: "onRotate[0].shell", message: "unknown key"),
+        BadInput(name: "onRotate unknown signal", bytes: config { $0["onRotate"] = [["signal": "KILLALL", "pidFile": "/run/a.pid"]] }, keyPath: "onRotate[0].signal", message: "is not one of"),
+        BadInput(name: "onRotate signal without pidFile", bytes: config { $0["onRotate"] = [["signal": "HUP"]] }, keyPath: "onRotate[0].pidFile", message: "is required"),
+        BadInput(name: "relative metricsFile", bytes: config { $0["metricsFile"] = "m.prom" }, keyPath: "metricsFile", message: "absolute path"),
         BadInput(name: "unknown log level", bytes: config { $0["logLevel"] = "verbose" }, keyPath: "logLevel", message: "is not one of"),
     ]
 
@@ -162,6 +172,16 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         let error = parseError(input.bytes)
         #expect(error?.keyPath == input.keyPath)
         #expect(error?.problem.contains(input.message) == true, "\(String(describing: error))")
+    }
+
+    @Test func parsesRotateActionsAndMetricsFile() throws {
+        let parsed = try ConfigurationParser().parse(config {
+            $0["onRotate"] = [["exec": ["/usr/bin/systemctl", "reload", "app.service"], "timeoutSeconds": 5], ["signal": "sighup", "pidFile": "/run/app.pid"]]
+            $0["metricsFile"] = "/var/lib/node_exporter/fts-tokend.prom"
+        })
+        #expect(parsed.onRotate == [.exec(argv: ["/usr/bin/systemctl", "reload", "app.service"], timeoutSeconds: 5),
+                                    .signal(number: SIGHUP, name: "HUP", pidFile: "/run/app.pid")])
+        #expect(parsed.metricsFile == "/var/lib/node_exporter/fts-tokend.prom")
     }
 
     @Test func parsesASocketAlone() throws {

@@ -13,6 +13,10 @@ public struct Configuration: Sendable, Equatable {
     /// Where the last token is kept (mode 0600) so that a restart needs no login; nil keeps nothing.
     public var stateFile: String?
     public var logLevel: Logger.Level
+    /// Run after every new token is on disk.
+    public var onRotate: [RotateAction] = []
+    /// node_exporter textfile to write the metrics to, atomically.
+    public var metricsFile: String?
 
     public struct API: Sendable, Equatable {
         public var baseURL: String
@@ -89,4 +93,12 @@ public enum SecretSource: Sendable, Equatable {
     case file(String)
     /// Read from the systemd credential of this name in `$CREDENTIALS_DIRECTORY`.
     case credential(String)
+}
+
+/// Something to do after every new token is on disk (README "onRotate").
+public enum RotateAction: Sendable, Equatable {
+    /// Run `argv` (no shell) and kill its process group after `timeoutSeconds`.
+    case exec(argv: [String], timeoutSeconds: Double)
+    /// Send `signal` to the process whose PID is in `pidFile`.
+    case signal(number: Int32, name: String, pidFile: String)
 }

@@ -3,6 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import Glibc
 import Logging
 
 /// Turns a JSON config document into a `Configuration`, or the first problem found.
@@ -19,14 +20,16 @@ public struct ConfigurationParser {
             throw ConfigurationError("(file)", "not valid JSON: \(Self.describe(decodingError: error))")
         }
         let root = try Object(document, path: "")
-        try root.allowOnly(["api", "refresh", "outputs", "stateFile", "logLevel"])
+        try root.allowOnly(["api", "refresh", "outputs", "stateFile", "logLevel", "onRotate", "metricsFile"])
 
         let configuration = Configuration(
             api: try parseAPI(try root.object("api")),
             refresh: try parseRefresh(try root.optionalObject("refresh")),
             outputs: try parseOutputs(try root.object("outputs")),
             stateFile: try root.optionalString("stateFile").map { (path) throws(ConfigurationError) in try Self.absolutePath(path, at: root.path("stateFile")) },
-            logLevel: try parseLogLevel(root))
+            logLevel: try parseLogLevel(root),
+            onRotate: try parseRotateActions(root),
+            metricsFile: try root.optionalString("metricsFile").map { (path) throws(ConfigurationError) in try Self.absolutePath(path, at: root.path("metricsFile")) })
         return configuration
     }
 
@@ -180,6 +183,53 @@ public struct ConfigurationParser {
             path: path, mode: mode,
             allowUIDs: try socket.optionalIDs("allowUIDs"), allowGIDs: try socket.optionalIDs("allowGIDs"),
             maxConnections: Int(maxConnections))
+    }
+
+    static let signalNames: [String: Int32] = ["HUP": SIGHUP, "INT": SIGINT, "TERM": SIGTERM, "USR1": SIGUSR1, "USR2": SIGUSR2]
+
+    private func parseRotateActions(_ root: Object) throws(ConfigurationError) -> [RotateAction] {
+        guard let value = root.value("onRotate") else { return [] }
+        guard case .array(let items) = value else {
+            throw ConfigurationError(root.path("onRotate"), "must be an array of actions, not \(value.typeName)")
+        }
+        var actions: [RotateAction] = []
+        for (index, item) in items.enumerated() {
+            let action = try Object(item, path: root.path("onRotate") + "[\(index)]")
+            switch (action.value("exec"), action.value("signal")) {
+            case (.some(let exec), nil):
+                try action.allowOnly(["exec", "timeoutSeconds"])
+                guard case .array(let words) = exec, !words.isEmpty else {
+                    throw ConfigurationError(action.path("exec"), "must be a non-empty array of strings: the program and its arguments (no shell)")
+                }
+                var argv: [String] = []
+                for word in words {
+                    guard case .string(let text) = word, !text.contains("\0") else {
+                        throw ConfigurationError(action.path("exec"), "must hold strings only")
+                    }
+                    argv.append(text)
+                }
+                _ = try Self.absolutePath(argv[0], at: action.path("exec") + "[0]")
+                let timeout = try action.optionalNumber("timeoutSeconds") ?? 10
+                guard timeout > 0, timeout <= 3600 else {
+                    throw ConfigurationError(action.path("timeoutSeconds"), "must be more than 0 and at most 3600 seconds")
+                }
+                actions.append(.exec(argv: argv, timeoutSeconds: timeout))
+            case (nil, .some):
+                try action.allowOnly(["signal", "pidFile"])
+                let text = try action.string("signal").uppercased()
+                let name = text.hasPrefix("SIG") ? String(text.dropFirst(3)) : text
+                guard let number = Self.signalNames[name] else {
+                    throw ConfigurationError(action.path("signal"), "\"\(text)\" is not one of \(Self.signalNames.keys.sorted().joined(separator: ", "))")
+                }
+                let pidFile = try Self.absolutePath(try action.string("pidFile"), at: action.path("pidFile"))
+                actions.append(.signal(number: number, name: name, pidFile: pidFile))
+            case (.some, .some):
+                throw ConfigurationError(action.path(nil), "give either exec or signal, not both")
+            case (nil, nil):
+                throw ConfigurationError(action.path(nil), "needs exec (a command) or signal with pidFile")
+            }
+        }
+        return actions
     }
 
     private func parseLogLevel(_ root: Object) throws(ConfigurationError) -> Logger.Level {

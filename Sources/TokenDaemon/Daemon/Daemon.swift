@@ -50,7 +50,7 @@ public final class Daemon {
     enum Event: Sendable {
         case tick
         case signal(Int32)
-        case loginFinished(generation: Int, Result<TokenResponseParser.Result, LoginError>)
+        case loginFinished(generation: Int, Result<TokenResponseParser.Result, LoginError>, duration: Duration)
     }
 
     private let configPath: String
@@ -63,6 +63,8 @@ public final class Daemon {
     private var client: AuthClient
     /// What the socket serves; updated after every event.
     private let board = TokenBoard()
+    private let metrics: DaemonMetrics
+    private var metricsFileFailing = false
 
     /// The last token obtained; it may have expired (then its files were removed).
     private var token: TokenGrant?
@@ -88,6 +90,7 @@ public final class Daemon {
         self.policy = RefreshPolicy(loaded.configuration.refresh)
         self.outputs = TokenOutputs(loaded.configuration.outputs)
         self.client = try AuthClient(api: loaded.configuration.api, version: dependencies.version)
+        self.metrics = DaemonMetrics(version: dependencies.version)
     }
 
     /// Runs until SIGTERM or SIGINT (exit 0), or until the credentials are rejected before any token
@@ -121,7 +124,7 @@ public final class Daemon {
             do {
                 server = try await SocketServer.start(
                     socket: loaded.configuration.outputs.socket, activatedFD: deps.activatedSocket,
-                    board: board, logger: logger, clock: deps.clock)
+                    board: board, metrics: metrics, logger: logger, clock: deps.clock)
             } catch {
                 logger.critical("cannot listen on the socket: \(error)", metadata: ["event": "socket_failed"])
                 deps.notifier.notify(.status("cannot listen on the socket: \(error)"))
@@ -184,14 +187,18 @@ public final class Daemon {
             break
         case .signal(let number):
             handleSignal(number)
-        case .loginFinished(let generation, let result):
+        case .loginFinished(let generation, let result, let duration):
             // An answer for an account replaced by a reload is dropped; that login was cancelled and
             // another may be in flight already.
             guard generation == self.generation else { return }
             login = nil
             switch result {
-            case .success(let answer): loginSucceeded(answer)
-            case .failure(let error): loginFailed(error)
+            case .success(let answer):
+                metrics.loginFinished(ok: true, status: 200, duration: duration)
+                loginSucceeded(answer)
+            case .failure(let error):
+                metrics.loginFinished(ok: false, status: error.httpStatus, duration: duration)
+                loginFailed(error)
             }
         }
     }
@@ -256,6 +263,10 @@ public final class Daemon {
         expiredFilesRemoved = false
         writeOutputs(grant)
         board.post(grant, apiKey: loaded.secrets.apiKey, authorizationScheme: loaded.configuration.outputs.headersFile?.authorizationScheme ?? "Bearer")
+        metrics.tokenAdopted(grant)
+        if persist, writeError == nil {
+            RotateActionRunner(logger: logger).run(loaded.configuration.onRotate, for: grant, tokenFile: loaded.configuration.outputs.tokenFile?.path)
+        }
         if persist, let path = loaded.configuration.stateFile {
             do {
                 try StateStore(path: path).save(grant, identity: loaded.identity)
@@ -332,11 +343,24 @@ public final class Daemon {
         if login == nil, let due = nextLogin, due <= now {
             startLogin(sink: sink)
         }
+        writeMetricsFile(now: now)
         if !ready {
             // Keep the start job alive until the first token is on disk: ticks come at least every
             // maxTick, and each extension outlasts the next tick plus a whole login.
             let seconds = Self.maxTick + loaded.configuration.api.timeoutSeconds + 5
             deps.notifier.notify(.extendTimeout(microseconds: UInt64(seconds * 1_000_000)))
+        }
+    }
+
+    /// The node_exporter textfile, refreshed after every event (at least every maxTick).
+    private func writeMetricsFile(now: Date) {
+        guard let path = loaded.configuration.metricsFile else { return }
+        do {
+            try AtomicFileWriter.write(metrics.render(now: now), to: path, mode: 0o644, directoryMode: 0o755)
+            metricsFileFailing = false
+        } catch {
+            if !metricsFileFailing { logger.warning("cannot write the metrics file: \(error)", metadata: ["event": "metrics_write_failed"]) }
+            metricsFileFailing = true
         }
     }
 
@@ -361,13 +385,14 @@ public final class Daemon {
         let clock = deps.clock
         logger.debug("login started", metadata: ["event": "login_started", "attempt": "\(failures + 1)"])
         login = Task {
+            let started = ContinuousClock.now
             let result: Result<TokenResponseParser.Result, LoginError>
             do throws(LoginError) {
                 result = .success(try await client.login(secrets, now: clock))
             } catch {
                 result = .failure(error)
             }
-            sink.yield(.loginFinished(generation: generation, result))
+            sink.yield(.loginFinished(generation: generation, result, duration: started.duration(to: .now)))
         }
     }
 

@@ -36,23 +36,22 @@ final class SocketRequestHandler: ChannelInboundHandler {
     static let maxTargetLength = 2048
 
     private let board: TokenBoard
+    private let metrics: DaemonMetrics
     private let socket: Configuration.Socket?
     private let logger: Logger
     private let clock: @Sendable () -> Date
-    private let record: @Sendable (_ path: String, _ status: Int) -> Void
 
     private var peer: PeerCredentials?
     private var head: HTTPRequestHead?
     /// A long poll in progress: its waiter and timeout.
     private var pending: (id: Int, timeout: Scheduled<Void>)?
 
-    init(board: TokenBoard, socket: Configuration.Socket?, logger: Logger, clock: @escaping @Sendable () -> Date,
-         record: @escaping @Sendable (String, Int) -> Void) {
+    init(board: TokenBoard, metrics: DaemonMetrics, socket: Configuration.Socket?, logger: Logger, clock: @escaping @Sendable () -> Date) {
         self.board = board
+        self.metrics = metrics
         self.socket = socket
         self.logger = logger
         self.clock = clock
-        self.record = record
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -120,8 +119,12 @@ final class SocketRequestHandler: ChannelInboundHandler {
             let health = board.health
             let body = (try? JSONEncoder().encode(health)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
             respond(board.validEntry(at: now) != nil ? .ok : .serviceUnavailable, path: path, json: body, head: head, context: context)
+        case "/metrics":
+            var body = context.channel.allocator.buffer(capacity: 4096)
+            body.writeBytes(metrics.render(now: now))
+            respond(.ok, path: path, body: body, contentType: "text/plain; version=0.0.4; charset=utf-8", head: head, context: context)
         default:
-            respond(.notFound, path: "other", json: #"{"error":"not found","paths":["/token","/token.json","/headers","/healthz"]}"#, head: head, context: context)
+            respond(.notFound, path: "other", json: #"{"error":"not found","paths":["/token","/token.json","/headers","/healthz","/metrics"]}"#, head: head, context: context)
         }
     }
 
@@ -184,7 +187,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
         for (name, value) in extra { headers.add(name: name, value: value) }
         let keepAlive = head.isKeepAlive && status != .uriTooLong
         if !keepAlive { headers.add(name: "Connection", value: "close") }
-        record(path, Int(status.code))
+        metrics.socketRequest(path: path, status: Int(status.code))
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
         if head.method != .HEAD {
             context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)

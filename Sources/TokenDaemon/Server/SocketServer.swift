@@ -30,9 +30,8 @@ public final class SocketServer: Sendable {
     }
 
     /// Starts serving `board`, on the socket systemd passed (`activatedFD`) or on `socket.path`.
-    public static func start(socket: Configuration.Socket?, activatedFD: Int32?, board: TokenBoard, logger: Logger,
-                             clock: @escaping @Sendable () -> Date,
-                             record: @escaping @Sendable (String, Int) -> Void = { _, _ in }) async throws -> SocketServer {
+    public static func start(socket: Configuration.Socket?, activatedFD: Int32?, board: TokenBoard, metrics: DaemonMetrics,
+                             logger: Logger, clock: @escaping @Sendable () -> Date) async throws -> SocketServer {
         let maxConnections = socket?.maxConnections ?? 512
         let open = NIOLockedValueBox(0)
         var limits = NIOHTTPDecoderLimitConfiguration()
@@ -58,7 +57,7 @@ public final class SocketServer: Sendable {
                     try sync.configureHTTPServerPipeline(
                         withPipeliningAssistance: true, withErrorHandling: true,
                         withEncoderConfiguration: .init(), withDecoderLimitConfiguration: decoderLimits)
-                    try sync.addHandler(SocketRequestHandler(board: board, socket: socket, logger: logger, clock: clock, record: record))
+                    try sync.addHandler(SocketRequestHandler(board: board, metrics: metrics, socket: socket, logger: logger, clock: clock))
                 }
             }
         if let fd = activatedFD {

@@ -1,0 +1,92 @@
+import Foundation
+import MockFTS
+import TestSupport
+import Testing
+
+@Suite struct RotationActionTests {
+    @Test func execAndSignalActionsRunAfterEveryNewTokenAndAHangingOneIsKilled() async throws {
+        let folder = try TemporaryDirectory()
+        // A process that counts SIGHUPs: the signal action's target.
+        let script = try folder.write("target.sh", "#!/bin/sh\ntrap 'echo hup >> \(folder.file("hups"))' HUP\necho $$ > \(folder.file("target.pid"))\nwhile :; do sleep 0.05; done\n", mode: 0o755)
+        let target = try Spawned("/bin/sh", [script], environment: ["PATH": "/usr/bin:/bin"], standardOutput: "/dev/null", standardError: "/dev/null")
+        #expect(await eventually { folder.read("target.pid") != nil })
+
+        let record = "env > \(folder.file("env-"))$FTS_TOKEN_FP"
+        let harness = try await DaemonHarness(ttl: 600, extraConfig: """
+            "onRotate": [
+              { "exec": ["/bin/sleep", "60"], "timeoutSeconds": 1 },
+              { "exec": ["/bin/sh", "-c", "\(record)"] },
+              { "signal": "HUP", "pidFile": "\(folder.file("target.pid"))" },
+              { "exec": ["/nonexistent/program"] }
+            ]
+            """)
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let first = try #require(harness.token)
+        let fingerprint = try #require(harness.child?.standardError.split(separator: "\n").first { $0.contains("event=login_ok") }?
+            .split(separator: " ").first { $0.hasPrefix("token_fp=") }?.dropFirst("token_fp=".count))
+
+        // The recording action ran at once although the first action hangs.
+        #expect(await eventually(timeout: 5) { folder.read("env-\(fingerprint)") != nil })
+        let environment = try #require(folder.read("env-\(fingerprint)"))
+        #expect(environment.contains("FTS_TOKEN_FP=\(fingerprint)"))
+        #expect(environment.contains("FTS_EXPIRES_AT="))
+        #expect(environment.contains("FTS_TOKEN_FILE=\(harness.folder.file("run/token"))"))
+        #expect(!environment.contains(first), "the token never goes into the environment")
+        #expect(!environment.contains(harness.password) && !environment.contains(harness.apiKey))
+        #expect(await eventually { folder.read("hups")?.split(separator: "\n").count == 1 })
+        #expect(await eventually { harness.child?.standardError.contains("/bin/sleep killed after 1s") == true })
+        #expect(harness.child?.standardError.contains("cannot start /nonexistent/program") == true)
+
+        // Every rotation runs them again; the daemon kept working through the failures.
+        child.signal(SIGUSR1)
+        #expect(await eventually { folder.read("hups")?.split(separator: "\n").count == 2 })
+        #expect(child.isRunning)
+        withExtendedLifetime(target) {}
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func aTokenReusedAtStartRunsNoActions() async throws {
+        let folder = try TemporaryDirectory()
+        let harness = try await DaemonHarness(ttl: 600, extraConfig: #""onRotate": [{ "exec": ["/bin/sh", "-c", "echo ran >> \#(folder.file("runs"))"] }]"#)
+        let first = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        #expect(await eventually { folder.read("runs") == "ran\n" })
+        first.signal(SIGTERM)
+        _ = await first.waitForExit()
+        harness.notify.reset()
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(folder.read("runs") == "ran\n")
+        await harness.stop()
+    }
+}
+
+@Suite struct MetricsTests {
+    @Test func metricsOnTheSocketAndInTheTextfile() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "", extraConfig: #""metricsFile": "{folder}/metrics/fts-tokend.prom""#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        _ = try await Command.curl("/token", socket: harness.socketPath)
+        let answer = try await Command.curl("/metrics", socket: harness.socketPath)
+        #expect(answer.status == 200)
+        #expect(answer.headers.contains("Content-Type: text/plain; version=0.0.4"))
+        let text = answer.body
+        #expect(text.contains(#"fts_tokend_logins_total{result="ok",status_class="2xx"} 1"#))
+        #expect(text.contains(#"fts_tokend_socket_requests_total{path="/token",code="200"} 1"#))
+        #expect(text.contains(#"fts_tokend_build_info{version="0."#))
+        #expect(text.contains("fts_tokend_login_duration_seconds_count 1"))
+        #expect(text.contains("fts_tokend_token_expiry_timestamp_seconds "))
+        #expect(text.contains("fts_tokend_last_success_timestamp_seconds "))
+        let validity = text.split(separator: "\n").first { $0.hasPrefix("fts_tokend_token_validity_seconds ") }
+            .flatMap { Double($0.split(separator: " ").last ?? "") }
+        #expect(validity.map { $0 > 500 && $0 <= 600 } == true)
+        #expect(!text.contains(harness.token ?? "no token"))
+
+        #expect(await eventually { harness.folder.read("metrics/fts-tokend.prom")?.contains("fts_tokend_logins_total") == true })
+        #expect(harness.folder.mode("metrics/fts-tokend.prom") == 0o644)
+        await harness.stop()
+    }
+}
