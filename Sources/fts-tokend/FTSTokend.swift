@@ -26,12 +26,15 @@ struct ConfigOption: ParsableArguments {
     var config = "/etc/fts-tokend/config.json"
 }
 
-/// Sets up swift-log once per process: one line per event on stderr, with sd-daemon priority
-/// prefixes when stderr is the journal.
+/// Sets up swift-log once per process: structured journald entries when stderr is the journal,
+/// else one line per event on stderr (with sd-daemon priority prefixes when journald reads it).
 enum LogSetup {
     static func bootstrap(environment: [String: String]) -> Logger {
-        let journal = JournalStream.isStandardErrorJournal(environment: environment)
-        LoggingSystem.bootstrap { _ in LineLogHandler(journalPrefixes: journal) }
+        switch (JournalStream.isStandardErrorJournal(environment: environment), Journal.isAvailable) {
+        case (true, true): LoggingSystem.bootstrap { _ in JournalLogHandler(identifier: "fts-tokend") }
+        case (true, false): LoggingSystem.bootstrap { _ in LineLogHandler(journalPrefixes: true) }
+        case (false, _): LoggingSystem.bootstrap { _ in LineLogHandler(journalPrefixes: false) }
+        }
         return Logger(label: "fts-tokend")
     }
 }

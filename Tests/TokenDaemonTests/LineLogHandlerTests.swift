@@ -33,6 +33,12 @@ final class CapturedLines: Sendable {
         #expect(line.hasPrefix("20"))
     }
 
+    @Test func journalFieldNamesAreUpperCaseWithThePrefix() {
+        #expect(JournalLogHandler.fieldName("event") == "FTS_EVENT")
+        #expect(JournalLogHandler.fieldName("next_refresh_at") == "FTS_NEXT_REFRESH_AT")
+        #expect(JournalLogHandler.fieldName("token-fp.x") == "FTS_TOKEN_FP_X")
+    }
+
     @Test func fingerprintIsEightHexCharactersOfSHA256() {
         // SHA-256("abc") = ba7816bf…
         #expect(Fingerprint.of("abc") == "ba7816bf")

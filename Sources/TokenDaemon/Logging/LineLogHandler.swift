@@ -32,14 +32,19 @@ public struct LineLogHandler: LogHandler {
         var line = journalPrefixes
             ? "<\(Self.syslogPriority(event.level))>"
             : FormatTime.iso8601(Date()) + " " + event.level.rawValue + " "
-        line += event.message.description.map { $0.isNewline ? " " : $0 }.reduce(into: "") { $0.append($1) }
-        let merged = metadata.merging(event.metadata ?? [:]) { _, new in new }
-        for (key, value) in merged.sorted(by: { $0.key < $1.key }) {
+        line += Self.text(event.message, metadata.merging(event.metadata ?? [:]) { _, new in new })
+        sink(line + "\n")
+    }
+
+    /// The message on one line, then the metadata as sorted `key=value` pairs (quoted when needed).
+    static func text(_ message: Logger.Message, _ metadata: Logger.Metadata) -> String {
+        var line = String(message.description.map { $0.isNewline ? " " : $0 })
+        for (key, value) in metadata.sorted(by: { $0.key < $1.key }) {
             let text = "\(value)"
             let needsQuotes = text.isEmpty || text.contains(where: { $0 == " " || $0 == "\"" || $0 == "=" })
             line += " \(key)=" + (needsQuotes ? "\"" + text.replacing("\"", with: "'") + "\"" : text)
         }
-        sink(line + "\n")
+        return line
     }
 
     /// Maps swift-log levels onto syslog priorities (sd-daemon(3), syslog(3)).
