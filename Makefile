@@ -7,7 +7,16 @@ DESTDIR ?=
 # drive the socket tests.
 APT_PACKAGES := libsystemd-dev pkg-config openssl curl systemd util-linux
 
-.PHONY: all deps build test demo release clean
+VERSION := $(shell sed -n 's/.*static let version = "\(.*\)"/\1/p' Sources/fts-tokend/FTSTokend.swift)
+# Where release builds go (a second folder keeps debug and release artefacts apart when wanted).
+SCRATCH ?= .build
+RELEASE_BIN := $(SCRATCH)/release/fts-tokend
+UNITDIR ?= /lib/systemd/system
+SYSUSERSDIR ?= /usr/lib/sysusers.d
+TMPFILESDIR ?= /usr/lib/tmpfiles.d
+DEB := dist/fts-tokend_$(VERSION)_amd64.deb
+
+.PHONY: all deps build test test-system demo release install deb clean
 
 all: build
 
@@ -34,8 +43,37 @@ demo: build
 
 ## release: a binary that runs on hosts without a Swift runtime
 release: deps
-	$(SWIFT) build -c release --static-swift-stdlib
-	@ls -l .build/release/fts-tokend
+	$(SWIFT) build -c release --static-swift-stdlib --scratch-path $(SCRATCH)
+	@ls -l $(RELEASE_BIN)
+
+## install: the release binary, units, sysusers/tmpfiles snippets and the default config (PREFIX, DESTDIR)
+install: release
+	install -D -m 0755 $(RELEASE_BIN) $(DESTDIR)$(PREFIX)/bin/fts-tokend
+	strip $(DESTDIR)$(PREFIX)/bin/fts-tokend
+	install -D -m 0644 systemd/fts-tokend.service $(DESTDIR)$(UNITDIR)/fts-tokend.service
+	install -D -m 0644 systemd/fts-tokend@.service $(DESTDIR)$(UNITDIR)/fts-tokend@.service
+	install -D -m 0644 systemd/fts-tokend.socket $(DESTDIR)$(UNITDIR)/fts-tokend.socket
+	sed -i 's|/usr/bin/fts-tokend|$(PREFIX)/bin/fts-tokend|' $(DESTDIR)$(UNITDIR)/fts-tokend.service $(DESTDIR)$(UNITDIR)/fts-tokend@.service
+	install -D -m 0644 systemd/fts-tokend.sysusers $(DESTDIR)$(SYSUSERSDIR)/fts-tokend.conf
+	install -D -m 0644 systemd/fts-tokend.tmpfiles $(DESTDIR)$(TMPFILESDIR)/fts-tokend.conf
+	install -D -m 0644 systemd/config.json $(DESTDIR)/etc/fts-tokend/config.json
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/README.md
+	install -D -m 0644 config.example.json $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/config.example.json
+
+## deb: an installable Debian package (dist/fts-tokend_VERSION_amd64.deb); units ship disabled
+deb:
+	rm -rf dist/deb
+	$(MAKE) install DESTDIR=$(CURDIR)/dist/deb PREFIX=/usr
+	mkdir -p dist/deb/DEBIAN
+	echo /etc/fts-tokend/config.json > dist/deb/DEBIAN/conffiles
+	sed 's/@VERSION@/$(VERSION)/; s/@SIZE@/'"$$(du -sk dist/deb | cut -f1)"'/' systemd/debian/control > dist/deb/DEBIAN/control
+	install -m 0755 systemd/debian/postinst systemd/debian/postrm dist/deb/DEBIAN/
+	dpkg-deb --root-owner-group --build dist/deb $(DEB)
+	@ls -l $(DEB)
+
+## test-system: the .deb installed into a real systemd 252 (../shared/systemd-lab; needs root)
+test-system: deb
+	bash Tests/System/run.sh $(DEB)
 
 clean:
-	rm -rf .build
+	rm -rf .build dist

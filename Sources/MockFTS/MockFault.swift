@@ -54,4 +54,11 @@ public struct MockFaultScript: Sendable, Codable, Equatable {
         self.next = next
         self.always = always
     }
+
+    /// Both keys are optional in JSON: `{}` clears every fault.
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        next = try container.decodeIfPresent([MockFault].self, forKey: .next) ?? []
+        always = try container.decodeIfPresent(MockFault.self, forKey: .always)
+    }
 }

@@ -24,4 +24,21 @@ import Testing
         #expect(result.status == 0)
         #expect(result.output.isEmpty && result.error.isEmpty, "systemd-analyze verify said: \(result.output)\(result.error)")
     }
+
+    /// The template is the plain unit with per-instance paths: the two must not drift apart.
+    @Test func theTemplateIsThePlainServicePerInstance() throws {
+        func serviceSection(_ name: String) throws -> [String] {
+            let text = try String(contentsOf: Self.root.appendingPathComponent("systemd/" + name), encoding: .utf8)
+            let lines = text.split(separator: "\n").map(String.init).filter { !$0.hasPrefix("#") }
+            guard let start = lines.firstIndex(of: "[Service]"), let end = lines.firstIndex(of: "[Install]") else { return [] }
+            return Array(lines[start..<end])
+        }
+        let perInstance = try serviceSection("fts-tokend.service").map { line in
+            line.replacingOccurrences(of: "/etc/fts-tokend/config.json", with: "/etc/fts-tokend/%i.json")
+                .replacingOccurrences(of: "/etc/fts-tokend/credentials/", with: "/etc/fts-tokend/credentials/%i/")
+                .replacingOccurrences(of: "RuntimeDirectory=fts-tokend", with: "RuntimeDirectory=fts-tokend/%i")
+                .replacingOccurrences(of: "StateDirectory=fts-tokend", with: "StateDirectory=fts-tokend/%i")
+        }
+        #expect(perInstance == (try serviceSection("fts-tokend@.service")))
+    }
 }

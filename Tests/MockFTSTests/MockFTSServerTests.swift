@@ -92,10 +92,12 @@ import Testing
             #expect(html.headers["Content-Type"] == "text/html")
             #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 503)
             #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 503)
-            mock.always(nil)
+            #expect(try await request(.POST, base + "/_mock/faults", body: #"{"always":{"status":401}}"#).status == 200)
+            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 401)
+            #expect(try await request(.POST, base + "/_mock/faults", body: "{}").status == 200)
             #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 200)
             let stats = try await request(.GET, base + "/_mock/stats")
-            #expect(stats.json["loginRequests"] as? Int == 5)
+            #expect(stats.json["loginRequests"] as? Int == 6)
             #expect(stats.json["tokensIssued"] as? Int == 1)
         }
     }

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Runs inside a real systemd (systemd-lab): installs the .deb, starts the mock FTS server as a
+# transient unit, and checks what README "Install on a host" promises. One line per check
+# ("ok - …" or "FAILED - …"), then "N passed, N failed". Secrets are generated here and never printed.
+set -u
+passed=0
+failed=0
+ok() { echo "ok - $1"; passed=$((passed + 1)); }
+bad() { echo "FAILED - $1"; failed=$((failed + 1)); }
+# check NAME COMMAND...: passes when COMMAND succeeds.
+check() { local name=$1; shift; if "$@" >/dev/null 2>&1; then ok "$name"; else bad "$name"; fi; }
+# eventually SECONDS COMMAND...: retries COMMAND every 0.2 s until it succeeds or SECONDS pass.
+eventually() {
+    local deadline=$(( $(date +%s) + $1 )); shift
+    until "$@" >/dev/null 2>&1; do
+        [ "$(date +%s)" -ge "$deadline" ] && return 1
+        sleep 0.2
+    done
+}
+prop() { systemctl show -p "$2" --value "$1"; }
+logins() { curl -sf http://127.0.0.1:8080/_mock/stats | jq .loginRequests; }
+fault() { curl -sf -X POST --data "$1" http://127.0.0.1:8080/_mock/faults >/dev/null; }
+
+export DEBIAN_FRONTEND=noninteractive
+dpkg -i /root/fts-tokend.deb >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; bad "dpkg -i"; }
+check "package created user fts-tokend and group fts-token" sh -c 'id fts-tokend && getent group fts-token'
+check "units ship disabled" sh -c '[ "$(systemctl is-enabled fts-tokend.service)" = disabled ]'
+useradd -m -G fts-token reader
+useradd -m stranger
+
+# --- the mock auth server, with this run's secrets
+password=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+apikey=$(cat /proc/sys/kernel/random/uuid)
+install -d -m 0700 /etc/mock
+printf '%s' "$password" > /etc/mock/password
+printf '%s' "$apikey" > /etc/mock/api-key
+chmod 0600 /etc/mock/*
+systemd-run --quiet --unit=mock-fts /usr/bin/fts-tokend mock-server --listen 127.0.0.1:8080 --ttl 600 \
+    --email svc@example.com --password-file /etc/mock/password --api-key-file /etc/mock/api-key
+eventually 20 curl -sf http://127.0.0.1:8080/_mock/stats || bad "mock server started"
+
+# --- credentials and config, as README "Install on a host" says
+install -d -m 0700 /etc/fts-tokend/credentials
+printf 'svc@example.com\n' > /etc/fts-tokend/credentials/email
+printf '%s\n' "$password" > /etc/fts-tokend/credentials/password
+printf '%s\n' "$apikey" > /etc/fts-tokend/credentials/api-key
+chmod 0600 /etc/fts-tokend/credentials/*
+jq '.api.baseURL = "http://127.0.0.1:8080"' /etc/fts-tokend/config.json > /tmp/config.json
+install -m 0644 /tmp/config.json /etc/fts-tokend/config.json
+
+# --- 1. start returns only once the token is on disk
+if systemctl start fts-tokend; then ok "systemctl start fts-tokend"; else bad "systemctl start fts-tokend"; fi
+check "token files exist when start returns" test -s /run/fts-tokend/token -a -s /run/fts-tokend/token.json -a -s /run/fts-tokend/headers
+check "STATUS= line in systemctl status" sh -c 'systemctl status fts-tokend | grep -q "Status: \"token valid until"'
+check "token file fts-tokend:fts-token 0640" sh -c '[ "$(stat -c "%U:%G %a" /run/fts-tokend/token)" = "fts-tokend:fts-token 640" ]'
+check "socket fts-tokend:fts-token 0660" sh -c '[ "$(stat -c "%U:%G %a %F" /run/fts-tokend/tokend.sock)" = "fts-tokend:fts-token 660 socket" ]'
+check "state file private" sh -c '[ "$(stat -c "%U %a" /var/lib/fts-tokend/state.json)" = "fts-tokend 600" ]'
+check "a member of fts-token reads the token" runuser -u reader -- test -s /run/fts-tokend/token
+check "a member of fts-token reads it on the socket" sh -c 'runuser -u reader -- curl -sf --unix-socket /run/fts-tokend/tokend.sock http://localhost/token | grep -q "^ey"'
+check "another user cannot read the token" sh -c '! runuser -u stranger -- cat /run/fts-tokend/token'
+check "another user cannot use the socket" sh -c '! runuser -u stranger -- curl -sf --unix-socket /run/fts-tokend/tokend.sock http://localhost/token'
+check "fts-tokend status reports ok" sh -c 'runuser -u reader -- fts-tokend status | grep -q "status:       ok"'
+tokens=$(cat /run/fts-tokend/token)
+
+# --- 2. credentials come from LoadCredential only
+pid=$(prop fts-tokend MainPID)
+check "config file holds no secret" sh -c "! grep -qF '$password' /etc/fts-tokend/config.json && ! grep -qF '$apikey' /etc/fts-tokend/config.json"
+check "environment holds no secret, only CREDENTIALS_DIRECTORY" sh -c "tr '\0' '\n' < /proc/$pid/environ | grep -q ^CREDENTIALS_DIRECTORY= && ! tr '\0' '\n' < /proc/$pid/environ | grep -qF '$password'"
+check "unit properties hold no secret" sh -c "! systemctl show fts-tokend | grep -qF '$password'"
+
+# --- 3. reload: reloading → active; a broken config keeps the old one
+systemctl reload fts-tokend
+check "reload returns to active" sh -c '[ "$(systemctl is-active fts-tokend)" = active ]'
+check "reload logged as FTS_EVENT=reload" eventually 10 sh -c 'journalctl -u fts-tokend FTS_EVENT=reload -o cat | grep -q .'
+cp /etc/fts-tokend/config.json /tmp/config.good
+echo '{ broken' > /etc/fts-tokend/config.json
+systemctl reload fts-tokend
+check "broken config on reload: still active" sh -c '[ "$(systemctl is-active fts-tokend)" = active ]'
+check "broken config on reload: STATUS says so" sh -c 'systemctl show -p StatusText --value fts-tokend | grep -q "reload failed"'
+check "broken config on reload: same process" sh -c "[ \"\$(systemctl show -p MainPID --value fts-tokend)\" = $pid ]"
+install -m 0644 /tmp/config.good /etc/fts-tokend/config.json
+systemctl reload fts-tokend
+
+# --- 6. journald fields
+check "journal entries carry FTS_EVENT=login_ok" sh -c 'journalctl -u fts-tokend FTS_EVENT=login_ok -o json | jq -e "select(.FTS_TOKEN_FP != null and .FTS_EXPIRES_AT != null)" | grep -q .'
+check "journal entries carry PRIORITY and CODE_FILE" sh -c 'journalctl -u fts-tokend FTS_EVENT=token_written -o json | jq -e "select(.PRIORITY == \"6\" and .CODE_FILE != null and .SYSLOG_IDENTIFIER == \"fts-tokend\")" | grep -q .'
+
+# --- 4. watchdog: a stopped process is killed and restarted; the stored token is reused
+mkdir -p /run/systemd/system/fts-tokend.service.d
+printf '[Service]\nWatchdogSec=3\n' > /run/systemd/system/fts-tokend.service.d/watchdog.conf
+systemctl daemon-reload
+systemctl restart fts-tokend
+before=$(logins)
+pid=$(prop fts-tokend MainPID)
+kill -STOP "$pid"
+check "watchdog restarts a stopped daemon" eventually 40 sh -c "p=\$(systemctl show -p MainPID --value fts-tokend); [ \"\$p\" != 0 ] && [ \"\$p\" != $pid ] && [ \"\$(systemctl is-active fts-tokend)\" = active ]"
+check "systemd logged the watchdog timeout" sh -c 'journalctl -u fts-tokend -o cat | grep -qi "watchdog timeout"'
+check "no login after the watchdog restart (state reused)" sh -c "[ \"\$(curl -sf http://127.0.0.1:8080/_mock/stats | jq .loginRequests)\" = $before ]"
+rm -rf /run/systemd/system/fts-tokend.service.d
+systemctl daemon-reload
+tokens="$tokens $(cat /run/fts-tokend/token)"
+
+# --- 7. socket activation and the template
+systemctl stop fts-tokend
+systemctl start fts-tokend.socket
+check "socket unit listens without the service" sh -c '[ "$(systemctl is-active fts-tokend.service)" = inactive ] && test -S /run/fts-tokend/tokend.sock'
+check "a connection starts the service and gets a token" sh -c 'runuser -u reader -- curl -sf --max-time 30 --unix-socket /run/fts-tokend/tokend.sock "http://localhost/token?wait=20" | grep -q "^ey"'
+check "the service was started by the socket" sh -c '[ "$(systemctl is-active fts-tokend.service)" = active ]'
+systemctl stop fts-tokend.socket fts-tokend.service
+for instance in alpha beta; do
+    install -d -m 0700 /etc/fts-tokend/credentials/$instance
+    cp -p /etc/fts-tokend/credentials/email /etc/fts-tokend/credentials/password /etc/fts-tokend/credentials/api-key /etc/fts-tokend/credentials/$instance/
+    jq --arg i "$instance" '.outputs = {tokenFile: {path: "/run/fts-tokend/\($i)/token", mode: "0640"}} | .stateFile = "/var/lib/fts-tokend/\($i)/state.json"' \
+        /etc/fts-tokend/config.json > /etc/fts-tokend/$instance.json
+done
+systemctl start fts-tokend@alpha fts-tokend@beta
+check "two template instances run side by side" sh -c 'test -s /run/fts-tokend/alpha/token && test -s /run/fts-tokend/beta/token && [ "$(systemctl is-active fts-tokend@alpha fts-tokend@beta | sort -u)" = active ]'
+tokens="$tokens $(cat /run/fts-tokend/alpha/token) $(cat /run/fts-tokend/beta/token)"
+systemctl stop fts-tokend@alpha fts-tokend@beta
+
+# --- 5. credentials rejected at start: failed with 78, no restart
+fault '{"always":{"status":401}}'
+rm -f /var/lib/fts-tokend/state.json
+systemctl start fts-tokend && bad "start with rejected credentials fails" || ok "start with rejected credentials fails"
+sleep 7
+check "unit failed with exit status 78" sh -c '[ "$(systemctl is-failed fts-tokend)" = failed ] && [ "$(systemctl show -p ExecMainStatus --value fts-tokend)" = 78 ]'
+check "not restarted (RestartPreventExitStatus=78)" sh -c '[ "$(systemctl show -p NRestarts --value fts-tokend)" = 0 ]'
+fault '{}'
+systemctl reset-failed fts-tokend
+
+# --- 6. no secret anywhere in the journal
+journalctl -o export > /tmp/journal.export
+check "journal holds no password" sh -c "! grep -qF '$password' /tmp/journal.export"
+check "journal holds no API key" sh -c "! grep -qF '$apikey' /tmp/journal.export"
+leaked=0
+for token in $tokens; do grep -qF "$token" /tmp/journal.export && leaked=1; done
+check "journal holds no token" [ "$leaked" = 0 ]
+
+# --- 8. systemd-analyze security
+exposure=$(systemd-analyze security fts-tokend.service 2>/dev/null | sed -n 's/.*Overall exposure level for fts-tokend.service: \([0-9.]*\).*/\1/p')
+echo "exposure: $exposure"
+check "systemd-analyze security exposure at most 1.5" awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 1.5) }'
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]
