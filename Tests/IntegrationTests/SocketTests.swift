@@ -154,6 +154,23 @@ import Testing
         await harness.stop()
     }
 
+    @Test func connectionsBeyondTheLimitAreClosedAtOnce() async throws {
+        let harness = try await DaemonHarness(socket: #""maxConnections": 3"#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        var held = try (0..<3).map { _ in try UnixSocketClient(socket: harness.socketPath) }
+        // Give the server a moment to admit them: the fourth must be the one refused.
+        try await Task.sleep(for: .milliseconds(300))
+        let extra = try UnixSocketClient(socket: harness.socketPath)
+        #expect(extra.waitForClose(timeout: 10), "the connection over the limit is closed")
+        // The admitted ones are still served.
+        try held[0].send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        #expect(held[0].readAll().hasPrefix("HTTP/1.1 200"))
+        held.removeAll()
+        #expect(await eventually { (try? UnixSocketClient.status(of: "/token", socket: harness.socketPath)) == 200 })
+        await harness.stop()
+    }
+
     @Test func socketActivationServesThePassedSocket() async throws {
         let harness = try await DaemonHarness(socket: "")
         let socket = harness.folder.file("activated.sock")

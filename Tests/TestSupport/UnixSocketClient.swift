@@ -88,4 +88,13 @@ public final class UnixSocketClient {
             return (status, body)
         }
     }
+
+}
+
+extension UnixSocketClient {
+    /// The status of a plain `GET target` on a new connection: for polling without a child process.
+    public static func status(of target: String, socket: String) throws -> Int {
+        let answer = try UnixSocketClient.exchange(Array("GET \(target) HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8), socket: socket)
+        return Int(answer.split(separator: " ", maxSplits: 2).dropFirst().first ?? "") ?? 0
+    }
 }
