@@ -58,6 +58,11 @@ struct SimulateCommand: ParsableCommand {
             Console.out("| scenario | logins | mean/s | peak/s (\(Int(bucket)) s buckets) | peak ÷ mean | logins per host per hour | logins caused by the restart |")
             Console.out("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         }
+        let outage = Self.outageAttempts(seed: seed)
+        defer {
+            Console.out(markdown ? "\nLogin attempts in one hour of full outage without a valid token (default backoff): \(outage)"
+                                 : "outage: attempts-per-hour=\(outage)")
+        }
         for (name, options) in scenarios {
             let result = FleetSimulation(options).run()
             let figures = [String(result.logins), format(result.meanPerSecond), format(result.peakPerSecond), format(result.peakToMean),
@@ -70,7 +75,23 @@ struct SimulateCommand: ParsableCommand {
         }
     }
 
+    /// Login attempts in one hour of full outage with no valid token, with the default backoff.
+    static func outageAttempts(seed: UInt64) -> Int {
+        let policy = RefreshPolicy(.defaults)
+        var generator = SplitMix64(seed: seed)
+        var elapsed: Double = 0
+        var attempts = 0
+        let start = Date(timeIntervalSince1970: 1_800_000_000)
+        while elapsed < 3600 {
+            attempts += 1
+            elapsed += policy.retryDelay(after: .transient, attempt: attempts, current: nil, now: start.addingTimeInterval(elapsed),
+                                         random: Double.random(in: 0..<1, using: &generator))
+        }
+        return attempts
+    }
+
     private func format(_ value: Double) -> String {
         String((value * 100).rounded() / 100)
     }
 }
+

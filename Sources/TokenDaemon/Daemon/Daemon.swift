@@ -261,7 +261,7 @@ public final class Daemon {
     private func adopt(_ grant: TokenGrant, now: Date, persist: Bool) {
         token = grant
         expiredFilesRemoved = false
-        writeOutputs(grant)
+        writeOutputs(grant, answeredAt: persist ? grant.obtainedAt : nil)
         board.post(grant, apiKey: loaded.secrets.apiKey, authorizationScheme: loaded.configuration.outputs.headersFile?.authorizationScheme ?? "Bearer")
         metrics.tokenAdopted(grant)
         if persist, writeError == nil {
@@ -282,13 +282,19 @@ public final class Daemon {
         reportStatus(now: now)
     }
 
-    private func writeOutputs(_ grant: TokenGrant) {
+    /// - Parameter answeredAt: when the login answer arrived, for a new token.
+    private func writeOutputs(_ grant: TokenGrant, answeredAt: Date? = nil) {
         guard !outputs.outputs.files.isEmpty else { return }
         do {
             try outputs.write(grant, apiKey: loaded.secrets.apiKey)
             if writeError != nil { logger.info("outputs written again", metadata: ["event": "write_recovered"]) }
             writeError = nil
-            logger.info("token written", metadata: ["event": "token_written", "token_fp": "\(grant.fingerprint)"])
+            var metadata: Logger.Metadata = ["event": "token_written", "token_fp": "\(grant.fingerprint)"]
+            if let answeredAt {
+                // From the login answer's arrival to every file renamed and fsynced.
+                metadata["write_ms"] = "\((deps.clock().timeIntervalSince(answeredAt) * 100_000).rounded() / 100)"
+            }
+            logger.info("token written", metadata: metadata)
         } catch {
             if writeError == nil {
                 logger.error("cannot write outputs: \(error)", metadata: ["event": "write_failed"])
