@@ -16,7 +16,7 @@ SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
 DEB := dist/fts-tokend_$(VERSION)_amd64.deb
 
-.PHONY: all deps build test test-system demo release install deb clean
+.PHONY: all deps build test test-system demo release install deb bench bench-smoke clean
 
 all: build
 
@@ -74,6 +74,23 @@ deb:
 ## test-system: the .deb installed into a real systemd 252 (../shared/systemd-lab; needs root)
 test-system: deb
 	bash Tests/System/run.sh $(DEB)
+
+## bench: release binary against nginx and the floor; writes docs/benchmarks.md (BENCH_FLAGS for bench.py)
+bench: release dist/uds-load dist/read-floor
+	@command -v nginx >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq nginx-light; }
+	python3 bench/bench.py --binary $(RELEASE_BIN) --load dist/uds-load --floor dist/read-floor $(BENCH_FLAGS)
+
+## bench-smoke: one short round of every benchmark, to keep the script working (writes to dist/)
+bench-smoke: BENCH_FLAGS = --smoke --output dist/benchmarks-smoke.md
+bench-smoke: bench
+
+dist/uds-load: bench/uds-load.c
+	@mkdir -p dist
+	$(CC) -O2 -pthread -Wall -o $@ $<
+
+dist/read-floor: bench/read-floor.c
+	@mkdir -p dist
+	$(CC) -O2 -pthread -Wall -o $@ $<
 
 clean:
 	rm -rf .build dist

@@ -22,22 +22,26 @@ public final class DaemonMetrics: Sendable {
     private let currentExpiry = NIOLockedValueBox<Date?>(nil)
 
     public init(version: String) {
-        expiry = registry.makeGauge(name: "fts_tokend_token_expiry_timestamp_seconds", help: "Expiry of the current token, Unix seconds (server clock).")
-        validity = registry.makeGauge(name: "fts_tokend_token_validity_seconds", help: "Seconds of validity the current token has left; 0 without a valid token.")
-        lastSuccess = registry.makeGauge(name: "fts_tokend_last_success_timestamp_seconds", help: "When the current token was obtained, Unix seconds.")
+        expiry = registry.makeGauge(descriptor: Self.name("token_expiry_timestamp", "seconds", "Expiry of the current token, Unix seconds (server clock)."))
+        validity = registry.makeGauge(descriptor: Self.name("token_validity", "seconds", "Seconds of validity the current token has left; 0 without a valid token."))
+        lastSuccess = registry.makeGauge(descriptor: Self.name("last_success_timestamp", "seconds", "When the current token was obtained, Unix seconds."))
         loginDuration = registry.makeDurationHistogram(
-            name: "fts_tokend_login_duration_seconds",
+            descriptor: Self.name("login_duration", "seconds", "Time from sending a login to its outcome."),
             buckets: [.milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500),
-                      .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30)],
-            help: "Time from sending a login to its outcome.")
-        registry.makeGauge(name: "fts_tokend_build_info", labels: [("version", version)], help: "Build information; always 1.").set(Double(1))
+                      .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30)])
+        registry.makeGauge(descriptor: Self.name("build", "info", "Build information; always 1."), labels: [("version", version)]).set(Double(1))
+    }
+
+    /// `fts_tokend_<metric>_<unit>`.
+    static func name(_ metric: String, _ unit: String, _ help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(namespace: "fts_tokend", metricName: metric, unitName: unit, helpText: help)
     }
 
     /// A login ended: `status` is the HTTP status when the server answered.
     public func loginFinished(ok: Bool, status: Int?, duration: Duration) {
         let statusClass = status.map { "\($0 / 100)xx" } ?? "none"
-        counter("fts_tokend_logins_total", [("result", ok ? "ok" : "failed"), ("status_class", ok ? "2xx" : statusClass)],
-                help: "Logins by outcome and HTTP status class.").increment()
+        counter(Self.name("logins", "total", "Logins by outcome and HTTP status class."),
+                [("result", ok ? "ok" : "failed"), ("status_class", ok ? "2xx" : statusClass)]).increment()
         loginDuration.record(duration)
     }
 
@@ -50,8 +54,8 @@ public final class DaemonMetrics: Sendable {
 
     public func socketRequest(path: String, status: Int) {
         let label = Self.knownPaths.contains(path) ? path : "other"
-        counter("fts_tokend_socket_requests_total", [("path", label), ("code", String(status))],
-                help: "Socket requests by path and HTTP status.").increment()
+        counter(Self.name("socket_requests", "total", "Socket requests by path and HTTP status."),
+                [("path", label), ("code", String(status))]).increment()
     }
 
     /// The Prometheus text exposition as of `now`.
@@ -61,11 +65,11 @@ public final class DaemonMetrics: Sendable {
         return registry.emitToBuffer()
     }
 
-    private func counter(_ name: String, _ labels: [(String, String)], help: String) -> Counter {
-        let key = name + labels.map { "|\($0.0)=\($0.1)" }.joined()
+    private func counter(_ descriptor: MetricNameDescriptor, _ labels: [(String, String)]) -> Counter {
+        let key = descriptor.name + labels.map { "|\($0.0)=\($0.1)" }.joined()
         return counters.withLockedValue { cache in
             if let counter = cache[key] { return counter }
-            let counter = registry.makeCounter(name: name, labels: labels, help: help)
+            let counter = registry.makeCounter(descriptor: descriptor, labels: labels)
             cache[key] = counter
             return counter
         }

@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""make bench: measures fts-tokend against nginx and the physical floor, and writes docs/benchmarks.md.
+
+Every comparison runs its contenders in turn (A B C A B C ...) and quotes medians, with min-max and
+ratios computed pair by pair within the same round, so that a machine whose speed drifts still gives
+honest ratios. Nothing here is a test: it measures and reports, goals met or not.
+
+Usage: bench/bench.py --binary .build/release/fts-tokend --load bench/uds-load --floor bench/read-floor
+       [--rounds 5] [--seconds 5] [--idle-seconds 60] [--lifetimes 20] [--smoke] [--output docs/benchmarks.md]
+"""
+import argparse
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def median_range(values):
+    values = sorted(values)
+    return statistics.median(values), values[0], values[-1]
+
+
+def fmt(value, digits=0):
+    return f"{value:,.{digits}f}"
+
+
+def cell(values, digits=0):
+    middle, low, high = median_range(values)
+    return f"{fmt(middle, digits)} ({fmt(low, digits)}–{fmt(high, digits)})"
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def proc_status(pid):
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def kib(value):
+    return int(value.split()[0])
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def context_switches(pid):
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        status = proc_status(f"{pid}/task/{task}")
+        total += int(status["voluntary_ctxt_switches"]) + int(status["nonvoluntary_ctxt_switches"])
+    return total
+
+
+class Lab:
+    """A mock FTS server and daemons under test in one temporary folder."""
+
+    def __init__(self, binary, ttl):
+        self.binary = binary
+        self.folder = tempfile.mkdtemp(prefix="fts-tokend-bench-")
+        self.password = os.urandom(12).hex()
+        self.key = os.urandom(16).hex()
+        self.write("password", self.password)
+        self.write("api-key", self.key)
+        self.port = free_port()
+        self.mock = subprocess.Popen(
+            [binary, "mock-server", "--listen", f"127.0.0.1:{self.port}", "--ttl", str(ttl), "--email", "bench@example.com",
+             "--password-file", self.path("password"), "--api-key-file", self.path("api-key")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_for(lambda: self.mock_stats() is not None, 20)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.path("notify.sock"))
+        self.daemon = None
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def write(self, name, text, mode=0o600):
+        with open(self.path(name), "w") as handle:
+            handle.write(text)
+        os.chmod(self.path(name), mode)
+
+    @staticmethod
+    def wait_for(condition, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.01)
+        raise RuntimeError("timed out waiting")
+
+    def mock_stats(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
+                connection.sendall(b"GET /_mock/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+            return answer.split(b"\r\n\r\n", 1)[1].decode()
+        except OSError:
+            return None
+
+    def logins(self, field="loginRequests"):
+        return int(re.search(f'"{field}":(\\d+)', self.mock_stats()).group(1))
+
+    def configure(self, refresh=None, state=True, socket_path=True):
+        outputs = {name: {"path": self.path(f"run/{file}"), "mode": "0640"}
+                   for name, file in (("tokenFile", "token"), ("jsonFile", "token.json"), ("headersFile", "headers"))}
+        if socket_path:
+            outputs["socket"] = {"path": self.path("run/tokend.sock")}
+        config = {
+            "api": {"baseURL": f"http://127.0.0.1:{self.port}", "email": "bench@example.com",
+                    "passwordFile": self.path("password"), "apiKeyFile": self.path("api-key"), "timeoutSeconds": 5},
+            "outputs": outputs, "logLevel": "info",
+        }
+        if refresh:
+            config["refresh"] = refresh
+        if state:
+            config["stateFile"] = self.path("state/state.json")
+        import json
+        self.write("config.json", json.dumps(config))
+
+    def start(self, environment=None, wait_ready=True):
+        """Starts the daemon; returns seconds from spawn to READY=1."""
+        self.notify.settimeout(0)
+        try:
+            while True:
+                self.notify.recv(4096)
+        except BlockingIOError:
+            pass
+        env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": self.path("notify.sock")}
+        env.update(environment or {})
+        started = time.monotonic()
+        self.daemon = subprocess.Popen([self.binary, "run", "--config", self.path("config.json")], env=env,
+                                       stdout=subprocess.DEVNULL, stderr=open(self.path("daemon.log"), "a"))
+        if not wait_ready:
+            return None
+        self.notify.settimeout(30)
+        while True:
+            message = self.notify.recv(4096).decode()
+            if "READY=1" in message:
+                return time.monotonic() - started
+
+    def stop(self):
+        if self.daemon and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            self.daemon.wait(10)
+        self.daemon = None
+
+    def close(self):
+        self.stop()
+        self.mock.terminate()
+        self.mock.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_load(load, socket_path, clients, seconds, target="/token"):
+    output = subprocess.run([load, socket_path, str(clients), str(seconds), target], capture_output=True, text=True).stdout
+    return {key: float(value) for key, value in re.findall(r"(\w+)=([\d.]+)", output)}
+
+
+def start_nginx(folder, token_file):
+    """nginx from Debian's packages serving the same bytes as GET /token on a Unix socket."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(nginx):
+        return None, None
+    with open(token_file) as handle:
+        token = handle.read()
+    config = os.path.join(folder, "nginx.conf")
+    sock = os.path.join(folder, "nginx.sock")
+    with open(config, "w") as handle:
+        handle.write(f"""
+worker_processes 1;
+daemon off;
+pid {folder}/nginx.pid;
+error_log {folder}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {folder}; proxy_temp_path {folder}; fastcgi_temp_path {folder}; uwsgi_temp_path {folder}; scgi_temp_path {folder};
+  server {{
+    listen unix:{sock};
+    location = /token {{ default_type text/plain; add_header Cache-Control no-store; return 200 "{token}"; }}
+  }}
+}}
+""")
+    process = subprocess.Popen([nginx, "-c", config, "-e", f"{folder}/nginx-error.log"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    Lab.wait_for(lambda: os.path.exists(sock), 10)
+    return process, sock
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--binary", required=True)
+    parser.add_argument("--load", required=True)
+    parser.add_argument("--floor", required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--idle-seconds", type=float, default=60)
+    parser.add_argument("--lifetimes", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="one short round of everything, to keep the script working")
+    parser.add_argument("--output", default=os.path.join(ROOT, "docs/benchmarks.md"))
+    args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.seconds, args.idle_seconds, args.lifetimes = 1, 0.5, 2, 2
+
+    lines = []
+    say = lambda text="": (lines.append(text), print(text, flush=True))
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown")
+    say("# Benchmarks")
+    say()
+    say(f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit}, "
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}; written by `make bench`"
+        f"{' (smoke run: figures not meaningful)' if args.smoke else ''}. Medians of {args.rounds} rounds, min–max in brackets; "
+        "ratios are taken pair by pair within a round. The machine is shared: read ratios, not absolute figures.")
+    say()
+
+    binary_size = os.path.getsize(args.binary)
+    stripped = os.path.join(tempfile.gettempdir(), "fts-tokend.stripped")
+    subprocess.run(["strip", "-o", stripped, args.binary], check=True)
+    stripped_size = os.path.getsize(stripped)
+
+    # 1. Socket serving.
+    lab = Lab(args.binary, ttl=3600)
+    try:
+        lab.configure()
+        lab.start()
+        token_socket = lab.path("run/tokend.sock")
+        nginx, nginx_socket = start_nginx(lab.folder, lab.path("run/token"))
+        say("## 1. Serving `GET /token` on a Unix socket")
+        say()
+        say("Requests per second with keep-alive clients (`bench/uds-load.c`); nginx 1 worker returns the same "
+            "bytes; the floor is open+read+close of the token file (`bench/read-floor.c`), no HTTP at all.")
+        say()
+        say("| clients | fts-tokend req/s | nginx req/s | fts-tokend ÷ nginx | floor reads/s | fts-tokend p50 / p99 µs | nginx p50 / p99 µs |")
+        say("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for clients in (1, 8, 64):
+            ours, theirs, ratios, floors, ours_p, theirs_p = [], [], [], [], [], []
+            for _ in range(args.rounds):
+                a = run_load(args.load, token_socket, clients, args.seconds)
+                ours.append(a["rps"])
+                ours_p.append((a["p50_us"], a["p99_us"]))
+                if nginx_socket:
+                    b = run_load(args.load, nginx_socket, clients, args.seconds)
+                    theirs.append(b["rps"])
+                    theirs_p.append((b["p50_us"], b["p99_us"]))
+                    ratios.append(a["rps"] / b["rps"])
+                floor = subprocess.run([args.floor, lab.path("run/token"), str(min(clients, 8)), str(args.seconds)],
+                                       capture_output=True, text=True).stdout
+                floors.append(float(re.search(r"rps=([\d.]+)", floor).group(1)))
+            p = lambda pairs: f"{statistics.median(x for x, _ in pairs):.0f} / {statistics.median(y for _, y in pairs):.0f}" if pairs else "–"
+            say(f"| {clients} | {cell(ours)} | {cell(theirs) if theirs else 'not installed'} | "
+                f"{cell(ratios, 2) if ratios else '–'} | {cell(floors)} | {p(ours_p)} | {p(theirs_p)} |")
+        if nginx:
+            nginx.terminate()
+            nginx.wait(10)
+        say()
+
+        # 2. Footprint.
+        pid = lab.daemon.pid
+        idle = proc_status(pid)
+        idle_fds = len(os.listdir(f"/proc/{pid}/fd"))
+        before = run_load(args.load, token_socket, 1, max(args.seconds, 100_000 / 20_000 if not args.smoke else 0.5))
+        after_requests = proc_status(pid)
+        rotations = 20 if args.smoke else 1000
+        lab.daemon.send_signal(signal.SIGUSR1)
+        start_logins = lab.logins()
+        for index in range(rotations):
+            target = start_logins + index + 1
+            lab.daemon.send_signal(signal.SIGUSR1)
+            Lab.wait_for(lambda: lab.logins() >= target, 20)
+        time.sleep(0.5)
+        after_rotations = proc_status(pid)
+        say("## 2. Footprint")
+        say()
+        say("| figure | value |")
+        say("| --- | ---: |")
+        say(f"| binary, static Swift runtime (unstripped / stripped) | {binary_size / 1e6:.1f} MB / {stripped_size / 1e6:.1f} MB |")
+        say(f"| RSS idle (anonymous) | {kib(idle['VmRSS']) / 1024:.1f} MiB ({kib(idle['RssAnon']) / 1024:.1f} MiB) |")
+        say(f"| RSS after {int(before['requests']):,} socket requests (anonymous) | {kib(after_requests['VmRSS']) / 1024:.1f} MiB ({kib(after_requests['RssAnon']) / 1024:.1f} MiB) |")
+        say(f"| RSS after {rotations} more rotations (anonymous) | {kib(after_rotations['VmRSS']) / 1024:.1f} MiB ({kib(after_rotations['RssAnon']) / 1024:.1f} MiB) |")
+        say(f"| threads | {idle['Threads']} |")
+        say(f"| open file descriptors (idle / after) | {idle_fds} / {len(os.listdir(f'/proc/{pid}/fd'))} |")
+        say()
+        lab.stop()
+
+        # 3. Idle cost, with a watchdog of 30 s and a one-hour token.
+        lab.start({"WATCHDOG_USEC": "30000000"})
+        pid = lab.daemon.pid
+        time.sleep(1)
+        cpu0, switches0, t0 = cpu_seconds(pid), context_switches(pid), time.monotonic()
+        time.sleep(args.idle_seconds)
+        cpu1, switches1, t1 = cpu_seconds(pid), context_switches(pid), time.monotonic()
+        per_hour = 3600 / (t1 - t0)
+        say("## 3. Idle cost")
+        say()
+        say(f"Measured over {t1 - t0:.0f} s with `WatchdogSec=30` and a one-hour token, extrapolated to an hour "
+            f"(CPU time has {1 / TICKS * 1000:.0f} ms resolution).")
+        say()
+        say("| figure | per hour |")
+        say("| --- | ---: |")
+        say(f"| CPU seconds | {(cpu1 - cpu0) * per_hour:.3f} |")
+        say(f"| context switches (all threads) | {(switches1 - switches0) * per_hour:,.0f} |")
+        say()
+        lab.stop()
+
+        # 4. Latency of the mission's path.
+        with_state, with_login, writes = [], [], []
+        for _ in range(max(args.rounds, 3) * 2):
+            with_state.append(lab.start() * 1000)
+            lab.stop()
+        for _ in range(max(args.rounds, 3) * 2):
+            os.remove(lab.path("state/state.json"))
+            with_login.append(lab.start() * 1000)
+            lab.stop()
+        writes = [float(x) for x in re.findall(r"write_ms=([\d.]+)", open(lab.path("daemon.log")).read())]
+        mock_answer = []
+        for _ in range(10):
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", lab.port)) as connection:
+                body = f'{{"email":"bench@example.com","password":"{lab.password}"}}'.encode()
+                connection.sendall(b"POST /auth/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                                   + f"x-api-key: {lab.key}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+                while connection.recv(65536):
+                    pass
+            mock_answer.append((time.monotonic() - started) * 1000)
+        say("## 4. Latency")
+        say()
+        say("| path | median (min–max) ms |")
+        say("| --- | ---: |")
+        say(f"| start → READY=1 with a valid state file (process spawn included) | {cell(with_state, 1)} |")
+        say(f"| start → READY=1 with a login against the loopback mock | {cell(with_login, 1)} |")
+        say(f"| the mock's answer to a login (a separate client, for subtraction) | {cell(mock_answer, 1)} |")
+        say(f"| login answer → all files renamed and fsynced (`write_ms` in the log) | {cell(writes, 2) if writes else '–'} |")
+        say()
+
+        # 5. Login efficiency.
+        ttl = 2
+        lab2 = Lab(args.binary, ttl=ttl)
+        try:
+            lab2.configure(refresh={"refreshAt": 0.8, "minRemainingSeconds": 0.2, "jitter": 0.05})
+            lab2.start()
+            first = lab2.logins()
+            started = time.monotonic()
+            time.sleep(args.lifetimes * ttl)
+            elapsed = time.monotonic() - started
+            logins = lab2.logins() - first
+            lab2.stop()
+            restarts_before = lab2.logins()
+            for _ in range(3 if args.smoke else 10):
+                lab2.start()
+                lab2.stop()
+            restart_logins = lab2.logins() - restarts_before
+            per_token = lab2.logins() / max(1, lab2.logins("tokensIssued"))
+        finally:
+            lab2.close()
+        outage = subprocess.run([args.binary, "simulate", "--hosts", "1", "--hours", "2"], capture_output=True, text=True).stdout
+        outage_attempts = re.search(r"attempts-per-hour=(\d+)", outage).group(1)
+        say("## 5. Login efficiency")
+        say()
+        say("| figure | value |")
+        say("| --- | ---: |")
+        say(f"| logins per token lifetime ({ttl} s tokens, {elapsed / ttl:.0f} lifetimes, refreshAt 0.8) | {logins / (elapsed / ttl):.2f} |")
+        say(f"| login requests per token issued (1.00: no failed or wasted login) | {per_token:.2f} |")
+        say(f"| logins per restart with a valid state file | {restart_logins / (3 if args.smoke else 10):.2f} |")
+        say(f"| login attempts per hour of full outage, default backoff (real policy, simulated time) | {outage_attempts} |")
+        say()
+    finally:
+        lab.close()
+
+    # 6. Fleet simulation.
+    say("## 6. Fleet simulation")
+    say()
+    hosts, hours = ("1000", "4") if args.smoke else ("10000", "24")
+    for title, extra in (("All hosts boot at the same instant (worst case)", []),
+                         ("Hosts boot within one token lifetime of each other", ["--boot-spread", "3600"])):
+        say(f"{title}; {hosts} hosts, {hours} h, one-hour tokens, logins counted per minute (`fts-tokend simulate`):")
+        say()
+        table = subprocess.run([args.binary, "simulate", "--hosts", hosts, "--hours", hours, "--markdown"] + extra,
+                               capture_output=True, text=True, check=True).stdout.strip().splitlines()
+        for line in table:
+            say(line)
+        say()
+
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
