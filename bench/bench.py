@@ -165,7 +165,13 @@ class Lab:
     def stop(self):
         if self.daemon and self.daemon.poll() is None:
             self.daemon.send_signal(signal.SIGTERM)
-            self.daemon.wait(10)
+            try:
+                self.daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                stacks = subprocess.run(["gdb", "-p", str(self.daemon.pid), "-batch", "-ex", "thread apply all bt 8"],
+                                        capture_output=True, text=True).stdout
+                self.daemon.kill()
+                raise RuntimeError("the daemon did not stop within 10 s of SIGTERM:\n" + stacks)
         self.daemon = None
 
     def close(self):
@@ -198,6 +204,8 @@ error_log {folder}/nginx-error.log;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 60s;
   client_body_temp_path {folder}; proxy_temp_path {folder}; fastcgi_temp_path {folder}; uwsgi_temp_path {folder}; scgi_temp_path {folder};
   server {{
     listen unix:{sock};
@@ -285,12 +293,12 @@ def main():
         before = run_load(args.load, token_socket, 1, max(args.seconds, 100_000 / 20_000 if not args.smoke else 0.5))
         after_requests = proc_status(pid)
         rotations = 20 if args.smoke else 1000
-        lab.daemon.send_signal(signal.SIGUSR1)
-        start_logins = lab.logins()
-        for index in range(rotations):
-            target = start_logins + index + 1
+        read_token = lambda: open(lab.path("run/token")).read()
+        for _ in range(rotations):
+            # A SIGUSR1 during a login is dropped (one login at a time): wait for each new token.
+            previous = read_token()
             lab.daemon.send_signal(signal.SIGUSR1)
-            Lab.wait_for(lambda: lab.logins() >= target, 20)
+            Lab.wait_for(lambda: read_token() != previous, 20)
         time.sleep(0.5)
         after_rotations = proc_status(pid)
         say("## 2. Footprint")

@@ -7,6 +7,7 @@
 //   requests=N seconds=S rps=R p50_us=A p99_us=B errors=E
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,6 +101,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s SOCKET CONNECTIONS SECONDS [PATH]\n", argv[0]);
         return 64;
     }
+    // A server closing a keep-alive connection must cost a reconnect, not the process.
+    signal(SIGPIPE, SIG_IGN);
     socket_path = argv[1];
     int connections = atoi(argv[2]);
     duration = atof(argv[3]);

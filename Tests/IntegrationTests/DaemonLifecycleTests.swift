@@ -211,4 +211,31 @@ import Testing
         #expect(lines.allSatisfy { $0.hasPrefix("<") })
         await harness.stop()
     }
+
+    /// sd_notify blocks once the notification socket's queue is full. A service manager that never
+    /// reads must not stall the daemon's loop: it keeps rotating and stops on SIGTERM.
+    @Test func aServiceManagerThatNeverReadsCannotStallTheDaemon() async throws {
+        let harness = try await DaemonHarness(ttl: 600)
+        let silent = harness.folder.file("silent.sock")
+        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(silent.utf8)) }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        #expect(bound == 0)
+        let child = try harness.start(environment: ["NOTIFY_SOCKET": silent])
+        #expect(await eventually { harness.token != nil })
+        // Far more notifications than the socket queues (net.unix.max_dgram_qlen, 10 by default).
+        for _ in 0..<25 {
+            let before = harness.token
+            child.signal(SIGUSR1)
+            #expect(await eventually(timeout: 10) { harness.token != before })
+        }
+        child.signal(SIGTERM)
+        #expect(await child.waitForExit(timeout: 10) == 0)
+        await harness.stop()
+    }
 }

@@ -26,7 +26,7 @@ public final class Daemon {
 
     public struct Dependencies: Sendable {
         public var loader: ConfigurationLoader
-        public var notifier: Notifier
+        public var notifier: BackgroundNotifier
         public var clock: @Sendable () -> Date
         public var random: @Sendable () -> Double
         public var watchdogInterval: Duration?
@@ -34,7 +34,7 @@ public final class Daemon {
         public var activatedSocket: Int32?
         public var version: String
 
-        public init(loader: ConfigurationLoader, notifier: Notifier = Notifier(), clock: @escaping @Sendable () -> Date = { Date() },
+        public init(loader: ConfigurationLoader, notifier: BackgroundNotifier = BackgroundNotifier(), clock: @escaping @Sendable () -> Date = { Date() },
                     random: @escaping @Sendable () -> Double = { Double.random(in: 0..<1) },
                     watchdogInterval: Duration?, activatedSocket: Int32? = nil, version: String) {
             self.loader = loader
@@ -129,6 +129,7 @@ public final class Daemon {
                 logger.critical("cannot listen on the socket: \(error)", metadata: ["event": "socket_failed"])
                 deps.notifier.notify(.status("cannot listen on the socket: \(error)"))
                 await client.shutdown()
+                deps.notifier.flush(timeout: .seconds(1))
                 return ExitStatus.failure
             }
         }
@@ -143,6 +144,7 @@ public final class Daemon {
         login?.cancel()
         await server?.stop()
         await client.shutdown()
+        deps.notifier.flush(timeout: .seconds(1))
         return exitStatus ?? ExitStatus.success
     }
 
