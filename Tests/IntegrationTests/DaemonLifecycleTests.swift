@@ -217,15 +217,9 @@ import Testing
     @Test func aServiceManagerThatNeverReadsCannotStallTheDaemon() async throws {
         let harness = try await DaemonHarness(ttl: 600)
         let silent = harness.folder.file("silent.sock")
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        // Bound, and never read.
+        let fd = try UnixSocket.open(SOCK_DGRAM, .bind, path: silent)
         defer { close(fd) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(silent.utf8)) }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        #expect(bound == 0)
         let child = try harness.start(environment: ["NOTIFY_SOCKET": silent])
         #expect(await eventually { harness.token != nil })
         // Far more notifications than the socket queues (net.unix.max_dgram_qlen, 10 by default).
