@@ -74,13 +74,19 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
         #expect(result.warnings.contains { $0.contains("check NTP") })
     }
 
-    @Test func serverClockBehindNeverDelaysTheRefresh() throws {
-        let result = try parse(#"{"token":"t","expires":\#(expires)}"#, date: "Fri, 15 Jan 2027 07:59:00 GMT")
-        #expect(result.grant.clockSkew == 0)
+    @Test func serverClockBehindIsFollowedSoAFastLocalClockStillAcceptsTokens() throws {
+        // Our clock is two hours fast: by it, a one-hour token "expired" an hour ago.
+        // The server (at 06:00) grants until 07:00, which our clock (at 08:00) has passed.
+        let result = try parse(#"{"token":"t","expires":1799996400}"#, date: "Fri, 15 Jan 2027 06:00:00 GMT")
+        #expect(result.grant.clockSkew == -7200)
+        #expect(result.grant.localExpiry == Date(timeIntervalSince1970: 1_800_003_600))
+        #expect(result.grant.lifetime == 3600)
         #expect(result.warnings.count == 1)
         let small = try parse(#"{"token":"t","expires":\#(expires)}"#, date: "Fri, 15 Jan 2027 08:00:10 GMT")
         #expect(small.grant.clockSkew == 10)
         #expect(small.warnings.isEmpty)
+        let withinResolution = try parse(#"{"token":"t","expires":\#(expires)}"#, date: "Fri, 15 Jan 2027 07:59:59 GMT")
+        #expect(withinResolution.grant.clockSkew == 0)
         let unparsable = try parse(#"{"token":"t","expires":\#(expires)}"#, date: "yesterday")
         #expect(unparsable.grant.clockSkew == 0)
     }

@@ -15,8 +15,8 @@ public struct TokenGrant: Sendable, Equatable, Codable {
     public var obtainedAt: Date
     public var userId: String?
     public var tenantId: String?
-    /// Seconds the server's clock is ahead of ours (0 when it is not ahead). Applied to expiry so that a
-    /// slow local clock makes us refresh early rather than late.
+    /// Seconds the server's clock is ahead of ours (negative when behind; 0 within a second). Expiry is
+    /// converted to local time with it, so the schedule follows the server's clock.
     public var clockSkew: TimeInterval
 
     public init(token: String, expiresAt: Date, obtainedAt: Date, userId: String?, tenantId: String?, clockSkew: TimeInterval) {

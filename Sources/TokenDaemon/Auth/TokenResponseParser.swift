@@ -52,9 +52,10 @@ public struct TokenResponseParser: Sendable {
             if abs(measured) > Self.skewWarningThreshold {
                 warnings.append("local clock differs from the auth server's by \(Int(measured.rounded())) s (positive: server ahead); check NTP")
             }
-            // The Date header has one-second resolution: only a clearly slow local clock moves the
-            // schedule, and only earlier.
-            skew = measured > 1 ? measured : 0
+            // Schedule in server time: the server judges expiry by its clock. The Date header has
+            // one-second resolution, so smaller differences are noise. A local clock ahead by more than
+            // a token's lifetime would otherwise make every token look expired on arrival.
+            skew = abs(measured) > 1 ? measured : 0
         }
 
         guard expiresAt.addingTimeInterval(-skew) > now else {
