@@ -315,6 +315,14 @@ def main():
         say()
         lab.stop()
 
+        # Restarts with a valid (one-hour) state file: each must reuse the stored token.
+        restarts = 3 if args.smoke else 10
+        restarts_before = lab.logins()
+        for _ in range(restarts):
+            lab.start()
+            lab.stop()
+        restart_logins = (lab.logins() - restarts_before) / restarts
+
         # 3. Idle cost, with a watchdog of 30 s and a one-hour token.
         lab.start({"WATCHDOG_USEC": "30000000"})
         pid = lab.daemon.pid
@@ -366,7 +374,7 @@ def main():
         say()
 
         # 5. Login efficiency.
-        ttl = 2
+        ttl = 5
         lab2 = Lab(args.binary, ttl=ttl)
         try:
             lab2.configure(refresh={"refreshAt": 0.8, "minRemainingSeconds": 0.2, "jitter": 0.05})
@@ -377,11 +385,6 @@ def main():
             elapsed = time.monotonic() - started
             logins = lab2.logins() - first
             lab2.stop()
-            restarts_before = lab2.logins()
-            for _ in range(3 if args.smoke else 10):
-                lab2.start()
-                lab2.stop()
-            restart_logins = lab2.logins() - restarts_before
             per_token = lab2.logins() / max(1, lab2.logins("tokensIssued"))
         finally:
             lab2.close()
@@ -391,9 +394,9 @@ def main():
         say()
         say("| figure | value |")
         say("| --- | ---: |")
-        say(f"| logins per token lifetime ({ttl} s tokens, {elapsed / ttl:.0f} lifetimes, refreshAt 0.8) | {logins / (elapsed / ttl):.2f} |")
+        say(f"| logins per token lifetime ({ttl} s tokens, {elapsed / ttl:.0f} lifetimes; refreshAt 0.8 and whole-second `expires` make 1.25–1.5 the expected figure) | {logins / (elapsed / ttl):.2f} |")
         say(f"| login requests per token issued (1.00: no failed or wasted login) | {per_token:.2f} |")
-        say(f"| logins per restart with a valid state file | {restart_logins / (3 if args.smoke else 10):.2f} |")
+        say(f"| logins per restart with a valid state file ({restarts} restarts, one-hour token) | {restart_logins:.2f} |")
         say(f"| login attempts per hour of full outage, default backoff (real policy, simulated time) | {outage_attempts} |")
         say()
     finally:
@@ -413,7 +416,7 @@ def main():
         table = subprocess.run([args.binary, "simulate", "--hosts", hosts, "--hours", hours, "--markdown"] + extra,
                                capture_output=True, text=True, check=True).stdout.strip().splitlines()
         for line in table:
-            if not line.startswith("Login attempts"):  # reported in section 5
+            if line and not line.startswith("Login attempts"):  # reported in section 5
                 say(line)
         say()
 
