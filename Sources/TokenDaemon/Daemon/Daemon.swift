@@ -34,7 +34,9 @@ public final class Daemon {
         public var activatedSocket: Int32?
         public var version: String
 
-        public init(loader: ConfigurationLoader, notifier: BackgroundNotifier = BackgroundNotifier(), clock: @escaping @Sendable () -> Date = { Date() },
+        /// The default clock never runs backwards (see `SteadyWallClock`).
+        public init(loader: ConfigurationLoader, notifier: BackgroundNotifier = BackgroundNotifier(),
+                    clock: @escaping @Sendable () -> Date = SteadyWallClock().now,
                     random: @escaping @Sendable () -> Double = { Double.random(in: 0..<1) },
                     watchdogInterval: Duration?, activatedSocket: Int32? = nil, version: String) {
             self.loader = loader
