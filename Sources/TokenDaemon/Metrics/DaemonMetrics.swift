@@ -19,6 +19,13 @@ public final class DaemonMetrics: Sendable {
     private let loginDuration: DurationHistogram
     /// Per-label counters, looked up once and kept (the registry would look them up on every call).
     private let counters = NIOLockedValueBox<[String: Counter]>([:])
+    /// The socket's counters, keyed without building any string: this runs on every request.
+    private let requestCounters = NIOLockedValueBox<[RequestKey: Counter]>([:])
+
+    private struct RequestKey: Hashable {
+        var path: String
+        var status: Int
+    }
     private let currentExpiry = NIOLockedValueBox<Date?>(nil)
 
     public init(version: String) {
@@ -53,9 +60,15 @@ public final class DaemonMetrics: Sendable {
     }
 
     public func socketRequest(path: String, status: Int) {
-        let label = Self.knownPaths.contains(path) ? path : "other"
-        counter(Self.name("socket_requests", "total", "Socket requests by path and HTTP status."),
-                [("path", label), ("code", String(status))]).increment()
+        let key = RequestKey(path: Self.knownPaths.contains(path) ? path : "other", status: status)
+        requestCounters.withLockedValue { cache in
+            if let counter = cache[key] { return counter }
+            let counter = registry.makeCounter(
+                descriptor: Self.name("socket_requests", "total", "Socket requests by path and HTTP status."),
+                labels: [("path", key.path), ("code", String(key.status))])
+            cache[key] = counter
+            return counter
+        }.increment()
     }
 
     /// The Prometheus text exposition as of `now`.

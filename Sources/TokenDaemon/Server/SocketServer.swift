@@ -22,8 +22,6 @@ public final class SocketServer: Sendable {
     /// The path we bound and must remove at shutdown; nil when systemd owns the socket.
     private let ownedPath: String?
 
-    public var localPath: String? { ownedPath }
-
     private init(channel: any Channel, ownedPath: String?) {
         self.channel = channel
         self.ownedPath = ownedPath
