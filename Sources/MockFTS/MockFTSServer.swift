@@ -125,7 +125,26 @@ public final class MockFTSServer: Sendable {
 
     /// Whether `token` is one of ours and unexpired now: what `whoami` checks, without HTTP.
     public func accepts(_ token: String) -> Bool {
-        jwt.verify(token, now: Date()) != nil
+        verdict(on: token, at: Date()) == .accepted
+    }
+
+    /// What `whoami` would have answered for `token` at `instant`.
+    public func verdict(on token: String, at instant: Date) -> TokenVerdict {
+        guard let expiry = expiry(of: token) else { return .unknown }
+        return expiry > instant ? .accepted : .expired
+    }
+
+    /// The JWT `exp` of a whole token this mock issued; nil for anything else.
+    public func expiry(of token: String) -> Date? {
+        jwt.expiry(of: token)
+    }
+
+    public enum TokenVerdict: Sendable {
+        case accepted
+        /// Issued by this mock, but past its `exp`.
+        case expired
+        /// Not a whole token of this mock: partial, mixed or foreign.
+        case unknown
     }
 
     public func script(_ script: MockFaultScript) {
@@ -191,7 +210,8 @@ public final class MockFTSServer: Sendable {
             state.stats.loginRequests += 1
             state.stats.loginTimes.append(now.timeIntervalSince1970)
             state.stats.lastUserAgent = headers.first(name: "User-Agent")
-            let fault = state.script.next.isEmpty ? state.script.always : state.script.next.removeFirst()
+            var fault = state.script.next.isEmpty ? state.script.always : state.script.next.removeFirst()
+            if let chance = fault?.chance, Double.random(in: 0..<1) >= chance { fault = nil }
             return (state.configuration, fault, state.stats.loginRequests)
         }
         var response = answer(configuration, fault: fault, headers: headers, body: body, now: now, serial: serial)

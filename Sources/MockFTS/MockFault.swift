@@ -18,9 +18,13 @@ public struct MockFault: Sendable, Codable, Equatable {
     public var expired: Bool?
     /// Issue a token whose `expires` field is this many seconds later than its JWT `exp`.
     public var expiresSkewSeconds: Double?
+    /// Apply this fault to a login with this probability only (0...1); the other logins succeed.
+    /// A flapping server is `MockFault(status: 503, chance: 0.5)`.
+    public var chance: Double?
 
     public init(status: Int? = nil, retryAfter: String? = nil, delaySeconds: Double? = nil, body: String? = nil,
-                contentType: String? = nil, hang: Bool? = nil, expired: Bool? = nil, expiresSkewSeconds: Double? = nil) {
+                contentType: String? = nil, hang: Bool? = nil, expired: Bool? = nil, expiresSkewSeconds: Double? = nil,
+                chance: Double? = nil) {
         self.status = status
         self.retryAfter = retryAfter
         self.delaySeconds = delaySeconds
@@ -29,6 +33,7 @@ public struct MockFault: Sendable, Codable, Equatable {
         self.hang = hang
         self.expired = expired
         self.expiresSkewSeconds = expiresSkewSeconds
+        self.chance = chance
     }
 
     public static func status(_ code: Int, retryAfter: String? = nil) -> MockFault {

@@ -27,13 +27,21 @@ struct MockJWT: Sendable {
 
     /// The `sub` claim of a token this mock signed that has not expired at `now`, else nil.
     func verify(_ token: String, now: Date) -> String? {
+        guard let claims = claims(of: token), Double(claims.exp) > now.timeIntervalSince1970 else { return nil }
+        return claims.sub
+    }
+
+    /// `exp` of a token signed with our key, whether or not it has expired.
+    func expiry(of token: String) -> Date? {
+        claims(of: token).map { Date(timeIntervalSince1970: Double($0.exp)) }
+    }
+
+    private func claims(of token: String) -> Claims? {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3, let signature = Self.decode(parts[2]),
               HMAC<SHA256>.isValidAuthenticationCode(signature, authenticating: Array((parts[0] + "." + parts[1]).utf8), using: key),
-              let payload = Self.decode(parts[1]),
-              let claims = try? JSONDecoder().decode(Claims.self, from: Data(payload)),
-              Double(claims.exp) > now.timeIntervalSince1970 else { return nil }
-        return claims.sub
+              let payload = Self.decode(parts[1]) else { return nil }
+        return try? JSONDecoder().decode(Claims.self, from: Data(payload))
     }
 
     static func base64URL(_ bytes: [UInt8]) -> String {

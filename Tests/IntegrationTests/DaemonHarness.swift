@@ -23,7 +23,12 @@ final class DaemonHarness: @unchecked Sendable {
         var jitter = 0.05
         var backoffInitialSeconds = 0.2
         var backoffMaxSeconds = 1.0
+        /// `api.timeoutSeconds`: the whole login's budget.
+        var loginTimeoutSeconds = 5.0
     }
+
+    /// The refresh and timeout settings the config is written with.
+    let refresh: Refresh
 
     /// `outputs.socket` in the config; nil leaves it out.
     let socket: String?
@@ -36,23 +41,25 @@ final class DaemonHarness: @unchecked Sendable {
         let folder = try TemporaryDirectory()
         self.folder = folder
         self.extraConfig = extraConfig
+        self.refresh = refresh
         self.socket = socket.map { "{ \"path\": \"\(folder.file("run/tokend.sock"))\"\($0.isEmpty ? "" : ", " + $0) }" }
         mock = MockFTSServer(.init(apiKey: apiKey, email: "svc@example.com", password: password, tokenTTL: ttl))
         port = try await mock.start()
         notify = try NotifyListener(in: folder)
         try folder.write("secrets/password", password + "\n")
         try folder.write("secrets/api-key", apiKey + "\n")
-        try writeConfig(refresh: refresh)
+        try writeConfig()
     }
 
     var configPath: String { folder.file("config.json") }
 
-    func writeConfig(refresh: Refresh = Refresh(), logLevel: String = "debug") throws {
+    /// Writes config.json; SIGHUP makes a running daemon read it again.
+    func writeConfig(logLevel: String = "debug") throws {
         try folder.write("config.json", """
             {
               "api": { "baseURL": "http://127.0.0.1:\(port)", "email": "svc@example.com",
                        "passwordFile": "\(folder.file("secrets/password"))", "apiKeyFile": "\(folder.file("secrets/api-key"))",
-                       "timeoutSeconds": 5 },
+                       "timeoutSeconds": \(refresh.loginTimeoutSeconds) },
               "refresh": { "refreshAt": \(refresh.refreshAt), "minRemainingSeconds": \(refresh.minRemainingSeconds),
                            "jitter": \(refresh.jitter), "backoffInitialSeconds": \(refresh.backoffInitialSeconds),
                            "backoffMaxSeconds": \(refresh.backoffMaxSeconds) },

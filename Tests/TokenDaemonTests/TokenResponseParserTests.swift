@@ -78,9 +78,11 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
         // Our clock is two hours fast: by it, a one-hour token "expired" an hour ago.
         // The server (at 06:00) grants until 07:00, which our clock (at 08:00) has passed.
         let result = try parse(#"{"token":"t","expires":1799996400}"#, date: "Fri, 15 Jan 2027 06:00:00 GMT")
-        #expect(result.grant.clockSkew == -7200)
-        #expect(result.grant.localExpiry == Date(timeIntervalSince1970: 1_800_003_600))
-        #expect(result.grant.lifetime == 3600)
+        // The Date header is truncated to the second: the server may be 7199 s behind, and the
+        // earlier expiry is the one kept.
+        #expect(result.grant.clockSkew == -7199)
+        #expect(result.grant.localExpiry == Date(timeIntervalSince1970: 1_800_003_599))
+        #expect(result.grant.lifetime == 3599)
         #expect(result.warnings.count == 1)
         let small = try parse(#"{"token":"t","expires":\#(expires)}"#, date: "Fri, 15 Jan 2027 08:00:10 GMT")
         #expect(small.grant.clockSkew == 10)
@@ -89,6 +91,31 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
         #expect(withinResolution.grant.clockSkew == 0)
         let unparsable = try parse(#"{"token":"t","expires":\#(expires)}"#, date: "yesterday")
         #expect(unparsable.grant.clockSkew == 0)
+    }
+
+    @Test func aSlowAnswerStampedWhenTheRequestArrivedDoesNotStretchTheToken() throws {
+        // Regression (chaos suite, 10 s answers): the server stamped Date when the request arrived,
+        // 10 s before the answer reached us. That is no evidence of a slow server clock; reading it
+        // as one kept a token 10 s past its expiry.
+        let sent = now.addingTimeInterval(-10)
+        let result = try TokenResponseParser().parse(
+            body: Array(#"{"token":"t","expires":\#(expires)}"#.utf8), contentType: nil,
+            serverDate: "Fri, 15 Jan 2027 07:59:50 GMT", sentAt: sent, now: now)
+        #expect(result.grant.clockSkew == 0)
+        #expect(result.grant.localExpiry == Date(timeIntervalSince1970: 1_800_003_600))
+    }
+
+    @Test func skewIsTheValueClosestToZeroThatOneExchangeAllows() {
+        let sent = Date(timeIntervalSince1970: 1000)
+        let received = sent.addingTimeInterval(10)
+        // Stamped anywhere within the exchange: the clocks may agree.
+        for stamp in [999.5, 1000, 1005, 1010] {
+            #expect(TokenResponseParser.clockSkew(serverDate: Date(timeIntervalSince1970: stamp), sentAt: sent, receivedAt: received) == 0)
+        }
+        // Server ahead: at least by how far its date is past our receipt.
+        #expect(TokenResponseParser.clockSkew(serverDate: Date(timeIntervalSince1970: 1100), sentAt: sent, receivedAt: received) == 90)
+        // Server behind: by at most what the truncated date allows, so expiry comes early, not late.
+        #expect(TokenResponseParser.clockSkew(serverDate: Date(timeIntervalSince1970: 900), sentAt: sent, receivedAt: received) == -99)
     }
 
     struct Bad: Sendable, CustomTestStringConvertible {

@@ -47,7 +47,7 @@ public final class AuthClient: Sendable {
         try? await http.shutdown()
     }
 
-    /// Logs in once. `now` reads the local clock when the answer arrives.
+    /// Logs in once. `now` reads the local clock when the request goes out and when the answer arrives.
     public func login(_ secrets: LoginSecrets, now: @Sendable () -> Date) async throws(LoginError) -> TokenResponseParser.Result {
         var request = HTTPClientRequest(url: url)
         request.method = .POST
@@ -65,6 +65,7 @@ public final class AuthClient: Sendable {
 
         let answer: Answer
         let prepared = request
+        let sent = now()
         do {
             answer = try await withOverallTimeout { try await self.send(prepared) }
         } catch let error as LoginError {
@@ -76,7 +77,7 @@ public final class AuthClient: Sendable {
         guard (200...299).contains(answer.status) else {
             throw LoginError.httpStatus(answer.status, retryAfter: answer.retryAfter.flatMap { RetryAfter.seconds(from: $0, now: arrived) })
         }
-        return try parser.parse(body: answer.body, contentType: answer.contentType, serverDate: answer.date, now: arrived)
+        return try parser.parse(body: answer.body, contentType: answer.contentType, serverDate: answer.date, sentAt: sent, now: arrived)
     }
 
     private struct Answer: Sendable {

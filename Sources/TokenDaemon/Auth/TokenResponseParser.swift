@@ -29,8 +29,9 @@ public struct TokenResponseParser: Sendable {
     ///   - body: the response body (already capped in size).
     ///   - contentType: the `Content-Type` header, for the error message only.
     ///   - serverDate: the `Date` header, to measure the server's clock against ours.
+    ///   - sentAt: the local time the request went out (nil: the same as `now`).
     ///   - now: the local time the answer arrived.
-    public func parse(body: [UInt8], contentType: String?, serverDate: String?, now: Date) throws(LoginError) -> Result {
+    public func parse(body: [UInt8], contentType: String?, serverDate: String?, sentAt: Date? = nil, now: Date) throws(LoginError) -> Result {
         guard case .object(let fields)? = try? JSONValue.parse(body) else {
             throw LoginError.notJSON(contentType: contentType)
         }
@@ -48,14 +49,10 @@ public struct TokenResponseParser: Sendable {
 
         var skew: TimeInterval = 0
         if let serverDate, let serverNow = HTTPDate.parse(serverDate) {
-            let measured = serverNow.timeIntervalSince(now)
-            if abs(measured) > Self.skewWarningThreshold {
-                warnings.append("local clock differs from the auth server's by \(Int(measured.rounded())) s (positive: server ahead); check NTP")
+            skew = Self.clockSkew(serverDate: serverNow, sentAt: sentAt ?? now, receivedAt: now)
+            if abs(skew) > Self.skewWarningThreshold {
+                warnings.append("local clock differs from the auth server's by \(Int(skew.rounded())) s (positive: server ahead); check NTP")
             }
-            // Schedule in server time: the server judges expiry by its clock. The Date header has
-            // one-second resolution, so smaller differences are noise. A local clock ahead by more than
-            // a token's lifetime would otherwise make every token look expired on arrival.
-            skew = abs(measured) > 1 ? measured : 0
         }
 
         guard expiresAt.addingTimeInterval(-skew) > now else {
@@ -66,6 +63,23 @@ public struct TokenResponseParser: Sendable {
             userId: Self.identifier(fields["userId"]), tenantId: Self.identifier(fields["tenantId"]),
             clockSkew: skew)
         return Result(grant: grant, warnings: warnings)
+    }
+
+    /// How far the server's clock is ahead of ours (negative: behind), as far as one exchange can tell.
+    ///
+    /// Expiry is scheduled in server time (the server judges it by its clock), so a local clock ahead
+    /// by more than a token's lifetime would otherwise make every token look expired on arrival.
+    /// The `Date` header was stamped somewhere between sending and receiving, truncated to the
+    /// second, so the true difference lies in [date − receivedAt, date + 1 − sentAt]. We take the
+    /// value of that interval closest to zero: no correction when the clocks may agree (a slow or
+    /// stale answer must not stretch a token's life), and towards an earlier expiry when the server
+    /// is behind.
+    static func clockSkew(serverDate: Date, sentAt: Date, receivedAt: Date) -> TimeInterval {
+        let least = serverDate.timeIntervalSince(receivedAt)
+        let most = serverDate.addingTimeInterval(1).timeIntervalSince(sentAt)
+        if least > 0 { return least }
+        if most < 0 { return most }
+        return 0
     }
 
     /// A token must fit in a header line: visible ASCII only. Anything else (a newline above all) could

@@ -95,8 +95,9 @@ public final class Daemon {
         self.metrics = DaemonMetrics(version: dependencies.version)
     }
 
-    /// Runs until SIGTERM or SIGINT (exit 0), or until the credentials are rejected before any token
-    /// was obtained (exit 78).
+    /// Runs until SIGTERM or SIGINT (exit 0), until the credentials are rejected before any token
+    /// was obtained (exit 78), or until the calling task is cancelled (exit 0; how a test that runs
+    /// the daemon in its own process stops it). The signals' default actions are restored on return.
     public func run() async -> Int32 {
         let (events, sink) = AsyncStream<Event>.makeStream()
         let queue = DispatchQueue(label: "fts-tokend.timer")
@@ -114,6 +115,7 @@ public final class Daemon {
         defer {
             timer.cancel()
             signals.forEach { $0.cancel() }
+            [SIGTERM, SIGINT, SIGHUP, SIGUSR1].forEach { signal($0, SIG_DFL) }
         }
 
         if let interval = deps.watchdogInterval {

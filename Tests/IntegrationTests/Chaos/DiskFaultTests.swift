@@ -48,8 +48,8 @@ import Testing
         let recovered = await eventually(timeout: 30) { harness.token != old && harness.token.map(harness.mock.accepts) == true }
         #expect(recovered)
         #expect(child.standardError.contains("event=write_recovered"))
-        print("scenario: \(status != nil && oldIntact && recovered ? "held" : "FAILED") (outputs on a \(fault.rawValue): "
-              + "old token intact \(oldIntact), failure in STATUS \(status != nil), new token written after recovery \(recovered))")
+        Scenario.report(status != nil && oldIntact && recovered, "outputs on a \(fault.rawValue): "
+              + "old token intact \(oldIntact), failure in STATUS \(status != nil), new token written after recovery \(recovered)")
         await harness.stop()
     }
 }
