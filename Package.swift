@@ -68,7 +68,8 @@ let package = Package(
         .testTarget(name: "MockFTSTests", dependencies: ["MockFTS", "TestSupport",
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
             .product(name: "NIOHTTP1", package: "swift-nio")]),
-        .testTarget(name: "IntegrationTests", dependencies: ["MockFTS", "TestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["MockFTS", "TestSupport", "TokenDaemon",
+            .product(name: "Logging", package: "swift-log")]),
     ],
     swiftLanguageModes: [.v6]
 )
