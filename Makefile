@@ -1,4 +1,5 @@
 # fts-tokend: `make demo` to see it work, `make test` to run the tests (README "Quick start").
+SHELL   := /bin/bash
 SWIFT   ?= swift
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -16,7 +17,7 @@ SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
 DEB := dist/fts-tokend_$(VERSION)_amd64.deb
 
-.PHONY: all deps build test test-system demo release install deb bench bench-smoke clean
+.PHONY: all deps build test test-system soak demo release install deb bench bench-smoke clean
 
 all: build
 
@@ -79,6 +80,19 @@ test-system: deb
 bench: release dist/uds-load dist/read-floor
 	@command -v nginx >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq nginx-light; }
 	python3 bench/bench.py --binary $(RELEASE_BIN) --load dist/uds-load --floor dist/read-floor $(BENCH_FLAGS)
+
+## soak: the long chaos suite (SOAK_SECONDS of random faults, 250 kill -9, 10x the lifetimes) and the
+## fuzzers (FUZZ_SECONDS each); every scenario line goes to dist/soak.txt. Disk faults need root.
+SOAK_SECONDS ?= 1800
+FUZZ_SECONDS ?= 300
+CHAOS_SUITES := IntegrationTests\.(AuthServerChaosTests|ClockChaosTests|SoakTests|CrashSafetyTests|DiskFaultTests|SocketFloodTests)
+soak: deps
+	$(SWIFT) build --build-tests
+	mkdir -p dist
+	set -o pipefail; FTS_CHAOS=long FTS_SOAK_SECONDS=$(SOAK_SECONDS) FTS_CRASH_KILLS=250 \
+	  $(SWIFT) test --skip-build --filter '$(CHAOS_SUITES)' 2>&1 | tee dist/soak.log
+	set -o pipefail; bash Fuzz/run.sh $(FUZZ_SECONDS) 2>&1 | tee -a dist/soak.log
+	grep '^scenario: ' dist/soak.log > dist/soak.txt; cat dist/soak.txt
 
 ## bench-smoke: one short round of every benchmark, to keep the script working (writes to dist/)
 bench-smoke: BENCH_FLAGS = --smoke --output dist/benchmarks-smoke.md

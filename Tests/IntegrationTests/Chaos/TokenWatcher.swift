@@ -25,7 +25,8 @@ final class TokenWatcher: @unchecked Sendable {
         var examples: [String] = []
     }
 
-    private let files: [(name: String, path: String, extract: (Data) -> String?)]
+    /// What is read each round: a name, how to fetch it (nil: absent) and how to find the token in it.
+    private let sources: [(name: String, fetch: () -> Data?, extract: (Data) -> String?)]
     private let mock: MockFTSServer
     private let interval: TimeInterval
     private let lock = NSLock()
@@ -36,21 +37,40 @@ final class TokenWatcher: @unchecked Sendable {
     private var expiries: [String: Date?] = [:]
     private let done = DispatchSemaphore(value: 0)
 
-    /// Starts watching `harness`'s three output files at once.
-    init(_ harness: DaemonHarness, interval: TimeInterval = 0.001) {
+    /// Starts watching `harness`'s three output files at once, and its socket's `/token` when
+    /// `socket` is true.
+    init(_ harness: DaemonHarness, interval: TimeInterval = 0.001, socket: Bool = false) {
         self.mock = harness.mock
         self.interval = interval
-        files = [
-            ("token", harness.folder.file("run/token"), { String(decoding: $0, as: UTF8.self) }),
-            ("headers", harness.folder.file("run/headers"), { data in
+        func file(_ name: String) -> () -> Data? {
+            let path = harness.folder.file("run/" + name)
+            return { FileManager.default.contents(atPath: path) }
+        }
+        var sources: [(name: String, fetch: () -> Data?, extract: (Data) -> String?)] = [
+            ("token", file("token"), { String(decoding: $0, as: UTF8.self) }),
+            ("headers", file("headers"), { data in
                 let text = String(decoding: data, as: UTF8.self)
                 guard text.hasSuffix("\n"), let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Authorization: ") }) else { return nil }
                 return line.split(separator: " ").last.map(String.init)
             }),
-            ("token.json", harness.folder.file("run/token.json"), { data in
+            ("token.json", file("token.json"), { data in
                 (try? JSONSerialization.jsonObject(with: data) as? [String: Any])?["token"] as? String
             }),
         ]
+        if socket {
+            let path = harness.socketPath
+            // 503 while the daemon holds no valid token: absent, like the files.
+            sources.append(("socket /token", {
+                let answer = try? UnixSocketClient.exchange(Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8), socket: path)
+                guard let answer, !answer.hasPrefix("HTTP/1.1 503") else { return nil }
+                return Data(answer.utf8)
+            }, { data in
+                let text = String(decoding: data, as: UTF8.self)
+                guard text.hasPrefix("HTTP/1.1 200"), let body = text.range(of: "\r\n\r\n") else { return nil }
+                return String(text[body.upperBound...])
+            }))
+        }
+        self.sources = sources
         Thread { [self] in watch() }.start()
     }
 
@@ -58,18 +78,18 @@ final class TokenWatcher: @unchecked Sendable {
         var previous: (instant: Date, expired: Bool, absent: Bool)?
         var started = false
         while lock.withLock({ running }) {
-            for (index, file) in files.enumerated() {
+            for (index, source) in sources.enumerated() {
                 let instant = Date()
-                guard let data = FileManager.default.contents(atPath: file.path) else {
+                guard let data = source.fetch() else {
                     if index == 0 { record(&previous, at: instant, expired: false, absent: started) }
                     continue
                 }
-                let verdict: MockFTSServer.TokenVerdict = file.extract(data).map { self.verdict(on: $0, at: instant) } ?? .unknown
+                let verdict: MockFTSServer.TokenVerdict = source.extract(data).map { self.verdict(on: $0, at: instant) } ?? .unknown
                 lock.withLock {
                     result.reads += 1
                     if verdict == .unknown {
                         result.bad += 1
-                        if result.examples.count < 3 { result.examples.append("\(file.name): \(data.count) bytes") }
+                        if result.examples.count < 3 { result.examples.append("\(source.name): \(data.count) bytes") }
                     }
                     if verdict == .expired { result.expiredReads += 1 }
                 }
