@@ -6,6 +6,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "fts-tokend", targets: ["fts-tokend"]),
+        // The daemon's core, for the libFuzzer targets in Fuzz/ (a package of their own).
+        .library(name: "TokenDaemon", targets: ["TokenDaemon"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -26,10 +28,13 @@ let package = Package(
             providers: [.apt(["libsystemd-dev"])]
         ),
         .target(name: "Systemd", dependencies: ["CSystemd"]),
+        // glibc's malloc.h (malloc_trim), which the Glibc module does not export.
+        .systemLibrary(name: "CMalloc"),
         .target(
             name: "TokenDaemon",
             dependencies: [
                 "Systemd",
+                "CMalloc",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

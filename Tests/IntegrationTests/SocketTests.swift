@@ -87,7 +87,7 @@ import Testing
     }
 
     @Test func twoHundredConcurrentClientsGetWholeValidTokensDuringRotations() async throws {
-        let harness = try await DaemonHarness(ttl: 3, refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1), socket: "")
+        let harness = try await DaemonHarness(ttl: 4, refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1), socket: "")
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         var failures = 0
@@ -154,20 +154,42 @@ import Testing
         await harness.stop()
     }
 
-    @Test func connectionsBeyondTheLimitAreClosedAtOnce() async throws {
+    @Test func atTheLimitANewConnectionReplacesTheLongestIdleOne() async throws {
         let harness = try await DaemonHarness(socket: #""maxConnections": 3"#)
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
-        var held = try (0..<3).map { _ in try UnixSocketClient(socket: harness.socketPath) }
-        // Give the server a moment to admit them: the fourth must be the one refused.
+        let oldest = try UnixSocketClient(socket: harness.socketPath)
+        try await Task.sleep(for: .milliseconds(100))
+        let busy = try UnixSocketClient(socket: harness.socketPath)
+        let idle = try UnixSocketClient(socket: harness.socketPath)
+        try await Task.sleep(for: .milliseconds(100))
+        // `busy` makes a request: `oldest` is now the one idle the longest.
+        try busy.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        try await Task.sleep(for: .milliseconds(100))
+        let answer = try UnixSocketClient.exchange(Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8), socket: harness.socketPath)
+        #expect(answer.hasPrefix("HTTP/1.1 200"), "the newcomer is served")
+        #expect(oldest.waitForClose(timeout: 10), "the longest-idle connection made room")
+        try idle.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        #expect(idle.readAll().hasPrefix("HTTP/1.1 200"), "the others stay")
+        #expect(try await Command.curl("/metrics", socket: harness.socketPath).body.contains(#"fts_tokend_socket_connections_dropped_total{reason="evicted"}"#))
+        await harness.stop()
+    }
+
+    @Test func whenEverySlotHoldsALongPollANewConnectionIsRefused() async throws {
+        let harness = try await DaemonHarness(socket: #""maxConnections": 2"#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let headers = try await Command.curl("/token", socket: harness.socketPath).headers
+        let fingerprint = try #require(headers.split(whereSeparator: \.isNewline)
+            .first { $0.lowercased().hasPrefix("x-token-fingerprint:") }?.split(separator: " ").last)
+        let waiting = try (0..<2).map { _ in try UnixSocketClient(socket: harness.socketPath) }
+        for client in waiting {
+            try client.send(Array("GET /token?wait=60&after=\(fingerprint) HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        }
         try await Task.sleep(for: .milliseconds(300))
         let extra = try UnixSocketClient(socket: harness.socketPath)
-        #expect(extra.waitForClose(timeout: 10), "the connection over the limit is closed")
-        // The admitted ones are still served.
-        try held[0].send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
-        #expect(held[0].readAll().hasPrefix("HTTP/1.1 200"))
-        held.removeAll()
-        #expect(await eventually { (try? UnixSocketClient.status(of: "/token", socket: harness.socketPath)) == 200 })
+        #expect(extra.waitForClose(timeout: 10), "refused: no slot is idle")
+        #expect(waiting.allSatisfy { !$0.waitForClose(timeout: 0.2) }, "the long polls go on")
         await harness.stop()
     }
 

@@ -71,6 +71,13 @@ public final class DaemonMetrics: Sendable {
         }.increment()
     }
 
+    /// A socket connection was closed on accept (`refused`: every slot in a long poll) or to make
+    /// room for a new one (`evicted`).
+    public func socketConnectionDropped(_ reason: String) {
+        counter(Self.name("socket_connections_dropped", "total", "Socket connections closed at the connection limit, by reason."),
+                [("reason", reason)]).increment()
+    }
+
     /// The Prometheus text exposition as of `now`.
     public func render(now: Date) -> [UInt8] {
         let remaining = currentExpiry.withLockedValue { $0 }.map { max(0, $0.timeIntervalSince(now)) } ?? 0

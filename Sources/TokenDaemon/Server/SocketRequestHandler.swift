@@ -36,6 +36,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
     static let maxTargetLength = 2048
 
     private let board: TokenBoard
+    private let connections: ConnectionTable
     private let metrics: DaemonMetrics
     private let socket: Configuration.Socket?
     private let logger: Logger
@@ -46,8 +47,10 @@ final class SocketRequestHandler: ChannelInboundHandler {
     /// A long poll in progress: its waiter and timeout.
     private var pending: (id: Int, timeout: Scheduled<Void>)?
 
-    init(board: TokenBoard, metrics: DaemonMetrics, socket: Configuration.Socket?, logger: Logger, clock: @escaping @Sendable () -> Date) {
+    init(board: TokenBoard, connections: ConnectionTable, metrics: DaemonMetrics, socket: Configuration.Socket?, logger: Logger,
+         clock: @escaping @Sendable () -> Date) {
         self.board = board
+        self.connections = connections
         self.metrics = metrics
         self.socket = socket
         self.logger = logger
@@ -67,8 +70,15 @@ final class SocketRequestHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        cancelPending()
+        cancelPending(context: context)
         context.fireChannelInactive()
+    }
+
+    /// A malformed or oversized request: NIO's protocol error handler has already answered 400 with
+    /// `Connection: close`, but the connection would otherwise stay open until the idle timeout,
+    /// holding a slot and leaving the client waiting for the close.
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -84,6 +94,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
         switch unwrapInboundIn(data) {
         case .head(let head):
             self.head = head
+            connections.touch(context.channel)
         case .body:
             break
         case .end:
@@ -147,7 +158,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
             loop.execute {
                 let (handler, context) = bound.value
                 guard handler.pending != nil else { return }
-                handler.cancelPending()
+                handler.cancelPending(context: context)
                 handler.serveToken(head, path: path, now: handler.clock(), context: context)
             }
         }
@@ -156,13 +167,15 @@ final class SocketRequestHandler: ChannelInboundHandler {
         }
         let timeout = loop.scheduleTask(in: .milliseconds(Int64(wait * 1000))) { answer() }
         pending = (id, timeout)
+        connections.setWaiting(context.channel, true)
     }
 
-    private func cancelPending() {
+    private func cancelPending(context: ChannelHandlerContext) {
         guard let pending else { return }
         self.pending = nil
         pending.timeout.cancel()
         board.cancelWait(pending.id)
+        connections.setWaiting(context.channel, false)
     }
 
     private func isAllowed() -> Bool {

@@ -1,0 +1,87 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// The socket's open connections, bounded by `capacity`.
+///
+/// When every slot is taken, a new connection takes the place of the one idle the longest (as nginx
+/// reuses its keep-alive connections), so a client that holds connections open, or dribbles a
+/// request head byte by byte, cannot lock the host's other processes out. Connections waiting in a
+/// long poll are never taken; when all of them are, the new connection is refused.
+final class ConnectionTable: Sendable {
+    enum Admission: Equatable {
+        case admitted
+        /// Admitted in the place of a connection closed for it.
+        case admittedByEvicting
+        case refused
+    }
+
+    private struct Entry {
+        let channel: any Channel
+        /// Last request head seen (or the accept).
+        var lastActive: NIODeadline
+        var waiting = false
+    }
+
+    private struct State {
+        var entries: [ObjectIdentifier: Entry] = [:]
+        /// Most connections open at once since the table was last nearly empty.
+        var peak = 0
+    }
+
+    /// A burst that opened at least this many connections counts as a storm (see `remove`).
+    static let stormSize = 64
+    /// ... and it is over once no more than this many remain.
+    static let calmSize = 4
+
+    private let capacity: Int
+    private let state = NIOLockedValueBox(State())
+
+    init(capacity: Int) {
+        self.capacity = capacity
+    }
+
+    var count: Int { state.withLockedValue { $0.entries.count } }
+
+    /// Admits `channel`, closing the longest-idle connection first when the table is full. The
+    /// search is linear, and runs only when the table is full.
+    func admit(_ channel: any Channel, now: NIODeadline = .now()) -> Admission {
+        let (admission, evicted) = state.withLockedValue { state -> (Admission, (any Channel)?) in
+            var evicted: (any Channel)?
+            if state.entries.count >= capacity {
+                guard let oldest = state.entries.filter({ !$0.value.waiting }).min(by: { $0.value.lastActive < $1.value.lastActive }) else {
+                    return (.refused, nil)
+                }
+                evicted = state.entries.removeValue(forKey: oldest.key)?.channel
+            }
+            state.entries[ObjectIdentifier(channel)] = Entry(channel: channel, lastActive: now)
+            state.peak = max(state.peak, state.entries.count)
+            return (evicted == nil ? .admitted : .admittedByEvicting, evicted)
+        }
+        evicted?.close(promise: nil)
+        return admission
+    }
+
+    /// A request arrived on `channel`.
+    func touch(_ channel: any Channel, now: NIODeadline = .now()) {
+        state.withLockedValue { $0.entries[ObjectIdentifier(channel)]?.lastActive = now }
+    }
+
+    /// `channel` started (true) or ended (false) a long poll.
+    func setWaiting(_ channel: any Channel, _ waiting: Bool) {
+        state.withLockedValue { $0.entries[ObjectIdentifier(channel)]?.waiting = waiting }
+    }
+
+    /// `channel` closed. Checks identity: an evicted channel's slot may already belong to another.
+    /// Returns true when this close ends a storm of connections (`stormSize` open at once, now down
+    /// to `calmSize`): the moment to hand the memory they used back to the system.
+    @discardableResult
+    func remove(_ channel: any Channel) -> Bool {
+        state.withLockedValue { state in
+            let id = ObjectIdentifier(channel)
+            if state.entries[id]?.channel === channel { state.entries.removeValue(forKey: id) }
+            guard state.entries.count <= Self.calmSize else { return false }
+            defer { state.peak = state.entries.count }
+            return state.peak >= Self.stormSize
+        }
+    }
+}
