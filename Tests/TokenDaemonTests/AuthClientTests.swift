@@ -40,7 +40,9 @@ import Testing
         try await withMock(milliseconds: milliseconds) { mock, client in
             let answer = try await client.login(Self.secrets, now: { Date() })
             #expect(mock.accepts(answer.grant.token))
-            #expect(abs(answer.grant.lifetime - 600) < 2)
+            // 600 s from when the mock minted it, less the time the answer took (seconds when the
+            // machine is busy).
+            #expect(answer.grant.lifetime <= 600 && answer.grant.lifetime > 590)
             #expect(answer.grant.userId == "user-1")
             #expect(answer.grant.tenantId == "tenant-1")
             #expect(answer.warnings.isEmpty)

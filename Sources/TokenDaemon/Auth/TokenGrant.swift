@@ -36,7 +36,17 @@ public struct TokenGrant: Sendable, Equatable, Codable {
 
     public func remaining(at now: Date) -> TimeInterval { localExpiry.timeIntervalSince(now) }
 
-    public func isValid(at now: Date) -> Bool { remaining(at: now) > 0 }
+    /// Validity a token must have left to be handed out. The timer that withdraws an expiring token
+    /// may fire a few milliseconds late, and a reader needs a moment to use what it read: the
+    /// daemon withdraws a token (removes its files, stops serving it) this long before it expires,
+    /// so no reader ever sees one past its expiry.
+    public static let handOutMargin: TimeInterval = 1
+
+    /// Whether the token may still be handed out: more than `handOutMargin` left.
+    public func isValid(at now: Date) -> Bool { remaining(at: now) > Self.handOutMargin }
+
+    /// Seconds until the token is withdrawn (`handOutMargin` before expiry).
+    public func usable(at now: Date) -> TimeInterval { remaining(at: now) - Self.handOutMargin }
 
     /// First 8 hex characters of the token's SHA-256: names a token in logs without revealing it.
     public var fingerprint: String { Fingerprint.of(token) }

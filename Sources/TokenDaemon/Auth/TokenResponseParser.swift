@@ -55,7 +55,9 @@ public struct TokenResponseParser: Sendable {
             }
         }
 
-        guard expiresAt.addingTimeInterval(-skew) > now else {
+        // A token too close to expiry to be handed out counts as expired: adopting it would only
+        // withdraw it at once and log in again without a pause.
+        guard expiresAt.addingTimeInterval(-skew) > now.addingTimeInterval(TokenGrant.handOutMargin) else {
             throw LoginError.alreadyExpired(expiresAt: expiresAt)
         }
         let grant = TokenGrant(

@@ -412,7 +412,7 @@ public final class Daemon {
         let now = deps.clock()
         var delay = Self.maxTick
         if login == nil, let due = nextLogin { delay = min(delay, due.timeIntervalSince(now)) }
-        if let token, token.isValid(at: now) { delay = min(delay, token.remaining(at: now)) }
+        if let token, token.isValid(at: now) { delay = min(delay, token.usable(at: now)) }
         if writeError != nil { delay = min(delay, Self.writeRetry) }
         if let due = nextWatchdog {
             let untilPing = ContinuousClock.now.duration(to: due)

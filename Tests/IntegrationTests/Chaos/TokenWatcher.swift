@@ -91,7 +91,10 @@ final class TokenWatcher: @unchecked Sendable {
                         result.bad += 1
                         if result.examples.count < 3 { result.examples.append("\(source.name): \(data.count) bytes") }
                     }
-                    if verdict == .expired { result.expiredReads += 1 }
+                    if verdict == .expired {
+                        result.expiredReads += 1
+                        if result.examples.count < 3 { result.examples.append("\(source.name): expired token") }
+                    }
                 }
                 if index == 0 {
                     started = true
