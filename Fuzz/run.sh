@@ -32,6 +32,11 @@ fi
 echo "built in $(( $(date +%s) - started )) s"
 bin=$("${build[@]}" --show-bin-path)
 
+# Swift's own crash backtracer would run before libFuzzer's handler and trips ASan while reading the
+# stack ("stack-buffer-underflow ... memserver_read"); without it, a failed precondition reaches
+# libFuzzer as a deadly signal and the sanitizer prints the real stack.
+export SWIFT_BACKTRACE=enable=no
+
 failed=0
 for target in "${targets[@]}"; do
     name=${target#fuzz-}
@@ -62,15 +67,17 @@ for target in "${targets[@]}"; do
         echo "scenario: held ($stats)"
     else
         failed=1
-        written=$(sed -n 's/.*Test unit written to //p' "$log" | tr '\n' ' ')
+        written=$(sed -n 's/.*Test unit written to //p' "$log" | paste -sd ' ')
         echo "scenario: FAILED ($stats; exit $status; input ${written:-none written}; log $log)"
-        # Where it died: the Swift or sanitizer message and the first frames of the stack.
-        grep -E 'Fatal error|ERROR: |SUMMARY: |^ *#[0-9]+ 0x' "$log" | head -25 | sed 's/^/    /'
+        # Where it died: the Swift or sanitizer message and the first frames outside libFuzzer and libc.
+        grep -E '(Fatal error|Precondition failed|Assertion failed|ERROR: |SUMMARY: )' "$log" | head -5 | sed 's/^/    /'
+        grep -E '^ *#[0-9]+ 0x' "$log" | grep -vE 'compiler-rt/|libc\.so|__libc_start|in _start' | head -12 \
+            | swift demangle --simplified | sed 's/^/    /'
     fi
 done
 
 if (( failed )); then
-    echo "kept $work (crash inputs, logs); reproduce with: $bin/<target> <crash file>"
+    echo "kept $work (crash inputs, logs); reproduce: SWIFT_BACKTRACE=enable=no $bin/<target> <crash file>"
     exit 1
 fi
 rm -rf "$work"
