@@ -27,7 +27,8 @@ import Testing
             .split(separator: " ").first { $0.hasPrefix("token_fp=") }?.dropFirst("token_fp=".count))
 
         // The recording action ran at once although the first action hangs.
-        #expect(await eventually(timeout: 5) { folder.read("env-\(fingerprint)") != nil })
+        // Waits for the whole file: the shell creates it before `env` has written it.
+        #expect(await eventually(timeout: 5) { folder.read("env-\(fingerprint)")?.contains("FTS_TOKEN_FP=") == true })
         let environment = try #require(folder.read("env-\(fingerprint)"))
         #expect(environment.contains("FTS_TOKEN_FP=\(fingerprint)"))
         #expect(environment.contains("FTS_EXPIRES_AT="))

@@ -21,6 +21,9 @@ public final class Spawned: @unchecked Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, standardOutput, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         posix_spawn_file_actions_addopen(&actions, 2, standardError, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        // Nothing else: descriptors other tests hold open at this instant (sockets, pipes) would
+        // otherwise leak into the child and skew its descriptor counts.
+        Self.closeFrom(3, &actions)
 
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
@@ -32,6 +35,14 @@ public final class Spawned: @unchecked Sendable {
         let result = posix_spawn(&child, executable, &actions, nil, argv, envp)
         guard result == 0 else { throw POSIXError(.init(rawValue: result) ?? .EIO) }
         pid = child
+    }
+
+    /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34), which Swift's Glibc module does not
+    /// declare; looked up at run time.
+    private static func closeFrom(_ lowest: Int32, _ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>) {
+        typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") else { return }
+        _ = unsafeBitCast(symbol, to: CloseFrom.self)(actions, lowest)
     }
 
     deinit {

@@ -36,6 +36,16 @@ public final class TemporaryDirectory: Sendable {
         return info.st_mode & 0o7777
     }
 
+    /// Every regular file below the folder, as relative paths.
+    public func allFiles() -> [String] {
+        let enumerator = FileManager.default.enumerator(atPath: path)
+        var files: [String] = []
+        while let name = enumerator?.nextObject() as? String {
+            if (enumerator?.fileAttributes?[.type] as? FileAttributeType) == .typeRegular { files.append(name) }
+        }
+        return files.sorted()
+    }
+
     public func entries(_ folder: String = "") -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: folder.isEmpty ? path : file(folder))) ?? []).sorted()
     }
