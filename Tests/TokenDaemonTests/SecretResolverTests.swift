@@ -116,6 +116,47 @@ import Testing
         }
     }
 
+    /// A config whose token file is `run/token` under `folder` and whose metrics file is `metrics/m.prom`.
+    private func configWithOutputs(in folder: TemporaryDirectory) throws -> String {
+        try folder.write("config.json", #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k"},"#
+            + #""outputs":{"tokenFile":{"path":"\#(folder.file("run/token"))"}},"metricsFile":"\#(folder.file("metrics/m.prom"))"}"#, mode: 0o600)
+    }
+
+    @Test func aTokenFolderOthersCanWriteIsRefused() throws {
+        let folder = try TemporaryDirectory()
+        let config = try configWithOutputs(in: folder)
+        let previous = try folder.write("run/token", "previous-token")
+        chmod(folder.file("run"), 0o777)
+        do {
+            _ = try ConfigurationLoader(environment: [:]).load(path: config)
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.keyPath == "outputs.tokenFile.path")
+            #expect(error.description.contains("(mode 0777) is writable by other users"))
+        }
+        #expect(folder.read("run/token") == "previous-token", "nothing written: \(previous)")
+        // The same folder mode for the metrics file is fine: it holds no secret.
+        chmod(folder.file("run"), 0o750)
+        try FileManager.default.createDirectory(atPath: folder.file("metrics"), withIntermediateDirectories: true)
+        chmod(folder.file("metrics"), 0o777)
+        #expect(throws: Never.self) { try ConfigurationLoader(environment: [:]).load(path: config) }
+    }
+
+    @Test(.enabled(if: geteuid() == 0)) func aTokenFolderOfAnotherUserIsRefused() throws {
+        let folder = try TemporaryDirectory()
+        let config = try configWithOutputs(in: folder)
+        try FileManager.default.createDirectory(atPath: folder.file("run"), withIntermediateDirectories: true)
+        chown(folder.file("run"), 65534, 65534)
+        chmod(folder.file("run"), 0o755)
+        do {
+            _ = try ConfigurationLoader(environment: [:]).load(path: config)
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.keyPath == "outputs.tokenFile.path")
+            #expect(error.description.contains("belongs to uid 65534, another user"))
+        }
+    }
+
     @Test func aCAFileThatIsNotPEMIsAConfigurationError() throws {
         let folder = try TemporaryDirectory()
         let notPEM = try folder.write("ca.pem", "hello")

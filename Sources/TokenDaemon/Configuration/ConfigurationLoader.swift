@@ -1,3 +1,4 @@
+import Glibc
 import NIOSSL
 
 /// A configuration with its secrets resolved: everything a login needs.
@@ -47,6 +48,40 @@ public struct ConfigurationLoader: Sendable {
                 throw ConfigurationError("api.caFile", "cannot read \(caFile) as PEM certificates: \(error)")
             }
         }
+        let outputs = configuration.outputs
+        let secretBearing: [(key: String, path: String?)] = [
+            ("outputs.tokenFile.path", outputs.tokenFile?.path), ("outputs.jsonFile.path", outputs.jsonFile?.path),
+            ("outputs.headersFile.path", outputs.headersFile?.file.path), ("outputs.socket.path", outputs.socket?.path),
+            ("stateFile", configuration.stateFile),
+        ]
+        for case let (key, path?) in secretBearing {
+            try Self.checkFolder(of: path, key: key)
+        }
         return LoadedConfiguration(configuration: configuration, secrets: secrets)
+    }
+
+    /// The folders that hold the token must be the daemon's own: another user who can write there
+    /// could replace what readers trust (a forged token, a header line of their own). As sshd's
+    /// StrictModes: an existing folder must belong to this user or root and be writable by no one
+    /// else. A folder that does not exist yet is created by the daemon, mode 0750. (`metricsFile` is
+    /// exempt: it holds no secret, and node_exporter's textfile folder is often group-writable.)
+    static func checkFolder(of path: String, key: String) throws(ConfigurationError) {
+        let folder = AtomicFileWriter.split(path).directory
+        var info = stat()
+        guard stat(folder, &info) == 0 else {
+            if errno == ENOENT { return }
+            throw ConfigurationError(key, "cannot inspect the folder \(folder): \(String(cString: strerror(errno)))")
+        }
+        guard info.st_mode & S_IFMT == S_IFDIR else {
+            throw ConfigurationError(key, "\(folder) is not a folder")
+        }
+        guard info.st_uid == geteuid() || info.st_uid == 0 else {
+            throw ConfigurationError(key, "the folder \(folder) belongs to uid \(info.st_uid), another user, who could replace the token "
+                                     + "files; use a folder of this user (uid \(geteuid())) or root")
+        }
+        guard info.st_mode & 0o022 == 0 else {
+            throw ConfigurationError(key, "the folder \(folder) (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))) is writable by "
+                                     + "other users, who could replace the token files; remove group and other write permission")
+        }
     }
 }
