@@ -85,7 +85,7 @@ bench: release dist/uds-load dist/read-floor
 ## fuzzers (FUZZ_SECONDS each); every scenario line goes to dist/soak.txt. Disk faults need root.
 SOAK_SECONDS ?= 1800
 FUZZ_SECONDS ?= 300
-CHAOS_SUITES := IntegrationTests\.(AuthServerChaosTests|ClockChaosTests|SoakTests|CrashSafetyTests|DiskFaultTests|SocketFloodTests)
+CHAOS_SUITES := IntegrationTests\.(AuthServerChaosTests|ClockChaosTests|SoakTests|CrashSafetyTests|DiskFaultTests|SocketFloodTests|HostileAnswerTests|HostileSetupTests)
 soak: deps
 	$(SWIFT) build --build-tests
 	mkdir -p dist

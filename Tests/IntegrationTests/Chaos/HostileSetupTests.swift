@@ -1,0 +1,83 @@
+import Foundation
+import MockFTS
+import TestSupport
+import Testing
+
+/// Hostile or careless setups against the real binary (issue 5, list 7): each refused at start with
+/// exit 78 and a message naming the key, or, for a symlink planted at an output path, written around
+/// without touching its target. The malformed-config cases one key at a time are in
+/// `ConfigurationParserTests` (about 60) and `SecretResolverTests`.
+@Suite struct HostileSetupTests {
+    enum Setup: String, CaseIterable, CustomTestStringConvertible {
+        case tokenFolderOthersCanWrite = "token folder writable by others"
+        case tokenFolderOfAnotherUser = "token folder owned by another user"
+        case worldReadablePasswordFile = "world-readable password file"
+        case malformedConfig = "config that is not JSON"
+        var testDescription: String { rawValue }
+    }
+
+    /// Handing a folder to another user takes root.
+    static let setups = Setup.allCases.filter { $0 != .tokenFolderOfAnotherUser || geteuid() == 0 }
+
+    @Test(arguments: setups)
+    func aHostileSetupIsRefusedAtStartAndNothingIsWritten(_ setup: Setup) async throws {
+        let harness = try await DaemonHarness()
+        // A token from before, in the folder the daemon would write: it must stay as it is.
+        let previous = try harness.folder.write("run/token", "previous-token", mode: 0o640)
+        let expected: String
+        switch setup {
+        case .tokenFolderOthersCanWrite:
+            chmod(harness.folder.file("run"), 0o777)
+            expected = "outputs.tokenFile.path: the folder \(harness.folder.file("run")) (mode 0777) is writable by other users"
+        case .tokenFolderOfAnotherUser:
+            chown(harness.folder.file("run"), 65534, 65534)
+            expected = "outputs.tokenFile.path: the folder \(harness.folder.file("run")) belongs to uid 65534, another user"
+        case .worldReadablePasswordFile:
+            chmod(harness.folder.file("secrets/password"), 0o644)
+            expected = "api.passwordFile: "
+        case .malformedConfig:
+            try harness.folder.write("config.json", #"{"api": {"baseURL": "http://127.0.0.1:1", "#)
+            expected = "(file): "
+        }
+        let child = try harness.start()
+        let status = await child.waitForExit(timeout: 30)
+        let said = child.standardError.contains(expected)
+        let untouched = harness.folder.read("run/token") == "previous-token" && harness.folder.entries("run") == ["token"]
+        let logins = harness.mock.stats.loginRequests
+        let held = status == 78 && said && untouched && logins == 0
+        Scenario.report(held, "\(setup.rawValue): exit \(status.map(String.init) ?? "none"), message names the problem \(said), "
+                        + "existing token file untouched \(untouched), logins \(logins)")
+        #expect(status == 78)
+        #expect(said, "stderr: \(child.standardError.suffix(400)); previous at \(previous)")
+        #expect(untouched)
+        #expect(logins == 0)
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func aSymlinkPlantedAtAnOutputPathIsReplacedAndItsTargetUntouched() async throws {
+        let harness = try await DaemonHarness()
+        // Stands for /etc/passwd: a file the daemon's user may write, that a symlink points at.
+        let victim = try harness.folder.write("victim/passwd", "root:x:0:0:root:/root:/bin/bash\n", mode: 0o644)
+        try FileManager.default.createDirectory(atPath: harness.folder.file("run"), withIntermediateDirectories: true)
+        chmod(harness.folder.file("run"), 0o750)
+        for name in ["token", "token.json", "headers"] {
+            #expect(symlink(victim, harness.folder.file("run/" + name)) == 0)
+        }
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let untouched = harness.folder.read("victim/passwd") == "root:x:0:0:root:/root:/bin/bash\n" && harness.folder.mode("victim/passwd") == 0o644
+        let replaced = ["token", "token.json", "headers"].allSatisfy { name in
+            var info = stat()
+            return lstat(harness.folder.file("run/" + name), &info) == 0 && info.st_mode & S_IFMT == S_IFREG
+        }
+        let valid = harness.token.map(harness.mock.accepts) == true
+        Scenario.report(untouched && replaced && valid, "symlinks to a passwd file planted at the three output paths: target untouched \(untouched), "
+                        + "symlinks replaced by regular files \(replaced), token valid \(valid)")
+        #expect(untouched)
+        #expect(replaced)
+        #expect(valid)
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+}
