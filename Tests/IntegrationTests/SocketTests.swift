@@ -2,6 +2,7 @@ import Foundation
 import MockFTS
 import TestSupport
 import Testing
+import TokenDaemon
 
 /// The socket API through curl and raw sockets, against the real daemon.
 @Suite struct SocketTests {
@@ -151,6 +152,30 @@ import Testing
         #expect(try await Command.curl("/token", socket: path).status == 200)
         #expect(slow.waitForClose(timeout: 30), "idle connection closed")
         #expect(try await Command.curl("/token", socket: path).status == 200)
+        await harness.stop()
+    }
+
+    @Test func answersKeepRequestOrderBehindALongPollAndHTTP10IsServed() async throws {
+        let harness = try await DaemonHarness(socket: "")
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let token = try #require(harness.token)
+        // Three requests in one write: a long poll that times out after 1 s, then two plain ones.
+        let client = try UnixSocketClient(socket: harness.socketPath)
+        try client.send(Array(("GET /token?wait=1&after=\(Fingerprint.of(token)) HTTP/1.1\r\nHost: x\r\n\r\n"
+                               + "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                               + "HEAD /token.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").utf8))
+        let answers = client.readAll().components(separatedBy: "HTTP/1.1 ").dropFirst()
+        #expect(answers.count == 3)
+        #expect(answers.first?.hasSuffix(token) == true, "the long poll's answer comes first")
+        #expect(answers.dropFirst().first?.contains(#""status":"ok""#) == true, "then /healthz")
+        #expect(answers.last?.hasPrefix("200 OK") == true && answers.last?.hasSuffix("\r\n\r\n") == true, "then HEAD, without a body")
+        // HTTP/1.0 asking for keep-alive is told so and can ask again.
+        let old = try UnixSocketClient(socket: harness.socketPath)
+        try old.send(Array("GET /token HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /token HTTP/1.0\r\n\r\n".utf8))
+        let both = old.readAll()
+        #expect(both.components(separatedBy: "HTTP/1.1 200 OK").count == 3, "\(both.count) bytes")
+        #expect(both.contains("Connection: keep-alive\r\n"))
         await harness.stop()
     }
 

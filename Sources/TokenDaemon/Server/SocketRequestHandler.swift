@@ -24,16 +24,23 @@ struct RawPeerCredentials: Sendable {
     var gid: UInt32 = 0
 }
 
-/// Serves one connection: routes each request (the pipelining handler hands them over one at a time)
-/// and answers from the `TokenBoard`. Errors stay on this connection.
+/// Serves one connection: answers each request from the `TokenBoard`, in order. Errors stay on
+/// this connection.
+///
+/// Below it in the pipeline only NIO's request decoder runs; answers are written as bytes
+/// (`HTTPResponseBytes`): a token from the board's pre-encoded response, in one write. Answers go
+/// out in request order: a request pipelined behind a long poll waits for it (up to
+/// `maxQueued`, then the connection is closed).
 final class SocketRequestHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
+    typealias OutboundOut = ByteBuffer
 
     /// Longest long poll a client may ask for.
     static let maxWait: TimeInterval = 300
     /// Request-target length accepted (the headers are bounded by the decoder's limits).
     static let maxTargetLength = 2048
+    /// Requests a client may pipeline behind a long poll.
+    static let maxQueued = 8
 
     private let board: TokenBoard
     private let connections: ConnectionTable
@@ -46,6 +53,8 @@ final class SocketRequestHandler: ChannelInboundHandler {
     private var head: HTTPRequestHead?
     /// A long poll in progress: its waiter and timeout.
     private var pending: (id: Int, timeout: Scheduled<Void>)?
+    /// Requests that arrived while a long poll was pending, answered after it.
+    private var queued: [HTTPRequestHead] = []
 
     init(board: TokenBoard, connections: ConnectionTable, metrics: DaemonMetrics, socket: Configuration.Socket?, logger: Logger,
          clock: @escaping @Sendable () -> Date) {
@@ -74,11 +83,14 @@ final class SocketRequestHandler: ChannelInboundHandler {
         context.fireChannelInactive()
     }
 
-    /// A malformed or oversized request: NIO's protocol error handler has already answered 400 with
-    /// `Connection: close`, but the connection would otherwise stay open until the idle timeout,
-    /// holding a slot and leaving the client waiting for the close.
+    /// A malformed or oversized request (the decoder's error): answered 400 and closed, as nothing
+    /// after it on this connection can be trusted to line up.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
+        guard context.channel.isActive else { return }
+        metrics.socketRequest(path: "other", status: 400)
+        let answer = HTTPResponseBytes.encode(.badRequest, contentType: "application/json",
+                                              body: ByteBuffer(string: #"{"error":"malformed request"}"# + "\n"), keepAlive: false)
+        context.writeAndFlush(wrapOutboundOut(answer)).whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -100,11 +112,20 @@ final class SocketRequestHandler: ChannelInboundHandler {
         case .end:
             guard let head else { return }
             self.head = nil
+            guard pending == nil else {
+                queued.append(head)
+                if queued.count > Self.maxQueued { context.close(promise: nil) }
+                return
+            }
             route(head, context: context)
         }
     }
 
     private func route(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        // The common case first, without splitting the target: a plain GET of a token resource.
+        if head.method == .GET, let resource = TokenBoard.Resource(path: head.uri), isAllowed() {
+            return serveToken(head, resource: resource, now: clock(), context: context)
+        }
         let (path, query) = Self.split(head.uri)
         guard head.uri.utf8.count <= Self.maxTargetLength else {
             return respond(.uriTooLong, path: "other", json: #"{"error":"request target too long"}"#, head: head, context: context)
@@ -120,38 +141,40 @@ final class SocketRequestHandler: ChannelInboundHandler {
             return respond(.forbidden, path: path, json: #"{"error":"this user may not read the token"}"#, head: head, context: context)
         }
         let now = clock()
-        switch path {
-        case "/token", "/token.json", "/headers":
+        if let resource = TokenBoard.Resource(path: path) {
             if let wait = query["wait"].flatMap(Double.init), wait > 0 {
-                return longPoll(head, path: path, wait: min(wait, Self.maxWait), after: query["after"], context: context)
+                return longPoll(head, resource: resource, wait: min(wait, Self.maxWait), after: query["after"], context: context)
             }
-            serveToken(head, path: path, now: now, context: context)
+            return serveToken(head, resource: resource, now: now, context: context)
+        }
+        switch path {
         case "/healthz":
             let health = board.health
             let body = (try? JSONEncoder().encode(health)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
             respond(board.validEntry(at: now) != nil ? .ok : .serviceUnavailable, path: path, json: body, head: head, context: context)
         case "/metrics":
-            var body = context.channel.allocator.buffer(capacity: 4096)
-            body.writeBytes(metrics.render(now: now))
-            respond(.ok, path: path, body: body, contentType: "text/plain; version=0.0.4; charset=utf-8", head: head, context: context)
+            respond(.ok, path: path, body: ByteBuffer(bytes: metrics.render(now: now)), contentType: "text/plain; version=0.0.4; charset=utf-8",
+                    head: head, context: context)
         default:
             respond(.notFound, path: "other", json: #"{"error":"not found","paths":["/token","/token.json","/headers","/healthz","/metrics"]}"#, head: head, context: context)
         }
     }
 
-    private func serveToken(_ head: HTTPRequestHead, path: String, now: Date, context: ChannelHandlerContext) {
+    private func serveToken(_ head: HTTPRequestHead, resource: TokenBoard.Resource, now: Date, context: ChannelHandlerContext) {
         guard let entry = board.validEntry(at: now) else {
-            return respond(.serviceUnavailable, path: path, json: #"{"error":"no valid token","status":"\#(board.health.status)"}"#,
+            return respond(.serviceUnavailable, path: resource.path, json: #"{"error":"no valid token","status":"\#(board.health.status)"}"#,
                            head: head, context: context, extra: [("Retry-After", String(board.retryAfter(at: now)))])
         }
-        switch path {
-        case "/token.json": respond(.ok, path: path, body: entry.json, contentType: "application/json", head: head, context: context, fingerprint: entry.fingerprint)
-        case "/headers": respond(.ok, path: path, body: entry.headers, contentType: "text/plain; charset=utf-8", head: head, context: context, fingerprint: entry.fingerprint)
-        default: respond(.ok, path: path, body: entry.token, contentType: "text/plain; charset=utf-8", head: head, context: context, fingerprint: entry.fingerprint)
+        if head.method == .GET, head.version == .http1_1, head.isKeepAlive {
+            metrics.socketRequest(path: resource.path, status: 200)
+            context.writeAndFlush(wrapOutboundOut(entry.keepAliveResponse(resource)), promise: nil)
+            return
         }
+        respond(.ok, path: resource.path, body: entry.body(resource), contentType: resource.contentType, head: head, context: context,
+                extra: [("X-Token-Fingerprint", entry.fingerprint)])
     }
 
-    private func longPoll(_ head: HTTPRequestHead, path: String, wait: TimeInterval, after: String?, context: ChannelHandlerContext) {
+    private func longPoll(_ head: HTTPRequestHead, resource: TokenBoard.Resource, wait: TimeInterval, after: String?, context: ChannelHandlerContext) {
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context), eventLoop: loop)
         let answer: @Sendable () -> Void = {
@@ -159,15 +182,23 @@ final class SocketRequestHandler: ChannelInboundHandler {
                 let (handler, context) = bound.value
                 guard handler.pending != nil else { return }
                 handler.cancelPending(context: context)
-                handler.serveToken(head, path: path, now: handler.clock(), context: context)
+                handler.serveToken(head, resource: resource, now: handler.clock(), context: context)
+                handler.answerQueued(context: context)
             }
         }
         guard let id = board.wait(after: after, now: clock(), wake: answer) else {
-            return serveToken(head, path: path, now: clock(), context: context)
+            return serveToken(head, resource: resource, now: clock(), context: context)
         }
         let timeout = loop.scheduleTask(in: .milliseconds(Int64(wait * 1000))) { answer() }
         pending = (id, timeout)
         connections.setWaiting(context.channel, true)
+    }
+
+    /// Answers what was pipelined behind a long poll, until another long poll is pending.
+    private func answerQueued(context: ChannelHandlerContext) {
+        while pending == nil, context.channel.isActive, !queued.isEmpty {
+            route(queued.removeFirst(), context: context)
+        }
     }
 
     private func cancelPending(context: ChannelHandlerContext) {
@@ -190,22 +221,15 @@ final class SocketRequestHandler: ChannelInboundHandler {
     }
 
     private func respond(_ status: HTTPResponseStatus, path: String, body: ByteBuffer, contentType: String, head: HTTPRequestHead,
-                         context: ChannelHandlerContext, fingerprint: String? = nil, extra: [(String, String)] = []) {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(6 + extra.count)
-        headers.add(name: "Content-Type", value: contentType)
-        headers.add(name: "Content-Length", value: String(body.readableBytes))
-        headers.add(name: "Cache-Control", value: "no-store")
-        if let fingerprint { headers.add(name: "X-Token-Fingerprint", value: fingerprint) }
-        for (name, value) in extra { headers.add(name: name, value: value) }
+                         context: ChannelHandlerContext, extra: [(String, String)] = []) {
         let keepAlive = head.isKeepAlive && status != .uriTooLong
-        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        var extra = extra
+        // An HTTP/1.0 client keeps the connection only when told so.
+        if keepAlive && head.version.major == 1 && head.version.minor == 0 { extra.append(("Connection", "keep-alive")) }
         metrics.socketRequest(path: path, status: Int(status.code))
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))), promise: nil)
-        if head.method != .HEAD {
-            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
-        }
-        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        let answer = HTTPResponseBytes.encode(status, contentType: contentType, body: body, headers: extra, keepAlive: keepAlive,
+                                              includeBody: head.method != .HEAD)
+        let done = context.writeAndFlush(wrapOutboundOut(answer))
         if !keepAlive {
             done.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
         }

@@ -58,9 +58,9 @@ public final class SocketServer: Sendable {
                 return channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(IdleStateHandler(readTimeout: idleTimeout))
-                    try sync.configureHTTPServerPipeline(
-                        withPipeliningAssistance: true, withErrorHandling: true,
-                        withEncoderConfiguration: .init(), withDecoderLimitConfiguration: decoderLimits)
+                    // NIO's request decoder only: the handler writes its answers as bytes and keeps
+                    // them in request order itself (see SocketRequestHandler).
+                    try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits)))
                     try sync.addHandler(SocketRequestHandler(board: board, connections: connections, metrics: metrics, socket: socket, logger: logger, clock: clock))
                 }
             }

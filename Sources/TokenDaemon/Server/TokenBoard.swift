@@ -5,6 +5,7 @@ import Foundation
 #endif
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOHTTP1
 
 /// What the socket serves: the daemon's loop posts every change here, connections read it.
 ///
@@ -30,13 +31,51 @@ public final class TokenBoard: Sendable {
         public var lastSuccessAt: String?
     }
 
-    /// One token with its pre-encoded bodies.
+    /// The three ways the socket serves the token.
+    enum Resource: CaseIterable, Sendable {
+        case token, json, headers
+
+        init?(path: some StringProtocol) {
+            switch path {
+            case "/token": self = .token
+            case "/token.json": self = .json
+            case "/headers": self = .headers
+            default: return nil
+            }
+        }
+
+        var path: String {
+            switch self {
+            case .token: "/token"
+            case .json: "/token.json"
+            case .headers: "/headers"
+            }
+        }
+
+        var contentType: String { self == .json ? "application/json" : "text/plain; charset=utf-8" }
+    }
+
+    /// One token with its bodies and its most common responses encoded once.
     public struct Entry: Sendable {
         public var grant: TokenGrant
         public var fingerprint: String
-        public var token: ByteBuffer
-        public var json: ByteBuffer
-        public var headers: ByteBuffer
+        private var bodies: [ByteBuffer]
+        /// The whole `200` answer to a keep-alive GET of each resource: serving one is a single
+        /// write of this shared (copy-on-write) buffer.
+        private var keepAliveResponses: [ByteBuffer]
+
+        init(grant: TokenGrant, fingerprint: String, token: ByteBuffer, json: ByteBuffer, headers: ByteBuffer) {
+            self.grant = grant
+            self.fingerprint = fingerprint
+            bodies = [token, json, headers]
+            keepAliveResponses = Resource.allCases.map { resource in
+                HTTPResponseBytes.encode(.ok, contentType: resource.contentType, body: [token, json, headers][resource.index],
+                                         headers: [("X-Token-Fingerprint", fingerprint)], keepAlive: true)
+            }
+        }
+
+        func body(_ resource: Resource) -> ByteBuffer { bodies[resource.index] }
+        func keepAliveResponse(_ resource: Resource) -> ByteBuffer { keepAliveResponses[resource.index] }
     }
 
     private struct State {
@@ -112,4 +151,14 @@ public final class TokenBoard: Sendable {
     }
 
     var waiterCount: Int { state.withLockedValue { $0.waiters.count } }
+}
+
+extension TokenBoard.Resource {
+    var index: Int {
+        switch self {
+        case .token: 0
+        case .json: 1
+        case .headers: 2
+        }
+    }
 }
