@@ -44,6 +44,18 @@ import Testing
         #expect(policy.refreshTime(for: old, now: start, random: 0) == start.addingTimeInterval(1))
     }
 
+    @Test func theFirstRefreshAfterAColdStartSpansAWholeRefreshPeriod() {
+        // refreshAt 0.8, jitter 0.05: the period is 0.775 lifetimes, so the window is [0.025, 0.8].
+        let policy = RefreshPolicy(.init(refreshAt: 0.8, minRemainingSeconds: 60, jitter: 0.05, backoffInitialSeconds: 1, backoffMaxSeconds: 300))
+        let cold = { (random: Double) in policy.refreshTime(for: grant(lifetime: 3600), now: start, random: random, coldStart: true) }
+        #expect(cold(0) == start.addingTimeInterval(0.8 * 3600))
+        #expect(abs(cold(0.999_999).timeIntervalSince(start) - 0.025 * 3600) < 0.01)
+        #expect(abs(cold(0.5).timeIntervalSince(start) - 0.4125 * 3600) < 0.01)
+        // Never sooner than a second from now, even at the window's start.
+        let tiny = RefreshPolicy(.init(refreshAt: 0.8, minRemainingSeconds: 1, jitter: 0.05, backoffInitialSeconds: 1, backoffMaxSeconds: 300))
+        #expect(tiny.refreshTime(for: grant(lifetime: 10), now: start, random: 0.999, coldStart: true) == start.addingTimeInterval(1))
+    }
+
     @Test func clockSkewMovesTheScheduleEarlier() {
         var skewed = grant(lifetime: 3600)
         skewed.clockSkew = 100

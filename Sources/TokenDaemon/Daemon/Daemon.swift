@@ -265,6 +265,8 @@ public final class Daemon {
 
     /// Makes `grant` the current token: files first, then state, then the schedule and READY=1.
     private func adopt(_ grant: TokenGrant, now: Date, persist: Bool) {
+        // The first token of a process that found none stored (see RefreshPolicy.refreshTime).
+        let coldStart = token == nil && persist
         token = grant
         expiredFilesRemoved = false
         writeOutputs(grant, answeredAt: persist ? grant.obtainedAt : nil)
@@ -280,7 +282,7 @@ public final class Daemon {
                 logger.warning("cannot save state, a restart will log in again", metadata: ["event": "state_write_failed", "reason": "\(error)"])
             }
         }
-        nextLogin = policy.refreshTime(for: grant, now: now, random: deps.random())
+        nextLogin = policy.refreshTime(for: grant, now: now, random: deps.random(), coldStart: coldStart)
         logger.info("refresh scheduled", metadata: [
             "event": "refresh_scheduled", "next_refresh_at": "\(FormatTime.iso8601(nextLogin ?? now))",
             "expires_at": "\(FormatTime.iso8601(grant.localExpiry))",

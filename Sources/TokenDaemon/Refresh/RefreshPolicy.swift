@@ -9,6 +9,8 @@ import Foundation
 /// The contract (README "Refresh timing"):
 /// - A token of lifetime L obtained at T is refreshed at T + refreshAt·L − u·jitter·L (u uniform in
 ///   [0, 1)), never later than expiry − minRemainingSeconds and never sooner than 1 s from now.
+///   The first token after a cold start (no stored token) uses a whole refresh period instead of
+///   jitter·L, which de-synchronises hosts that boot together.
 ///   A token shorter than 2·minRemainingSeconds cannot honour that margin: it is refreshed at
 ///   T + L/2 at the latest rather than every second, which would hammer the server.
 /// - After a network error, timeout, 5xx or unusable answer: exponential backoff from
@@ -24,9 +26,17 @@ public struct RefreshPolicy: Sendable, Equatable {
     }
 
     /// The instant to refresh `grant`. `random` is uniform in [0, 1).
-    public func refreshTime(for grant: TokenGrant, now: Date, random: Double) -> Date {
+    ///
+    /// `coldStart`: `grant` is the first token of a process that found no stored token. Hosts that
+    /// boot together (a rollout, a power cut) would otherwise refresh in step for many lifetimes, as
+    /// each refresh adds at most jitter × lifetime of spread; so this one refresh is drawn from one
+    /// whole refresh period, `(refreshAt − jitter/2) × lifetime`, ending at the usual instant. That
+    /// spreads the fleet in one lifetime, at the cost of one early login per cold start. With
+    /// `jitter` 0 nothing is random, this included.
+    public func refreshTime(for grant: TokenGrant, now: Date, random: Double, coldStart: Bool = false) -> Date {
         let lifetime = max(0, grant.lifetime)
-        let planned = grant.obtainedAt.addingTimeInterval((settings.refreshAt - random * settings.jitter) * lifetime)
+        let spread = coldStart && settings.jitter > 0 ? settings.refreshAt - settings.jitter / 2 : settings.jitter
+        let planned = grant.obtainedAt.addingTimeInterval((settings.refreshAt - random * spread) * lifetime)
         let latest = max(grant.localExpiry.addingTimeInterval(-settings.minRemainingSeconds),
                          grant.obtainedAt.addingTimeInterval(lifetime / 2))
         return max(min(planned, latest), now.addingTimeInterval(1))

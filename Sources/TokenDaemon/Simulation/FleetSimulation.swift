@@ -62,15 +62,21 @@ public struct FleetSimulation: Sendable {
         var buckets = [Int](repeating: 0, count: bucketCount)
         var restartPending = options.restartAtSeconds != nil
         var restartLogins = 0
+        /// Hosts whose process restarted and has not logged in since.
+        var restarted = Set<Int>()
 
+        /// `coldStart`: the host's process holds no token yet (it booted, or restarted without a
+        /// usable stored one), as the daemon tells the policy.
         func login(_ host: Int, at time: Double) {
+            let coldStart = grants[host] == nil || restarted.contains(host)
+            restarted.remove(host)
             let now = epoch.addingTimeInterval(time)
             let grant = TokenGrant(token: "t", expiresAt: now.addingTimeInterval(options.tokenLifetimeSeconds), obtainedAt: now,
                                    userId: nil, tenantId: nil, clockSkew: 0)
             grants[host] = grant
             let bucket = Int(time / options.bucketSeconds)
             if bucket < bucketCount { buckets[bucket] += 1 }
-            queue.push(policy.refreshTime(for: grant, now: now, random: random.unit()).timeIntervalSince(epoch), host)
+            queue.push(policy.refreshTime(for: grant, now: now, random: random.unit(), coldStart: coldStart).timeIntervalSince(epoch), host)
         }
 
         while let (time, host) = queue.pop(), time < options.durationSeconds {
@@ -92,6 +98,7 @@ public struct FleetSimulation: Sendable {
                     queue.push(policy.refreshTime(for: stored, now: now, random: random.unit()).timeIntervalSince(epoch), host)
                 } else {
                     restartLogins += 1
+                    restarted.insert(host)
                     login(host, at: time)
                 }
             }
