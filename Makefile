@@ -76,7 +76,9 @@ deb:
 test-system: deb
 	bash Tests/System/run.sh $(DEB)
 
-## bench: release binary against nginx and the floor; writes docs/benchmarks.md (BENCH_FLAGS for bench.py)
+## bench: release binary against nginx and the floor; writes docs/benchmarks.md (BENCH_FLAGS for bench.py;
+## about 25 minutes: 10 of idle measurement, 10 of clean builds)
+BENCH_FLAGS ?= --build-cost
 bench: release dist/uds-load dist/read-floor
 	@command -v nginx >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq nginx-light; }
 	python3 bench/bench.py --binary $(RELEASE_BIN) --load dist/uds-load --floor dist/read-floor $(BENCH_FLAGS)

@@ -6,7 +6,7 @@ ratios computed pair by pair within the same round, so that a machine whose spee
 honest ratios. Nothing here is a test: it measures and reports, goals met or not.
 
 Usage: bench/bench.py --binary .build/release/fts-tokend --load bench/uds-load --floor bench/read-floor
-       [--rounds 5] [--seconds 5] [--idle-seconds 60] [--lifetimes 20] [--smoke] [--output docs/benchmarks.md]
+       [--rounds 5] [--seconds 5] [--idle-seconds 600] [--lifetimes 20] [--build-cost] [--smoke] [--output docs/benchmarks.md]
 """
 import argparse
 import datetime
@@ -63,6 +63,56 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def idle_cost(pid, seconds):
+    """CPU seconds and context switches of every thread of `pid` over `seconds`. perf counts in
+    nanoseconds and follows threads that come and go; /proc's counters (10 ms ticks) are the fallback."""
+    if shutil.which("perf"):
+        run = subprocess.run(["perf", "stat", "-x,", "-e", "task-clock,context-switches", "-p", str(pid), "--", "sleep", str(seconds)],
+                             capture_output=True, text=True)
+        counts = {}
+        for line in run.stderr.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[0].replace(".", "", 1).isdigit():
+                counts[fields[2]] = float(fields[0])
+        if "task-clock" in counts and "context-switches" in counts:
+            return counts["task-clock"] / 1000, counts["context-switches"], "perf stat (ns resolution)"  # task-clock is in ms
+    cpu0, switches0 = cpu_seconds(pid), context_switches(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - cpu0, context_switches(pid) - switches0, f"/proc counters ({1000 / TICKS:.0f} ms resolution)"
+
+
+def profile(pid, load, socket_path, seconds=3):
+    """Where a server's CPU goes under 8 keep-alive clients (perf, sampled): kernel vs user, and the
+    user part by Swift module. None without perf."""
+    if not shutil.which("perf"):
+        return None
+    data = os.path.join(tempfile.mkdtemp(prefix="fts-tokend-perf-"), "perf.data")
+    recorder = subprocess.Popen(["perf", "record", "-F", "999", "-p", str(pid), "-o", data, "--", "sleep", str(seconds)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_load(load, socket_path, 8, seconds)
+    recorder.wait(30)
+    report = lambda *extra: subprocess.run(["perf", "report", "-i", data, "--no-children", "--stdio"] + list(extra),
+                                           capture_output=True, text=True).stdout
+    shares = {}
+    for line in report("--sort", "dso").splitlines():
+        match = re.match(r"\s+([\d.]+)%\s+(\S+)", line)
+        if match:
+            shares[match.group(2)] = float(match.group(1))
+    modules = {}
+    for line in report("--sort", "dso,symbol").splitlines():
+        match = re.match(r"\s+([\d.]+)%\s+(\S+)\s+\[\.\]\s+(\S+)", line)
+        if not match or match.group(2) in ("[kernel.kallsyms]",):
+            continue
+        symbol = match.group(3)
+        group = next((name for name in ("NIOHTTP1", "NIOPosix", "NIOCore", "TokenDaemon", "llhttp") if name in symbol), None)
+        if group is None:
+            group = "Swift runtime" if symbol.startswith(("swift_", "swift::", "_swift")) else ("libc" if "libc" in match.group(2) else "other")
+        modules[group] = modules.get(group, 0) + float(match.group(1))
+    shutil.rmtree(os.path.dirname(data), ignore_errors=True)
+    kernel = shares.get("[kernel.kallsyms]", 0)
+    return kernel, 100 - kernel, modules
 
 
 def context_switches(pid):
@@ -226,7 +276,8 @@ def main():
     parser.add_argument("--floor", required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--idle-seconds", type=float, default=60)
+    parser.add_argument("--idle-seconds", type=float, default=600)
+    parser.add_argument("--build-cost", action="store_true", help="also time clean debug and release builds (about 10 minutes)")
     parser.add_argument("--lifetimes", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="one short round of everything, to keep the script working")
     parser.add_argument("--output", default=os.path.join(ROOT, "docs/benchmarks.md"))
@@ -246,6 +297,8 @@ def main():
         "ratios are taken pair by pair within a round. The machine is shared: read ratios, not absolute figures.")
     say()
 
+    goals = {}
+    goals_at = len(lines)  # the goals table goes here, once everything is measured
     binary_size = os.path.getsize(args.binary)
     stripped = os.path.join(tempfile.gettempdir(), "fts-tokend.stripped")
     subprocess.run(["strip", "-o", stripped, args.binary], check=True)
@@ -280,12 +333,29 @@ def main():
                                        capture_output=True, text=True).stdout
                 floors.append(float(re.search(r"rps=([\d.]+)", floor).group(1)))
             p = lambda pairs: f"{statistics.median(x for x, _ in pairs):.0f} / {statistics.median(y for _, y in pairs):.0f}" if pairs else "–"
+            if ratios:
+                goals[f"socket{clients}"] = statistics.median(ratios)
             say(f"| {clients} | {cell(ours)} | {cell(theirs) if theirs else 'not installed'} | "
                 f"{cell(ratios, 2) if ratios else '–'} | {cell(floors)} | {p(ours_p)} | {p(theirs_p)} |")
+        say()
+        ours_profile = profile(lab.daemon.pid, args.load, token_socket)
+        # nginx's master only forks; its one worker serves.
+        workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split() if nginx else []
+        theirs_profile = profile(int(workers[0]), args.load, nginx_socket) if workers else None
+        if ours_profile:
+            say("Profile under 8 clients (`perf record`, 3 s each): share of each server's CPU time.")
+            say()
+            say("| server | kernel | user | user time by part |")
+            say("| --- | ---: | ---: | --- |")
+            for name, found in (("fts-tokend", ours_profile), ("nginx (worker)", theirs_profile)):
+                if found:
+                    kernel, user, modules = found
+                    parts = ", ".join(f"{key} {value:.1f}%" for key, value in sorted(modules.items(), key=lambda item: -item[1]) if value >= 0.5)
+                    say(f"| {name} | {kernel:.0f}% | {user:.0f}% | {parts if name == 'fts-tokend' else '–'} |")
+            say()
         if nginx:
             nginx.terminate()
             nginx.wait(10)
-        say()
 
         # 2. Footprint.
         pid = lab.daemon.pid
@@ -302,6 +372,9 @@ def main():
             Lab.wait_for(lambda: read_token() != previous, 20)
         time.sleep(0.5)
         after_rotations = proc_status(pid)
+        goals["rss"] = kib(idle["VmRSS"]) / 1024
+        goals["anon"] = kib(idle["RssAnon"]) / 1024
+        goals["growth"] = (kib(after_rotations["VmRSS"]) - kib(after_requests["VmRSS"])) / 1024
         say("## 2. Footprint")
         say()
         say("| figure | value |")
@@ -310,6 +383,13 @@ def main():
         say(f"| RSS idle (anonymous) | {kib(idle['VmRSS']) / 1024:.1f} MiB ({kib(idle['RssAnon']) / 1024:.1f} MiB) |")
         say(f"| RSS after {int(before['requests']):,} socket requests (anonymous) | {kib(after_requests['VmRSS']) / 1024:.1f} MiB ({kib(after_requests['RssAnon']) / 1024:.1f} MiB) |")
         say(f"| RSS after {rotations} more rotations (anonymous) | {kib(after_rotations['VmRSS']) / 1024:.1f} MiB ({kib(after_rotations['RssAnon']) / 1024:.1f} MiB) |")
+        rollup = {}
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                rollup[key] = int(value.split()[0])
+        say(f"| of which file-backed, clean (the binary's code and read-only data, evictable) | "
+            f"{(rollup.get('Private_Clean', 0) + rollup.get('Shared_Clean', 0)) / 1024:.1f} MiB |")
         say(f"| threads | {idle['Threads']} |")
         say(f"| open file descriptors (idle / after) | {idle_fds} / {len(os.listdir(f'/proc/{pid}/fd'))} |")
         say()
@@ -326,20 +406,24 @@ def main():
         # 3. Idle cost, with a watchdog of 30 s and a one-hour token.
         lab.start({"WATCHDOG_USEC": "30000000"})
         pid = lab.daemon.pid
-        time.sleep(1)
-        cpu0, switches0, t0 = cpu_seconds(pid), context_switches(pid), time.monotonic()
-        time.sleep(args.idle_seconds)
-        cpu1, switches1, t1 = cpu_seconds(pid), context_switches(pid), time.monotonic()
-        per_hour = 3600 / (t1 - t0)
+        time.sleep(5)
+        idle_cpu, idle_switches, method = idle_cost(pid, args.idle_seconds)
+        per_hour = 3600 / args.idle_seconds
+        goals["idle"] = idle_cpu * per_hour
         say("## 3. Idle cost")
         say()
-        say(f"Measured over {t1 - t0:.0f} s with `WatchdogSec=30` and a one-hour token, extrapolated to an hour "
-            f"(CPU time has {1 / TICKS * 1000:.0f} ms resolution).")
+        say(f"Measured over {args.idle_seconds:.0f} s with `WatchdogSec=30` and a one-hour token, extrapolated to an hour; "
+            f"{method}.")
         say()
         say("| figure | per hour |")
         say("| --- | ---: |")
-        say(f"| CPU seconds | {(cpu1 - cpu0) * per_hour:.3f} |")
-        say(f"| context switches (all threads) | {(switches1 - switches0) * per_hour:,.0f} |")
+        say(f"| CPU seconds | {idle_cpu * per_hour:.3f} |")
+        say(f"| context switches (all threads) | {idle_switches * per_hour:,.0f} |")
+        say()
+        say("About 3,600 of those switches an hour are libdispatch's, not the daemon's: on Linux its worker pool "
+            "arms a one-second timer to watch for blocked workers (`_dispatch_workq_init_once`) once the first "
+            "worker starts, and Swift concurrency runs on that pool. The daemon's own wakeups are the watchdog "
+            "ping (every 15 s here) and at most one tick per 30 s.")
         say()
         lab.stop()
 
@@ -363,6 +447,9 @@ def main():
                 while connection.recv(65536):
                     pass
             mock_answer.append((time.monotonic() - started) * 1000)
+        goals["ready_state"] = statistics.median(with_state)
+        goals["ready_login"] = statistics.median(with_login) - statistics.median(mock_answer)
+        goals["write"] = statistics.median(writes) if writes else None
         say("## 4. Latency")
         say()
         say("| path | median (min–max) ms |")
@@ -390,6 +477,9 @@ def main():
             lab2.close()
         outage = subprocess.run([args.binary, "simulate", "--hosts", "1", "--hours", "2"], capture_output=True, text=True).stdout
         outage_attempts = re.search(r"attempts-per-hour=(\d+)", outage).group(1)
+        goals["per_token"] = per_token
+        goals["restart"] = restart_logins
+        goals["outage"] = int(outage_attempts)
         say("## 5. Login efficiency")
         say()
         say("| figure | value |")
@@ -415,15 +505,85 @@ def main():
         say()
         table = subprocess.run([args.binary, "simulate", "--hosts", hosts, "--hours", hours, "--markdown"] + extra,
                                capture_output=True, text=True, check=True).stdout.strip().splitlines()
+        if not extra:
+            rows = [line for line in table if line.startswith("| default jitter")]
+            goals["fleet"] = float(rows[0].split("|")[5]) if rows else None
+            goals["fleet_restart"] = int(rows[1].split("|")[7]) if len(rows) > 1 else None
         for line in table:
             if line and not line.startswith("Login attempts"):  # reported in section 5
                 say(line)
         say()
 
+    # 7. Build cost.
+    if args.build_cost:
+        say("## 7. Build cost")
+        say()
+        say("Clean builds into an empty scratch folder (dependencies already fetched), as CI pays them on every change.")
+        say()
+        say("| build | seconds |")
+        say("| --- | ---: |")
+        for title, flags in (("debug (`swift build`, what `make test` starts with)", []),
+                             ("release, static Swift runtime (`make release`)", ["-c", "release", "--static-swift-stdlib"])):
+            scratch = tempfile.mkdtemp(prefix="fts-tokend-build-")
+            started = time.monotonic()
+            subprocess.run(["swift", "build", "--package-path", ROOT, "--scratch-path", scratch] + flags, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            say(f"| {title} | {time.monotonic() - started:.0f} |")
+            shutil.rmtree(scratch, ignore_errors=True)
+        say()
+
+    lines[goals_at:goals_at] = goals_table(goals)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
+
+
+def goals_table(goals):
+    """The issue's goals, each met or with its measured gap and what bounds it (the profiles behind
+    the bounds are in the section 'Where the gaps come from')."""
+    def row(goal, value, shown, met, bound):
+        if value is None:
+            return f"| {goal} | not measured | – |"
+        return f"| {goal} | {shown} | {'met' if met else 'gap: ' + bound} |"
+    ratio = lambda key: goals.get(key)
+    rows = [
+        "## Goals",
+        "",
+        "| goal | measured | verdict |",
+        "| --- | ---: | --- |",
+        row("`GET /token`, 1 client: ≥ 1.0× nginx", ratio("socket1"), f"{ratio('socket1') or 0:.2f}×", (ratio("socket1") or 0) >= 1,
+            "see 'Where the gaps come from'"),
+        row("`GET /token`, 8 clients: ≥ 1.0× nginx", ratio("socket8"), f"{ratio('socket8') or 0:.2f}×", (ratio("socket8") or 0) >= 1,
+            "the kernel's share of each request is the same for both servers; NIO's request decoder and channel "
+            "pipeline cost more user time than nginx's parser (profile below)"),
+        row("idle RSS ≤ 12 MB", goals.get("rss"), f"{goals.get('rss', 0):.1f} MiB ({goals.get('anon', 0):.1f} MiB anonymous)",
+            goals.get("rss", 99) <= 12, "all but the anonymous part are clean, evictable pages of the static binary's code (below)"),
+        row("RSS growth after warm-up: 0", goals.get("growth"), f"{goals.get('growth', 0):+.1f} MiB over 1,000 rotations",
+            abs(goals.get("growth", 9)) < 1, "see section 2"),
+        row("idle CPU ≤ 0.1 s/hour", goals.get("idle"), f"{goals.get('idle', 0):.3f} s/hour", goals.get("idle", 9) <= 0.1,
+            "libdispatch's one-second worker-pool timer (section 3)"),
+        row("start → READY with a valid state file ≤ 50 ms", goals.get("ready_state"), f"{goals.get('ready_state', 0):.1f} ms",
+            goals.get("ready_state", 999) <= 50, "–"),
+        row("start → READY with a login ≤ 30 ms + the mock's answer", goals.get("ready_login"),
+            f"{goals.get('ready_login', 0):.1f} ms + the answer", goals.get("ready_login", 999) <= 30, "–"),
+        row("login answer → files renamed and fsynced ≤ 5 ms", goals.get("write"), f"{goals.get('write') or 0:.2f} ms",
+            (goals.get("write") or 99) <= 5, "–"),
+        row("login requests per token: 1.00", goals.get("per_token"), f"{goals.get('per_token', 0):.2f}",
+            abs(goals.get("per_token", 9) - 1) < 0.005, "–"),
+        row("logins per restart with a valid state file: 0", goals.get("restart"), f"{goals.get('restart', 9):.2f}",
+            goals.get("restart", 9) == 0, "–"),
+        row("login attempts per hour of full outage ≤ 15 (report)", goals.get("outage"), f"{goals.get('outage', 0)}",
+            goals.get("outage", 99) <= 15,
+            "the first hour climbs the backoff from 1 s; with the default backoffMaxSeconds 300 (Vault agent's "
+            "default too) later hours make 16; 600 s would halve that and double the wait after an outage ends"),
+        row("fleet peak ≤ 2× mean, default jitter, all hosts booting at once", goals.get("fleet"), f"{goals.get('fleet', 0):.2f}×",
+            goals.get("fleet", 99) <= 2, "–"),
+        row("logins caused by a simultaneous restart: 0", goals.get("fleet_restart"), f"{goals.get('fleet_restart', 9)}",
+            goals.get("fleet_restart", 9) == 0, "–"),
+        "",
+    ]
+    return rows
 
 
 if __name__ == "__main__":
