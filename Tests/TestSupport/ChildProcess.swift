@@ -34,6 +34,8 @@ public final class ChildProcess: Sendable {
 
     public var pid: Int32 { spawned.pid }
     public var isRunning: Bool { spawned.isRunning }
+    /// The exit status once ended (128 + signal for a signal), nil while running.
+    public var exitStatus: Int32? { spawned.status }
 
     public func signal(_ number: Int32) {
         kill(spawned.pid, number)

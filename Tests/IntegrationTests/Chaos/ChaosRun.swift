@@ -56,7 +56,10 @@ struct ChaosRun {
                                                   seen.reads, seen.bad, seen.expiredReads, seen.expiredSeconds, seen.tokens,
                                                   seen.absentSeconds, alive ? "yes" : "no"))
         #expect(held, sourceLocation: sourceLocation)
-        #expect(alive, "the daemon survived", sourceLocation: sourceLocation)
+        // The daemon's own account of its end (its log holds no secret: every test checks that).
+        let lastLines = child.standardError.split(separator: "\n").suffix(15).joined(separator: "\n")
+        #expect(alive, "the daemon survived; exit \(child.exitStatus.map(String.init) ?? "?"), last log lines:\n\(lastLines)",
+                sourceLocation: sourceLocation)
         #expect(seen.bad == 0, "partial or foreign reads: \(seen.examples)", sourceLocation: sourceLocation)
         #expect(seen.expiredReads == 0, "a reader held an expired token for \(seen.expiredSeconds) s", sourceLocation: sourceLocation)
         #expect(seen.reads > 0, "the watcher read the files", sourceLocation: sourceLocation)
