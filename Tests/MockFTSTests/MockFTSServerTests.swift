@@ -102,6 +102,27 @@ import Testing
         }
     }
 
+    @Test func aFaultWithAChanceAppliesToAboutThatShareOfLogins() async throws {
+        try await withMock { (mock, base) async throws in
+            mock.always(MockFault(status: 500, chance: 0.5))
+            var failed = 0
+            for _ in 0..<200 {
+                let status = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status
+                #expect(status == 500 || status == 200)
+                if status == 500 { failed += 1 }
+            }
+            // Binomial(200, 0.5): outside 60...140 once in about 10^8 runs.
+            #expect((60...140).contains(failed), "\(failed) of 200 failed")
+            mock.always(MockFault(status: 500, chance: 0))
+            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 200)
+            // The verdict on a token at any instant, as whoami would give it then.
+            let token = try #require(mock.issuedTokens.last)
+            #expect(mock.verdict(on: token, at: Date()) == .accepted)
+            #expect(mock.verdict(on: token, at: Date().addingTimeInterval(120)) == .expired)
+            #expect(mock.verdict(on: String(token.dropLast(2)), at: Date()) == .unknown)
+        }
+    }
+
     @Test func delayedAnswersArriveLate() async throws {
         try await withMock { (mock, base) async throws in
             mock.enqueue(.delay(0.5))
