@@ -121,11 +121,23 @@ final class DaemonHarness: @unchecked Sendable {
                 places.append(("/proc/PID/\(part)", String(decoding: bytes, as: UTF8.self)))
             }
         }
-        let secrets = [("password", password), ("API key", apiKey)]
-            + mock.issuedTokens.flatMap { [("token", $0), ("token signature", String($0.split(separator: ".").last ?? ""))] }
+        let tokens = mock.issuedTokens
         for (place, text) in places {
-            for (kind, secret) in secrets where text.contains(secret) {
+            for (kind, secret) in [("password", password), ("API key", apiKey)] where text.contains(secret) {
                 Issue.record("\(kind) leaked into \(place)", sourceLocation: sourceLocation)
+            }
+            // Hundreds of tokens against megabytes of log (the soak): one pass collects every run of
+            // token characters and its dot-separated parts, then each token and signature is a lookup.
+            var runs = Set<Substring>()
+            for run in text.split(whereSeparator: { !($0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0))) }) {
+                runs.insert(run)
+                run.split(separator: ".").forEach { runs.insert($0) }
+            }
+            for token in tokens {
+                if runs.contains(Substring(token)) { Issue.record("token leaked into \(place)", sourceLocation: sourceLocation) }
+                if let signature = token.split(separator: ".").last, runs.contains(signature) {
+                    Issue.record("token signature leaked into \(place)", sourceLocation: sourceLocation)
+                }
             }
         }
     }
