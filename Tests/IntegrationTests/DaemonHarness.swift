@@ -20,7 +20,9 @@ final class DaemonHarness: @unchecked Sendable {
     struct Refresh {
         var refreshAt = 0.8
         var minRemainingSeconds = 1.0
-        var jitter = 0.05
+        /// 0 by default: no random refresh times, and no cold-start spread either (its first refresh
+        /// may come seconds after the start), so that a test sees the token it got for a while.
+        var jitter = 0.0
         var backoffInitialSeconds = 0.2
         var backoffMaxSeconds = 1.0
         /// `api.timeoutSeconds`: the whole login's budget.
