@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +143,12 @@ class Lab:
         self.wait_for(lambda: self.mock_stats() is not None, 20)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.path("notify.sock"))
+        # Read every notification as systemd does: one left unread stays queued in the daemon.
+        self.notify.settimeout(0.2)
+        self.ready_at = None
+        self.ready = threading.Event()
+        self.closing = False
+        threading.Thread(target=self._read_notifications, daemon=True).start()
         self.daemon = None
 
     def path(self, name):
@@ -194,12 +201,7 @@ class Lab:
 
     def start(self, environment=None, wait_ready=True):
         """Starts the daemon; returns seconds from spawn to READY=1."""
-        self.notify.settimeout(0)
-        try:
-            while True:
-                self.notify.recv(4096)
-        except BlockingIOError:
-            pass
+        self.ready.clear()
         env = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": self.path("notify.sock")}
         env.update(environment or {})
         started = time.monotonic()
@@ -207,11 +209,19 @@ class Lab:
                                        stdout=subprocess.DEVNULL, stderr=open(self.path("daemon.log"), "a"))
         if not wait_ready:
             return None
-        self.notify.settimeout(30)
-        while True:
-            message = self.notify.recv(4096).decode()
-            if "READY=1" in message:
-                return time.monotonic() - started
+        if not self.ready.wait(30):
+            raise TimeoutError("no READY=1 within 30 s")
+        return self.ready_at - started
+
+    def _read_notifications(self):
+        while not self.closing:
+            try:
+                message = self.notify.recv(4096).decode()
+            except (socket.timeout, OSError):
+                continue
+            if "READY=1" in message and not self.ready.is_set():
+                self.ready_at = time.monotonic()
+                self.ready.set()
 
     def stop(self):
         if self.daemon and self.daemon.poll() is None:
@@ -226,6 +236,7 @@ class Lab:
         self.daemon = None
 
     def close(self):
+        self.closing = True
         self.stop()
         self.mock.terminate()
         self.mock.wait(10)

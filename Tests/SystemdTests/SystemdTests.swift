@@ -1,5 +1,5 @@
 import Foundation
-import Systemd
+@testable import Systemd
 import TestSupport
 import Testing
 
@@ -68,5 +68,28 @@ import Testing
         var info = stat()
         fstat(STDERR_FILENO, &info)
         #expect(JournalStream.isStandardErrorJournal(environment: ["JOURNAL_STREAM": "\(info.st_dev):\(info.st_ino)"]))
+    }
+}
+
+@Suite struct BackgroundNotifierTests {
+    /// A service manager that does not read: sends block until `release`.
+    final class StuckManager: Sendable {
+        let gate = DispatchSemaphore(value: 0)
+        func release(_ count: Int) { for _ in 0..<count { gate.signal() } }
+    }
+
+    @Test func routineNotificationsAreDroppedWhileTheManagerDoesNotReadOthersNever() {
+        let manager = StuckManager()
+        let notifier = BackgroundNotifier(send: { _ in manager.gate.wait() })
+        for _ in 0..<100 { notifier.notify(.status("token valid")) }
+        notifier.notify(.watchdog)
+        // Bounded: a manager that never reads cannot make the daemon hold every STATUS forever.
+        #expect(notifier.queuedCount == BackgroundNotifier.maxQueued)
+        notifier.notify(.ready)
+        notifier.notify(.stopping)
+        #expect(notifier.queuedCount == BackgroundNotifier.maxQueued + 2, "READY and STOPPING are always queued")
+        manager.release(BackgroundNotifier.maxQueued + 2)
+        #expect(notifier.flush(timeout: .seconds(10)))
+        #expect(notifier.queuedCount == 0)
     }
 }
