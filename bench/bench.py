@@ -574,8 +574,7 @@ def goals_table(goals):
         row("idle RSS ≤ 12 MB", goals.get("rss"), f"{goals.get('rss', 0):.1f} MiB ({goals.get('anon', 0):.1f} MiB anonymous)",
             goals.get("rss", 99) <= 12, "all but the anonymous part are clean, evictable pages of the static binary's code (below)"),
         row("RSS growth after warm-up: 0", goals.get("growth"), f"{goals.get('growth', 0):+.1f} MiB over 1,000 rotations",
-            abs(goals.get("growth", 9)) < 0.1, "grows with logins, not with requests: about 0.5 KB kept per login (a leak "
-            "not found yet; 0 over 100,000 socket requests)"),
+            abs(goals.get("growth", 9)) < 0.1, "see section 2"),
         row("idle CPU ≤ 0.1 s/hour", goals.get("idle"), f"{goals.get('idle', 0):.3f} s/hour", goals.get("idle", 9) <= 0.1,
             "libdispatch, which Swift concurrency runs on here: its one-second worker-pool timer, and a worker "
             "thread started for each wake and retired after idling (section 3)"),
