@@ -122,18 +122,25 @@ import Testing
             + #""outputs":{"tokenFile":{"path":"\#(folder.file("run/token"))"}},"metricsFile":"\#(folder.file("metrics/m.prom"))"}"#, mode: 0o600)
     }
 
+    /// The error loading `config` gives, or nil (recorded as an issue) when it loads.
+    private func loadError(_ config: String, sourceLocation: SourceLocation = #_sourceLocation) -> ConfigurationError? {
+        do {
+            _ = try ConfigurationLoader(environment: [:]).load(path: config)
+            Issue.record("expected an error", sourceLocation: sourceLocation)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
     @Test func aTokenFolderOthersCanWriteIsRefused() throws {
         let folder = try TemporaryDirectory()
         let config = try configWithOutputs(in: folder)
         let previous = try folder.write("run/token", "previous-token")
         chmod(folder.file("run"), 0o777)
-        do {
-            _ = try ConfigurationLoader(environment: [:]).load(path: config)
-            Issue.record("expected an error")
-        } catch {
-            #expect(error.keyPath == "outputs.tokenFile.path")
-            #expect(error.description.contains("(mode 0777) is writable by other users"))
-        }
+        let error = loadError(config)
+        #expect(error?.keyPath == "outputs.tokenFile.path")
+        #expect(error?.description.contains("(mode 0777) is writable by other users") == true)
         #expect(folder.read("run/token") == "previous-token", "nothing written: \(previous)")
         // The same folder mode for the metrics file is fine: it holds no secret.
         chmod(folder.file("run"), 0o750)
@@ -148,13 +155,9 @@ import Testing
         try FileManager.default.createDirectory(atPath: folder.file("run"), withIntermediateDirectories: true)
         chown(folder.file("run"), 65534, 65534)
         chmod(folder.file("run"), 0o755)
-        do {
-            _ = try ConfigurationLoader(environment: [:]).load(path: config)
-            Issue.record("expected an error")
-        } catch {
-            #expect(error.keyPath == "outputs.tokenFile.path")
-            #expect(error.description.contains("belongs to uid 65534, another user"))
-        }
+        let error = loadError(config)
+        #expect(error?.keyPath == "outputs.tokenFile.path")
+        #expect(error?.description.contains("belongs to uid 65534, another user") == true)
     }
 
     @Test func aCAFileThatIsNotPEMIsAConfigurationError() throws {

@@ -40,15 +40,13 @@ final class ConnectionTable: Sendable {
         self.capacity = capacity
     }
 
-    var count: Int { state.withLockedValue { $0.entries.count } }
-
     /// Admits `channel`, closing the longest-idle connection first when the table is full. The
     /// search is linear, and runs only when the table is full.
     func admit(_ channel: any Channel, now: NIODeadline = .now()) -> Admission {
         let (admission, evicted) = state.withLockedValue { state -> (Admission, (any Channel)?) in
             var evicted: (any Channel)?
             if state.entries.count >= capacity {
-                guard let oldest = state.entries.filter({ !$0.value.waiting }).min(by: { $0.value.lastActive < $1.value.lastActive }) else {
+                guard let oldest = state.entries.lazy.filter({ !$0.value.waiting }).min(by: { $0.value.lastActive < $1.value.lastActive }) else {
                     return (.refused, nil)
                 }
                 evicted = state.entries.removeValue(forKey: oldest.key)?.channel

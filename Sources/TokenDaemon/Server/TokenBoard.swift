@@ -53,6 +53,15 @@ public final class TokenBoard: Sendable {
         }
 
         var contentType: String { self == .json ? "application/json" : "text/plain; charset=utf-8" }
+
+        /// Position in `Entry`'s arrays (the order of `allCases`).
+        var index: Int {
+            switch self {
+            case .token: 0
+            case .json: 1
+            case .headers: 2
+            }
+        }
     }
 
     /// One token with its bodies and its most common responses encoded once.
@@ -67,9 +76,10 @@ public final class TokenBoard: Sendable {
         init(grant: TokenGrant, fingerprint: String, token: ByteBuffer, json: ByteBuffer, headers: ByteBuffer) {
             self.grant = grant
             self.fingerprint = fingerprint
-            bodies = [token, json, headers]
+            let bodies = [token, json, headers]
+            self.bodies = bodies
             keepAliveResponses = Resource.allCases.map { resource in
-                HTTPResponseBytes.encode(.ok, contentType: resource.contentType, body: [token, json, headers][resource.index],
+                HTTPResponseBytes.encode(.ok, contentType: resource.contentType, body: bodies[resource.index],
                                          headers: [("X-Token-Fingerprint", fingerprint)], keepAlive: true)
             }
         }
@@ -151,14 +161,4 @@ public final class TokenBoard: Sendable {
     }
 
     var waiterCount: Int { state.withLockedValue { $0.waiters.count } }
-}
-
-extension TokenBoard.Resource {
-    var index: Int {
-        switch self {
-        case .token: 0
-        case .json: 1
-        case .headers: 2
-        }
-    }
 }

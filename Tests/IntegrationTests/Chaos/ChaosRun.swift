@@ -88,3 +88,23 @@ extension DaemonHarness.Refresh {
         }
     }
 }
+
+/// Resident memory and open descriptors of a running process, from /proc.
+struct ProcessFigures {
+    var rssKiB: Int
+    var anonymousKiB: Int
+    var fds: Int
+
+    init?(pid: Int32) {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let fds = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd") else { return nil }
+        func kiB(_ field: String) -> Int? {
+            status.split(separator: "\n").first { $0.hasPrefix(field + ":") }
+                .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") }
+        }
+        guard let rss = kiB("VmRSS"), let anonymous = kiB("RssAnon") else { return nil }
+        self.rssKiB = rss
+        self.anonymousKiB = anonymous
+        self.fds = fds.count
+    }
+}
