@@ -27,14 +27,19 @@ let package = Package(
             pkgConfig: "libsystemd",
             providers: [.apt(["libsystemd-dev"])]
         ),
-        .target(name: "Systemd", dependencies: ["CSystemd"]),
-        // glibc's malloc.h (malloc_trim), which the Glibc module does not export.
-        .systemLibrary(name: "CMalloc"),
+        // NIO for BackgroundNotifier's thread (NIOThreadPool, ConditionLock).
+        .target(name: "Systemd", dependencies: [
+            "CSystemd",
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        // glibc headers the Glibc module does not export (malloc.h, sys/signalfd.h).
+        .systemLibrary(name: "CLinux"),
         .target(
             name: "TokenDaemon",
             dependencies: [
                 "Systemd",
-                "CMalloc",
+                "CLinux",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -55,12 +60,16 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
+        // The Swift runtime's global-executor hook, set by fts-tokend's EventLoopExecutor.
+        .systemLibrary(name: "CSwiftExecutorHook"),
         .executableTarget(
             name: "fts-tokend",
             dependencies: [
-                "TokenDaemon", "MockFTS", "Systemd",
+                "TokenDaemon", "MockFTS", "Systemd", "CSwiftExecutorHook",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ]

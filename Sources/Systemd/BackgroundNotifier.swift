@@ -1,7 +1,7 @@
-import Dispatch
-import Synchronization
+import NIOConcurrencyHelpers
+import NIOPosix
 
-/// Sends notifications in order from a serial background queue.
+/// Sends notifications in order from a thread of its own.
 ///
 /// sd_notify(3) blocks once the notification socket's queue is full (a service manager that is slow to
 /// read it, or a test that never does); a daemon loop calling it directly would then stop handling
@@ -12,14 +12,18 @@ import Synchronization
 /// `maxQueued` waiting are dropped rather than queued: each would otherwise stay in memory until it
 /// is read, which a manager that never reads makes forever (found by `make bench`, whose harness did
 /// not read: +0.45 KiB per login). READY, RELOADING and STOPPING are always queued.
+///
+/// The thread is a one-thread NIOThreadPool rather than a serial DispatchQueue: a process that
+/// never starts libdispatch's worker pool is spared the pool monitor's wake-up every second.
 public final class BackgroundNotifier: Sendable {
     /// Notifications that may wait for the socket at once before routine ones are dropped.
     public static let maxQueued = 16
 
     private let send: @Sendable ([NotifyState]) -> Void
-    private let queue = DispatchQueue(label: "fts-tokend.notify")
-    private let pending = DispatchGroup()
-    private let queued = Mutex(0)
+    /// One thread: notifications leave in the order they were given.
+    private let thread = NIOThreadPool(numberOfThreads: 1)
+    /// Notifications handed to `thread` and not sent yet.
+    private let queued = NIOLockedValueBox(0)
 
     public convenience init() {
         let notifier = Notifier()
@@ -29,6 +33,11 @@ public final class BackgroundNotifier: Sendable {
     /// `send` delivers one notification, blocking while the manager does not read (tests).
     init(send: @escaping @Sendable ([NotifyState]) -> Void) {
         self.send = send
+        thread.start()
+    }
+
+    deinit {
+        thread.shutdownGracefully { _ in }
     }
 
     public func notify(_ states: NotifyState...) {
@@ -37,29 +46,36 @@ public final class BackgroundNotifier: Sendable {
 
     public func notify(_ states: [NotifyState]) {
         let routine = states.allSatisfy(\.isRoutine)
-        let admitted = queued.withLock { count -> Bool in
+        let admitted = queued.withLockedValue { count -> Bool in
             guard !routine || count < Self.maxQueued else { return false }
             count += 1
             return true
         }
         guard admitted else { return }
-        pending.enter()
-        queue.async { [self] in
+        // Captures no `self`: a notifier dropped with notifications queued still sends them.
+        thread.submit { [send, queued] _ in
             send(states)
-            queued.withLock { $0 -= 1 }
-            pending.leave()
+            queued.withLockedValue { $0 -= 1 }
         }
     }
 
     /// Notifications waiting for the socket now.
-    public var queuedCount: Int { queued.withLock { $0 } }
+    public var queuedCount: Int { queued.withLockedValue { $0 } }
 
     /// Waits until every queued notification has been handed to the socket, or `timeout` passes.
     /// Returns false on timeout.
     @discardableResult
     public func flush(timeout: Duration) -> Bool {
-        let nanoseconds = timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000
-        return pending.wait(timeout: .now() + .nanoseconds(Int(nanoseconds))) == .success
+        // The thread takes work in order: once this marker runs, everything queued before it is sent.
+        let reached = ConditionLock(value: false)
+        thread.submit { _ in
+            reached.lock()
+            reached.unlock(withValue: true)
+        }
+        let seconds = Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18
+        guard reached.lock(whenValue: true, timeoutSeconds: seconds) else { return false }
+        reached.unlock()
+        return true
     }
 }
 

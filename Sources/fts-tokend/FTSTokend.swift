@@ -4,7 +4,7 @@ import Logging
 import Systemd
 import TokenDaemon
 
-@main
+/// The root command; `Entry` runs it.
 struct FTSTokend: AsyncParsableCommand {
     static let version = "0.1.0"
 

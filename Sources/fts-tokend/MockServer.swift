@@ -36,6 +36,12 @@ struct MockServer: AsyncParsableCommand {
     @Option(help: "File holding the accepted API key.")
     var apiKeyFile: String?
 
+    @Option(help: "Serve HTTPS with this PEM certificate chain (needs --tls-key).")
+    var tlsCertificate: String?
+
+    @Option(help: "PEM private key for --tls-certificate.")
+    var tlsKey: String?
+
     func validate() throws {
         guard let (host, _) = Self.split(listen) else {
             throw ValidationError("--listen must be HOST:PORT, such as 127.0.0.1:8080")
@@ -44,6 +50,9 @@ struct MockServer: AsyncParsableCommand {
             throw ValidationError("--listen must be a loopback address: the mock accepts a test password")
         }
         guard ttl > 0 else { throw ValidationError("--ttl must be more than 0 seconds") }
+        guard (tlsCertificate == nil) == (tlsKey == nil) else {
+            throw ValidationError("--tls-certificate and --tls-key go together")
+        }
     }
 
     func run() async throws {
@@ -53,8 +62,9 @@ struct MockServer: AsyncParsableCommand {
             email: email,
             password: try Self.secret(passwordFile) ?? DemoAccount.password,
             tokenTTL: ttl, expiresInMilliseconds: expiresMs))
-        let bound = try await server.start(host: host, port: port)
-        Console.out("mock FTS auth server on http://\(host):\(bound) (token TTL \(FormatTime.seconds(ttl)))")
+        let tls = tlsCertificate.flatMap { chain in tlsKey.map { MockFTSServer.TLSFiles(certificateChain: chain, privateKey: $0) } }
+        let bound = try await server.start(host: host, port: port, tls: tls)
+        Console.out("mock FTS auth server on \(tls == nil ? "http" : "https")://\(host):\(bound) (token TTL \(FormatTime.seconds(ttl)))")
         // Runs until killed; SIGTERM's default action ends the process.
         while true { try await Task.sleep(for: .seconds(3600)) }
     }

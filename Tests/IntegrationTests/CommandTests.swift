@@ -63,4 +63,12 @@ import Testing
         #expect(mock.standardError.contains("loopback"))
         await harness.stop()
     }
+
+    @Test func mockServerWantsACertificateAndAKeyTogether() async throws {
+        let harness = try await DaemonHarness()
+        let mock = try harness.start(["mock-server", "--listen", "127.0.0.1:0", "--tls-certificate", harness.folder.file("server.pem")])
+        #expect(await mock.waitForExit(timeout: 30) == 64)
+        #expect(mock.standardError.contains("--tls-certificate and --tls-key go together"))
+        await harness.stop()
+    }
 }

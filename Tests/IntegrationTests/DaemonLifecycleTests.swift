@@ -152,6 +152,28 @@ import Testing
         await harness.stop()
     }
 
+    @Test func oneLoopThreadAndLibdispatchStaysIdleThroughAReload() async throws {
+        let harness = try await DaemonHarness(ttl: 600)
+        let child = try harness.start(environment: ["WATCHDOG_USEC": "30000000"])
+        #expect(await harness.waitUntilReady() != nil)
+        // The main thread (waiting), the one NIO event loop (everything else), the notification thread.
+        let threads = (try FileManager.default.contentsOfDirectory(atPath: "/proc/\(child.pid)/task")).compactMap {
+            try? String(contentsOfFile: "/proc/\(child.pid)/task/\($0)/comm", encoding: .utf8)
+        }
+        #expect(threads.count == 3, "\(threads)")
+        #expect(threads.filter { $0.hasPrefix("NIO-") }.count == 1, "\(threads)")
+        let before = try #require(ProcessFigures(pid: child.pid))
+
+        // A reload replaces the auth client. Had the old one's shutdown called back on
+        // DispatchQueue.global(), libdispatch's worker-pool monitor would run from then on (a wake-up
+        // every second; its epoll, eventfd and timerfd stay open).
+        child.signal(SIGHUP)
+        #expect(await eventually { harness.child?.standardError.contains("event=auth_client_closed") == true })
+        // (The old client's pooled connection may have closed: fewer is fine.)
+        #expect((ProcessFigures(pid: child.pid)?.fds ?? .max) <= before.fds)
+        await harness.stop()
+    }
+
     @Test func watchdogPingsAtAboutHalfTheInterval() async throws {
         let harness = try await DaemonHarness()
         try harness.start(environment: ["WATCHDOG_USEC": "2000000"])

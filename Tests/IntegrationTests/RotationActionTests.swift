@@ -16,6 +16,7 @@ import Testing
             "onRotate": [
               { "exec": ["/bin/sleep", "60"], "timeoutSeconds": 1 },
               { "exec": ["/bin/sh", "-c", "\(record)"] },
+              { "exec": ["/bin/sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status > \(folder.file("signals"))"] },
               { "signal": "HUP", "pidFile": "\(folder.file("target.pid"))" },
               { "exec": ["/nonexistent/program"] }
             ]
@@ -38,6 +39,15 @@ import Testing
         #expect(await eventually { folder.read("hups")?.split(separator: "\n").count == 1 })
         #expect(await eventually { harness.child?.standardError.contains("/bin/sleep killed after 1s") == true })
         #expect(harness.child?.standardError.contains("cannot start /nonexistent/program") == true)
+        // The daemon blocks its signals (they are read from a signalfd): its children must not.
+        #expect(await eventually { folder.read("signals")?.split(separator: "\n").count == 2 })
+        let masks = Dictionary(uniqueKeysWithValues: (folder.read("signals") ?? "").split(separator: "\n").map { line in
+            let fields = line.split(separator: "\t")
+            return (String(fields[0]), UInt64(fields.last ?? "", radix: 16) ?? .max)
+        })
+        #expect(masks["SigBlk:"] == 0, "no signal blocked")
+        let daemonSignals = [SIGHUP, SIGINT, SIGUSR1, SIGPIPE, SIGTERM].reduce(UInt64(0)) { $0 | 1 << UInt64($1 - 1) }
+        #expect(masks["SigIgn:"].map { $0 & daemonSignals } == 0, "none of the daemon's signals ignored")
 
         // Every rotation runs them again; the daemon kept working through the failures.
         child.signal(SIGUSR1)

@@ -30,6 +30,14 @@ import Testing
         #expect(time == start.addingTimeInterval(180))
     }
 
+    @Test func evenWithNoMarginTheLoginStartsBeforeTheTokenIsWithdrawn() {
+        // refreshAt 0.75 of 4 s would start the login at expiry − 1 s, the instant the token is
+        // withdrawn (handOutMargin): readers would find no token until the login ends.
+        let noMargin = RefreshPolicy(.init(refreshAt: 0.75, minRemainingSeconds: 0, jitter: 0, backoffInitialSeconds: 1, backoffMaxSeconds: 300))
+        #expect(noMargin.refreshTime(for: grant(lifetime: 4), now: start, random: 0) == start.addingTimeInterval(2))
+        #expect(noMargin.refreshTime(for: grant(lifetime: 3600), now: start, random: 0) == start.addingTimeInterval(2700))
+    }
+
     @Test func aTokenShorterThanTwiceTheMarginIsRefreshedAtHalfItsLifetimeNotEverySecond() {
         // expiry − minRemainingSeconds would be before the token was obtained.
         let short = grant(lifetime: 60)

@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import AsyncHTTPClient
+import Dispatch
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -45,8 +46,16 @@ public final class AuthClient: Sendable {
     }
 
     public func shutdown() async {
-        try? await http.shutdown()
+        // Called back on a serial queue: async-http-client's own `shutdown()` calls back on
+        // DispatchQueue.global(), whose first use starts libdispatch's worker-pool monitor, a wake-up
+        // every second for the rest of the process's life (a reload would cost the daemon its idle
+        // figure, docs/benchmarks.md section 3). Serial queues run on threads that are not monitored.
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            http.shutdown(queue: Self.shutdownQueue) { _ in done.resume() }
+        }
     }
+
+    private static let shutdownQueue = DispatchQueue(label: "fts-tokend.http-shutdown")
 
     /// Logs in once. `now` reads the local clock when the request goes out and when the answer arrives.
     public func login(_ secrets: LoginSecrets, now: @Sendable () -> Date) async throws(LoginError) -> TokenResponseParser.Result {

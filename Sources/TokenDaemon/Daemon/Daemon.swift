@@ -3,9 +3,10 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
-import Dispatch
 import Glibc
 import Logging
+import NIOCore
+import NIOPosix
 import Systemd
 
 /// The long-running daemon: keeps a valid token in the output files and tells systemd how it is doing.
@@ -14,7 +15,7 @@ import Systemd
 /// finished logins all arrive through one `AsyncStream`. Logins run in their own task, so the loop
 /// keeps ticking (and pinging the watchdog) while one is in flight; at most one is in flight.
 ///
-/// Timing (README "Refresh timing"): one monotonic `DispatchSourceTimer`, re-armed after every event,
+/// Timing (README "Refresh timing"): one monotonic event-loop timer, re-armed after every event,
 /// fires at the next refresh, the next watchdog ping, expiry, or at most every `maxTick`. Each tick
 /// compares the schedule with the wall clock, so a clock step or a suspend delays a refresh by at most
 /// one `maxTick`.
@@ -97,25 +98,18 @@ public final class Daemon {
 
     /// Runs until SIGTERM or SIGINT (exit 0), until the credentials are rejected before any token
     /// was obtained (exit 78), or until the calling task is cancelled (exit 0; how a test that runs
-    /// the daemon in its own process stops it). The signals' default actions are restored on return.
+    /// the daemon in its own process stops it). The signals are read only where the caller has
+    /// blocked them (`DaemonSignals.blockInEveryThread`).
     public func run() async -> Int32 {
         let (events, sink) = AsyncStream<Event>.makeStream()
-        let queue = DispatchQueue(label: "fts-tokend.timer")
-        let timer = DispatchSource.makeTimerSource(queue: queue)
-        timer.setEventHandler(handler: { @Sendable in sink.yield(.tick) })
-        timer.schedule(deadline: .distantFuture)
-        timer.activate()
-        let signals = [SIGTERM, SIGINT, SIGHUP, SIGUSR1].map { number -> any DispatchSourceSignal in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-            source.setEventHandler(handler: { @Sendable in sink.yield(.signal(number)) })
-            source.activate()
-            return source
-        }
-        defer {
-            timer.cancel()
-            signals.forEach { $0.cancel() }
-            [SIGTERM, SIGINT, SIGHUP, SIGUSR1].forEach { signal($0, SIG_DFL) }
+        // Timer and signals live on NIO's event loop, as the socket and the logins do: the process
+        // never starts libdispatch's worker pool, whose monitor would wake it every second.
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let signals: any Channel
+        do {
+            signals = try await DaemonSignals.open(on: loop) { sink.yield(.signal($0)) }
+        } catch {
+            return await failToStart("cannot read signals: \(error)", event: "signals_failed")
         }
 
         if let interval = deps.watchdogInterval {
@@ -130,26 +124,36 @@ public final class Daemon {
                     socket: loaded.configuration.outputs.socket, activatedFD: deps.activatedSocket,
                     board: board, metrics: metrics, logger: logger, clock: deps.clock)
             } catch {
-                logger.critical("cannot listen on the socket: \(error)", metadata: ["event": "socket_failed"])
-                deps.notifier.notify(.status("cannot listen on the socket: \(error)"))
-                await client.shutdown()
-                deps.notifier.flush(timeout: .seconds(1))
-                return ExitStatus.failure
+                try? await signals.close()
+                return await failToStart("cannot listen on the socket: \(error)", event: "socket_failed")
             }
         }
         start()
         sink.yield(.tick)
+        // One pending wake-up at a time: each event re-arms it.
+        var wake: Scheduled<Void>?
         for await event in events {
             handle(event, sink: sink)
             if exitStatus != nil { break }
             afterEvent(sink: sink)
-            timer.schedule(deadline: .now() + .milliseconds(Int(nextWakeDelay() * 1000)))
+            wake?.cancel()
+            wake = loop.scheduleTask(in: .milliseconds(Int64(nextWakeDelay() * 1000))) { sink.yield(.tick) }
         }
+        wake?.cancel()
+        try? await signals.close()
         login?.cancel()
         await server?.stop()
         await client.shutdown()
         deps.notifier.flush(timeout: .seconds(1))
         return exitStatus ?? ExitStatus.success
+    }
+
+    private func failToStart(_ reason: String, event: String) async -> Int32 {
+        logger.critical("\(reason)", metadata: ["event": "\(event)"])
+        deps.notifier.notify(.status(reason))
+        await client.shutdown()
+        deps.notifier.flush(timeout: .seconds(1))
+        return ExitStatus.failure
     }
 
     // MARK: Start
@@ -447,7 +451,12 @@ public final class Daemon {
         let accountChanged = fresh.identity != loaded.identity || fresh.secrets.apiKey != loaded.secrets.apiKey
         let oldClient = client
         let inFlight = login
-        Task { _ = await inFlight?.value; await oldClient.shutdown() }
+        let previousLogger = logger
+        Task {
+            _ = await inFlight?.value
+            await oldClient.shutdown()
+            previousLogger.debug("previous auth client closed", metadata: ["event": "auth_client_closed"])
+        }
 
         loaded = fresh
         client = newClient

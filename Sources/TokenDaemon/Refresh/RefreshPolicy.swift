@@ -9,6 +9,8 @@ import Foundation
 /// The contract (README "Refresh timing"):
 /// - A token of lifetime L obtained at T is refreshed at T + refreshAt·L − u·jitter·L (u uniform in
 ///   [0, 1)), never later than expiry − minRemainingSeconds and never sooner than 1 s from now.
+///   Whatever minRemainingSeconds says, the login starts at least `latestLead` (2 s) before expiry:
+///   the token is withdrawn 1 s before it (`TokenGrant.handOutMargin`), and a login takes time.
 ///   The first token after a cold start (no stored token) uses a whole refresh period instead of
 ///   jitter·L, which de-synchronises hosts that boot together.
 ///   A token shorter than 2·minRemainingSeconds cannot honour that margin: it is refreshed at
@@ -20,6 +22,8 @@ import Foundation
 /// - 401, 403 and other 4xx: wait backoffMaxSeconds; no fast retries against an account lock-out.
 public struct RefreshPolicy: Sendable, Equatable {
     public var settings: Configuration.Refresh
+    /// The least time before expiry at which a refresh starts (see the contract above).
+    static let latestLead = 2 * TokenGrant.handOutMargin
 
     public init(_ settings: Configuration.Refresh) {
         self.settings = settings
@@ -37,7 +41,7 @@ public struct RefreshPolicy: Sendable, Equatable {
         let lifetime = max(0, grant.lifetime)
         let spread = coldStart && settings.jitter > 0 ? settings.refreshAt - settings.jitter / 2 : settings.jitter
         let planned = grant.obtainedAt.addingTimeInterval((settings.refreshAt - random * spread) * lifetime)
-        let latest = max(grant.localExpiry.addingTimeInterval(-settings.minRemainingSeconds),
+        let latest = max(grant.localExpiry.addingTimeInterval(-max(settings.minRemainingSeconds, Self.latestLead)),
                          grant.obtainedAt.addingTimeInterval(lifetime / 2))
         return max(min(planned, latest), now.addingTimeInterval(1))
     }

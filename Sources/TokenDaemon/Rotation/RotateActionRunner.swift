@@ -5,6 +5,8 @@ import Foundation
 #endif
 import Glibc
 import Logging
+import NIOCore
+import NIOPosix
 
 /// Runs the `onRotate` actions after a new token is on disk. Each runs in its own task: a slow or
 /// failing action delays neither the others nor the daemon, and its failure is only logged.
@@ -59,7 +61,9 @@ public struct RotateActionRunner: Sendable {
                 logger.error("onRotate: \(argv[0]) killed after \(FormatTime.seconds(timeout))", metadata: ["event": "rotate_action_failed"])
                 return
             }
-            try? await Task.sleep(for: .milliseconds(20))
+            // An event-loop timer, not Task.sleep: that would start libdispatch's worker pool, whose
+            // monitor then wakes the daemon every second for good (see DaemonSignals).
+            try? await MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: .milliseconds(20)) {}.futureResult.get()
         }
         let elapsed = started.duration(to: .now)
         if status & 0x7f == 0, (status >> 8) & 0xff == 0 {
@@ -81,12 +85,16 @@ public struct RotateActionRunner: Sendable {
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
         posix_spawnattr_setpgroup(&attributes, 0)
-        // Signals the daemon ignores (SIGHUP, SIGTERM, …) would stay ignored in the child: reset them.
+        // The child would inherit the signals the daemon blocks (DaemonSignals) and those ignored
+        // (SIGPIPE): unblock all, reset those to their default actions.
         var defaults = sigset_t()
         sigemptyset(&defaults)
         for number in [SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGPIPE] { sigaddset(&defaults, number) }
         posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF))
+        var unblocked = sigset_t()
+        sigemptyset(&unblocked)
+        posix_spawnattr_setsigmask(&attributes, &unblocked)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
 
         let arguments = argv.map { strdup($0) } + [nil]
         let variables = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]

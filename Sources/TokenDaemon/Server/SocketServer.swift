@@ -3,7 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
-import CMalloc
+import CLinux
 import Glibc
 import Logging
 import NIOConcurrencyHelpers
