@@ -493,12 +493,13 @@ def main():
         say()
         say("The daemon wakes for the watchdog ping (every 15 s here) and at most once per 30 s tick, on its one NIO "
             "event loop thread, which is also Swift concurrency's executor (`Sources/fts-tokend/Entry.swift`); `TP-#0` "
-            "sends the notifications. libdispatch, Swift concurrency's default executor on Linux, is kept idle: once "
-            "its worker pool starts, a one-second timer watches it for good (`_dispatch_workq_init_once`, 3,600 wakes "
-            "an hour; 0.36 CPU-s/h and 11.8k switches/h before this change). Over HTTPS to a host name, the "
-            "libraries start that pool themselves at the first login: NIO resolves names with `getaddrinfo` on a "
-            "DispatchQueue and async-http-client builds its TLS context on one. Threads named `*-qos*` are "
-            "libdispatch's.")
+            "hands the notifications to systemd. Before (docs at 4c6bf32: 0.361 CPU-s and 11.8k switches an hour) two "
+            "things cost most of it: libdispatch, Swift concurrency's default executor on Linux, whose worker pool, "
+            "once started, is watched by a one-second timer for good (`_dispatch_workq_init_once`: 3,600 wakes an "
+            "hour), and a timer armed in whole milliseconds rounded down, so that every deadline was reached by "
+            "spinning through its last fraction of a millisecond (about 1 ms of CPU per wake). libdispatch is now "
+            "kept idle (README \"Threads and idle cost\"): the HTTPS column shows that name resolution and the TLS "
+            "context, which the libraries do on serial Dispatch queues, do not start the monitored pool.")
         say()
 
         # 4. Latency of the mission's path.

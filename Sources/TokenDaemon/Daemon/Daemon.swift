@@ -137,7 +137,7 @@ public final class Daemon {
             if exitStatus != nil { break }
             afterEvent(sink: sink)
             wake?.cancel()
-            wake = loop.scheduleTask(in: .milliseconds(Int64(nextWakeDelay() * 1000))) { sink.yield(.tick) }
+            wake = loop.scheduleTask(in: Self.timerDelay(nextWakeDelay())) { sink.yield(.tick) }
         }
         wake?.cancel()
         try? await signals.close()
@@ -412,6 +412,13 @@ public final class Daemon {
             }
             sink.yield(.loginFinished(generation: generation, result, duration: started.duration(to: .now)))
         }
+    }
+
+    /// `seconds` in whole milliseconds, rounded up. A wake even a fraction of a millisecond early
+    /// finds nothing due and comes straight back: truncating made every deadline a spin of up to
+    /// 1 ms (measured: 1 ms of CPU per wake, three quarters of the idle cost).
+    static func timerDelay(_ seconds: TimeInterval) -> TimeAmount {
+        .milliseconds(Int64((max(0, seconds) * 1000).rounded(.up)))
     }
 
     private func nextWakeDelay() -> TimeInterval {
