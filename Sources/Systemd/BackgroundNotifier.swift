@@ -13,8 +13,8 @@ import NIOPosix
 /// is read, which a manager that never reads makes forever (found by `make bench`, whose harness did
 /// not read: +0.45 KiB per login). READY, RELOADING and STOPPING are always queued.
 ///
-/// The thread is a one-thread NIOThreadPool rather than a serial DispatchQueue: a process that
-/// never starts libdispatch's worker pool is spared the pool monitor's wake-up every second.
+/// The thread is a one-thread NIOThreadPool rather than a DispatchQueue: the daemon keeps
+/// libdispatch idle (README "Threads and idle cost").
 public final class BackgroundNotifier: Sendable {
     /// Notifications that may wait for the socket at once before routine ones are dropped.
     public static let maxQueued = 16

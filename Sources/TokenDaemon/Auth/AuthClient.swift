@@ -47,9 +47,8 @@ public final class AuthClient: Sendable {
 
     public func shutdown() async {
         // Called back on a serial queue: async-http-client's own `shutdown()` calls back on
-        // DispatchQueue.global(), whose first use starts libdispatch's worker-pool monitor, a wake-up
-        // every second for the rest of the process's life (a reload would cost the daemon its idle
-        // figure, docs/benchmarks.md section 3). Serial queues run on threads that are not monitored.
+        // DispatchQueue.global(), which would start libdispatch's monitored worker pool at every
+        // reload (README "Threads and idle cost"); serial queues run on unmonitored threads.
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             http.shutdown(queue: Self.shutdownQueue) { _ in done.resume() }
         }

@@ -102,8 +102,8 @@ public final class Daemon {
     /// blocked them (`DaemonSignals.blockInEveryThread`).
     public func run() async -> Int32 {
         let (events, sink) = AsyncStream<Event>.makeStream()
-        // Timer and signals live on NIO's event loop, as the socket and the logins do: the process
-        // never starts libdispatch's worker pool, whose monitor would wake it every second.
+        // Timer and signals live on NIO's event loop, as the socket and the logins do (README
+        // "Threads and idle cost").
         let loop = MultiThreadedEventLoopGroup.singleton.next()
         let signals: any Channel
         do {

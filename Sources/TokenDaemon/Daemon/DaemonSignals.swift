@@ -11,8 +11,7 @@ import NIOPosix
 /// any thread exists; children must unblock them again (`RotateActionRunner.spawn` does). A signal
 /// that arrives before `open` waits, blocked, and is read then.
 ///
-/// Not a DispatchSource: once libdispatch's worker pool has started it wakes the process every
-/// second for good (its pool monitor), most of an idle daemon's cost (docs/benchmarks.md, section 3).
+/// Not a DispatchSource: the daemon keeps libdispatch idle (README "Threads and idle cost").
 public enum DaemonSignals {
     static let handled = [SIGTERM, SIGINT, SIGHUP, SIGUSR1]
 

@@ -61,8 +61,7 @@ public struct RotateActionRunner: Sendable {
                 logger.error("onRotate: \(argv[0]) killed after \(FormatTime.seconds(timeout))", metadata: ["event": "rotate_action_failed"])
                 return
             }
-            // An event-loop timer, not Task.sleep: that would start libdispatch's worker pool, whose
-            // monitor then wakes the daemon every second for good (see DaemonSignals).
+            // An event-loop timer, not Task.sleep (README "Threads and idle cost").
             try? await MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: .milliseconds(20)) {}.futureResult.get()
         }
         let elapsed = started.duration(to: .now)
