@@ -31,7 +31,7 @@ struct Check: AsyncParsableCommand {
         Console.out("  state:   \(configuration.stateFile ?? "none (every start logs in)")")
         guard login else { return }
 
-        let client = try AuthClient(api: configuration.api, version: FTSTokend.version)
+        let client = AuthClient(api: configuration.api, version: FTSTokend.version)
         do {
             let answer = try await client.login(loaded.secrets, now: { Date() })
             await client.shutdown()

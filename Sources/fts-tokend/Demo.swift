@@ -42,7 +42,7 @@ struct Demo: AsyncParsableCommand {
 
             """)
         let loader = ConfigurationLoader(environment: [:])
-        let daemon = try Daemon(configPath: configPath, loaded: try loader.load(path: configPath),
+        let daemon = Daemon(configPath: configPath, loaded: try loader.load(path: configPath),
                                 dependencies: .init(loader: loader, watchdogInterval: nil, version: FTSTokend.version),
                                 logger: logger)
         let checker = Task { await Self.proveTokens(folder: folder, port: port) }

@@ -26,7 +26,7 @@ struct Run: AsyncParsableCommand {
             Notifier().notify(.status("configuration error: \(error)"))
             throw ExitCode(ExitStatus.configuration)
         }
-        let daemon = try Daemon(
+        let daemon = Daemon(
             configPath: options.config, loaded: loaded,
             dependencies: .init(loader: loader, watchdogInterval: Watchdog.interval(),
                                 activatedSocket: SocketActivation.listenFDs().first, version: FTSTokend.version),

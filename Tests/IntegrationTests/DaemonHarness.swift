@@ -7,7 +7,8 @@ import Testing
 /// NOTIFY_SOCKET, and outputs in a temporary folder. Credentials are fresh per harness so that the
 /// output can be searched for them.
 final class DaemonHarness: @unchecked Sendable {
-    // @unchecked: `child` is set by start() from the test's own task only; the rest is immutable.
+    // @unchecked: `child` is set by start(), and the config settings (`refresh`, `socket`,
+    // `extraConfig`) are changed before writeConfig(), from the test's own task only; the rest is immutable.
     let folder: TemporaryDirectory
     let mock: MockFTSServer
     let port: Int
@@ -30,14 +31,22 @@ final class DaemonHarness: @unchecked Sendable {
     }
 
     /// The refresh and timeout settings the config is written with.
-    let refresh: Refresh
+    var refresh: Refresh
 
-    /// `outputs.socket` in the config; nil leaves it out.
-    let socket: String?
+    /// `outputs.socket` in the config, as a JSON object; nil leaves it out.
+    var socket: String?
+
+    /// The output files, as JSON members of `outputs` (default: token, JSON and headers files under
+    /// `run/`); `{folder}` stands for the harness's folder.
+    var outputFiles = """
+        "tokenFile":   { "path": "{folder}/run/token",      "mode": "0640" },
+        "jsonFile":    { "path": "{folder}/run/token.json", "mode": "0600" },
+        "headersFile": { "path": "{folder}/run/headers",    "mode": "0640" }
+        """
 
     /// More top-level config keys, as JSON members (`"onRotate": [...]`); `{folder}` stands for the
     /// harness's folder.
-    let extraConfig: String?
+    var extraConfig: String?
 
     init(ttl: TimeInterval = 60, refresh: Refresh = Refresh(), socket: String? = nil, extraConfig: String? = nil) async throws {
         let folder = try TemporaryDirectory()
@@ -65,9 +74,7 @@ final class DaemonHarness: @unchecked Sendable {
               "refresh": { "refreshAt": \(refresh.refreshAt), "minRemainingSeconds": \(refresh.minRemainingSeconds),
                            "jitter": \(refresh.jitter), "backoffInitialSeconds": \(refresh.backoffInitialSeconds),
                            "backoffMaxSeconds": \(refresh.backoffMaxSeconds) },
-              "outputs": { "tokenFile":   { "path": "\(folder.file("run/token"))",      "mode": "0640" },
-                           "jsonFile":    { "path": "\(folder.file("run/token.json"))", "mode": "0600" },
-                           "headersFile": { "path": "\(folder.file("run/headers"))",    "mode": "0640" }
+              "outputs": { \(outputFiles.replacingOccurrences(of: "{folder}", with: folder.path))
                            \(socket.map { ", \"socket\": " + $0 } ?? "") },
               "stateFile": "\(folder.file("state/state.json"))",
               \(extraConfig.map { $0.replacingOccurrences(of: "{folder}", with: folder.path) + "," } ?? "")
@@ -100,13 +107,14 @@ final class DaemonHarness: @unchecked Sendable {
 
     /// Searches for the password, the key and every token issued (or its signature, as good as the
     /// token): everything every child printed, every file in the folder but the ones meant to hold
-    /// them, and the command line and environment of the children still running.
-    func expectNoSecretsInOutput(sourceLocation: SourceLocation = #_sourceLocation) {
+    /// them (and `alsoHolding`, files a test configured), and the command line and environment of the
+    /// children still running.
+    func expectNoSecretsInOutput(alsoHolding: Set<String> = [], sourceLocation: SourceLocation = #_sourceLocation) {
         let output = children.map(\.allOutput).joined()
         #expect(!output.isEmpty, "the daemon logs something", sourceLocation: sourceLocation)
         var places = [("output", output)]
-        let holders: Set<String> = ["run/token", "run/token.json", "run/headers", "state/state.json", "secrets/password",
-                                    "secrets/api-key", "config.json"]
+        let holders: Set<String> = alsoHolding.union(["run/token", "run/token.json", "run/headers", "state/state.json",
+                                                      "secrets/password", "secrets/api-key", "config.json"])
         // A holder's temporary twin (AtomicFileWriter's ".name.tmp-…") may exist while it is written.
         func isHolder(_ name: String) -> Bool {
             holders.contains(name) || holders.contains { holder in

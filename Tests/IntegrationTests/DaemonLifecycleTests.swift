@@ -164,9 +164,11 @@ import Testing
         #expect(threads.filter { $0.hasPrefix("NIO-") }.count == 1, "\(threads)")
         let before = try #require(ProcessFigures(pid: child.pid))
 
-        // A reload replaces the auth client. Had the old one's shutdown called back on
-        // DispatchQueue.global(), libdispatch's worker-pool monitor would run from then on (a wake-up
-        // every second; its epoll, eventfd and timerfd stay open).
+        // A reload with new client settings replaces the auth client. Had the old one's shutdown
+        // called back on DispatchQueue.global(), libdispatch's worker-pool monitor would run from
+        // then on (a wake-up every second; its epoll, eventfd and timerfd stay open).
+        harness.refresh.loginTimeoutSeconds += 1
+        try harness.writeConfig()
         child.signal(SIGHUP)
         #expect(await eventually { harness.child?.standardError.contains("event=auth_client_closed") == true })
         // (The old client's pooled connection may have closed: fewer is fine.)

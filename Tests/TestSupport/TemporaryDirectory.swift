@@ -36,6 +36,13 @@ public final class TemporaryDirectory: Sendable {
         return info.st_mode & 0o7777
     }
 
+    /// When the file was last modified (its inode's mtime, to the nanosecond).
+    public func modificationDate(_ name: String) -> Date? {
+        var info = stat()
+        guard lstat(file(name), &info) == 0 else { return nil }
+        return Date(timeIntervalSince1970: Double(info.st_mtim.tv_sec) + Double(info.st_mtim.tv_nsec) / 1e9)
+    }
+
     /// Every regular file below the folder, as relative paths.
     public func allFiles() -> [String] {
         let enumerator = FileManager.default.enumerator(atPath: path)

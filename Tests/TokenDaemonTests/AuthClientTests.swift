@@ -14,7 +14,7 @@ import Testing
         let port = try await mock.start()
         let api = Configuration.API(baseURL: "http://127.0.0.1:\(port)", tokenPath: tokenPath, email: .inline(""), password: .inline(""),
                                     apiKey: .inline(""), timeoutSeconds: timeout, caFile: nil)
-        let client = try AuthClient(api: api, version: "9.9.9")
+        let client = AuthClient(api: api, version: "9.9.9")
         do {
             try await body(mock, client)
         } catch {
@@ -115,7 +115,7 @@ import Testing
     @Test func anUnreachableServerIsATransportError() async throws {
         let api = Configuration.API(baseURL: "http://127.0.0.1:1", tokenPath: "/auth/token", email: .inline(""), password: .inline(""),
                                     apiKey: .inline(""), timeoutSeconds: 5, caFile: nil)
-        let client = try AuthClient(api: api, version: "1")
+        let client = AuthClient(api: api, version: "1")
         let error = await failure(client)
         await client.shutdown()
         guard case .transport = error else {
@@ -146,18 +146,18 @@ import Testing
         let (ca, tls) = try await Self.makeCertificates(in: folder)
         let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1"))
         let port = try await mock.start(tls: tls)
-        func client(caFile: String?) throws -> AuthClient {
-            try AuthClient(api: Configuration.API(baseURL: "https://127.0.0.1:\(port)", tokenPath: "/auth/token", email: .inline(""),
+        func client(caFile: String?) -> AuthClient {
+            AuthClient(api: Configuration.API(baseURL: "https://127.0.0.1:\(port)", tokenPath: "/auth/token", email: .inline(""),
                                                   password: .inline(""), apiKey: .inline(""), timeoutSeconds: 5, caFile: caFile), version: "1")
         }
 
-        let trusting = try client(caFile: ca)
+        let trusting = client(caFile: ca)
         let answer = try await trusting.login(Self.secrets, now: { Date() })
         #expect(mock.accepts(answer.grant.token))
         await trusting.shutdown()
 
         // Without the CA the certificate is not trusted and no credentials are sent.
-        let strict = try client(caFile: nil)
+        let strict = client(caFile: nil)
         let error = await failure(strict)
         await strict.shutdown()
         guard case .transport(let reason) = error else {

@@ -24,7 +24,7 @@ public final class AuthClient: Sendable {
     private let parser = TokenResponseParser()
 
     /// Creates the client; call `shutdown()` before dropping it.
-    public init(api: Configuration.API, version: String) throws {
+    public init(api: Configuration.API, version: String) {
         var tls = TLSConfiguration.makeClientConfiguration()
         if let caFile = api.caFile {
             tls.additionalTrustRoots = [.file(caFile)]

@@ -69,6 +69,8 @@ public struct Configuration: Sendable, Equatable {
         public var allowGIDs: [UInt32]
         public var maxConnections: Int
 
+        public static let defaultMaxConnections = 512
+
         public var restrictsPeers: Bool { !allowUIDs.isEmpty || !allowGIDs.isEmpty }
     }
 

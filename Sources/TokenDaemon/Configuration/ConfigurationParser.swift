@@ -124,7 +124,7 @@ public struct ConfigurationParser {
     }
 
     private func parseScheme(_ headers: Object) throws(ConfigurationError) -> String {
-        let scheme = try headers.optionalString("authorizationScheme") ?? "Bearer"
+        let scheme = try headers.optionalString("authorizationScheme") ?? TokenOutputs.defaultScheme
         guard scheme.utf8.allSatisfy({ ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) }) else {
             throw ConfigurationError(headers.path("authorizationScheme"), "must be letters only, such as \"Bearer\", or \"\" for the bare token")
         }
@@ -175,7 +175,7 @@ public struct ConfigurationParser {
         guard mode & 0o002 == 0 else {
             throw ConfigurationError(socket.path("mode"), "\(FileMode.format(mode)) lets every local user connect; use \"0660\" and a group, or allowUIDs/allowGIDs")
         }
-        let maxConnections = try socket.optionalNumber("maxConnections") ?? 512
+        let maxConnections = try socket.optionalNumber("maxConnections") ?? Double(Configuration.Socket.defaultMaxConnections)
         guard maxConnections >= 1, maxConnections <= 65_536, maxConnections.rounded() == maxConnections else {
             throw ConfigurationError(socket.path("maxConnections"), "must be a whole number from 1 to 65536")
         }

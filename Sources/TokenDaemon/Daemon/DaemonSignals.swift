@@ -15,6 +15,17 @@ import NIOPosix
 public enum DaemonSignals {
     static let handled = [SIGTERM, SIGINT, SIGHUP, SIGUSR1]
 
+    /// What a handled signal asks of the daemon (README "Signals"); nil for any other.
+    static func meaning(of number: Int32) -> DaemonCore.Signal? {
+        switch number {
+        case SIGTERM: .terminate(name: "TERM")
+        case SIGINT: .terminate(name: "INT")
+        case SIGHUP: .reload
+        case SIGUSR1: .refresh
+        default: nil
+        }
+    }
+
     /// Blocks the handled signals in the calling thread and in every thread it starts from now on.
     public static func blockInEveryThread() {
         var set = handledSet()

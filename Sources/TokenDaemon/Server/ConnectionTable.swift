@@ -23,6 +23,7 @@ final class ConnectionTable: Sendable {
     }
 
     private struct State {
+        var capacity: Int
         var entries: [ObjectIdentifier: Entry] = [:]
         /// Most connections open at once since the table was last nearly empty.
         var peak = 0
@@ -33,29 +34,36 @@ final class ConnectionTable: Sendable {
     /// ... and it is over once no more than this many remain.
     static let calmSize = 4
 
-    private let capacity: Int
-    private let state = NIOLockedValueBox(State())
+    private let state: NIOLockedValueBox<State>
 
     init(capacity: Int) {
-        self.capacity = capacity
+        state = NIOLockedValueBox(State(capacity: capacity))
     }
 
-    /// Admits `channel`, closing the longest-idle connection first when the table is full. The
-    /// search is linear, and runs only when the table is full.
+    /// A reload's new limit. Connections beyond it are not closed; new ones replace them until the
+    /// table is back within the limit.
+    func setCapacity(_ capacity: Int) {
+        state.withLockedValue { $0.capacity = capacity }
+    }
+
+    /// Admits `channel`, closing the longest-idle connections first when the table is full (more
+    /// than one only after a reload lowered the limit). The search is linear, and runs only when the
+    /// table is full. Channels are closed outside the lock: their close handlers call `remove`.
     func admit(_ channel: any Channel, now: NIODeadline = .now()) -> Admission {
-        let (admission, evicted) = state.withLockedValue { state -> (Admission, (any Channel)?) in
-            var evicted: (any Channel)?
-            if state.entries.count >= capacity {
-                guard let oldest = state.entries.lazy.filter({ !$0.value.waiting }).min(by: { $0.value.lastActive < $1.value.lastActive }) else {
-                    return (.refused, nil)
+        let (admission, evicted) = state.withLockedValue { state -> (Admission, [any Channel]) in
+            var evicted: [any Channel] = []
+            while state.entries.count >= state.capacity {
+                guard let oldest = state.entries.lazy.filter({ !$0.value.waiting }).min(by: { $0.value.lastActive < $1.value.lastActive }),
+                      let closed = state.entries.removeValue(forKey: oldest.key)?.channel else {
+                    return (.refused, evicted)
                 }
-                evicted = state.entries.removeValue(forKey: oldest.key)?.channel
+                evicted.append(closed)
             }
             state.entries[ObjectIdentifier(channel)] = Entry(channel: channel, lastActive: now)
             state.peak = max(state.peak, state.entries.count)
-            return (evicted == nil ? .admitted : .admittedByEvicting, evicted)
+            return (evicted.isEmpty ? .admitted : .admittedByEvicting, evicted)
         }
-        evicted?.close(promise: nil)
+        evicted.forEach { $0.close(promise: nil) }
         return admission
     }
 

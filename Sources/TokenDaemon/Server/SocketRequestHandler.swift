@@ -45,7 +45,8 @@ final class SocketRequestHandler: ChannelInboundHandler {
     private let board: TokenBoard
     private let connections: ConnectionTable
     private let metrics: DaemonMetrics
-    private let socket: Configuration.Socket?
+    /// Who may read the token: read on every request, so that a reload's allow lists apply at once.
+    private let access: SocketAccess
     private let logger: Logger
     private let clock: @Sendable () -> Date
 
@@ -56,12 +57,12 @@ final class SocketRequestHandler: ChannelInboundHandler {
     /// Requests that arrived while a long poll was pending, answered after it.
     private var queued: [HTTPRequestHead] = []
 
-    init(board: TokenBoard, connections: ConnectionTable, metrics: DaemonMetrics, socket: Configuration.Socket?, logger: Logger,
+    init(board: TokenBoard, connections: ConnectionTable, metrics: DaemonMetrics, access: SocketAccess, logger: Logger,
          clock: @escaping @Sendable () -> Date) {
         self.board = board
         self.connections = connections
         self.metrics = metrics
-        self.socket = socket
+        self.access = access
         self.logger = logger
         self.clock = clock
     }
@@ -210,9 +211,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
     }
 
     private func isAllowed() -> Bool {
-        guard let socket, socket.restrictsPeers else { return true }
-        guard let peer else { return false }
-        return socket.allowUIDs.contains(peer.uid) || socket.allowGIDs.contains(peer.gid)
+        access.allows(peer)
     }
 
     private func respond(_ status: HTTPResponseStatus, path: String, json: String, head: HTTPRequestHead, context: ChannelHandlerContext,

@@ -23,16 +23,41 @@ public final class SocketServer: Sendable {
     private let channel: any Channel
     /// The path we bound and must remove at shutdown; nil when systemd owns the socket.
     private let ownedPath: String?
+    private let access: SocketAccess
+    private let connections: ConnectionTable
 
-    private init(channel: any Channel, ownedPath: String?) {
+    private init(channel: any Channel, ownedPath: String?, access: SocketAccess, connections: ConnectionTable) {
         self.channel = channel
         self.ownedPath = ownedPath
+        self.access = access
+        self.connections = connections
+    }
+
+    /// A reload's socket settings, applied live: the allow lists from the next request on (open
+    /// connections included), the connection limit from the next accept, and the mode of a socket
+    /// file we bound (a socket passed by systemd keeps the socket unit's `SocketMode=`).
+    public func apply(_ socket: Configuration.Socket) throws(SystemError) {
+        access.update(socket)
+        connections.setCapacity(socket.maxConnections)
+        guard let ownedPath else { return }
+        // Through an O_PATH descriptor of what is at the path, checked to be a socket, so that
+        // nothing else that might have been put there is chmod'ed (chmod would follow a symlink).
+        let descriptor = open(ownedPath, clinux_O_PATH | O_NOFOLLOW | O_CLOEXEC)
+        guard descriptor >= 0 else { throw SystemError("open \(ownedPath)", errno: errno) }
+        defer { close(descriptor) }
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { throw SystemError("fstat \(ownedPath)", errno: errno) }
+        guard info.st_mode & S_IFMT == S_IFSOCK else { throw SystemError("\(ownedPath) is no longer a socket", errno: nil) }
+        guard chmod("/proc/self/fd/\(descriptor)", mode_t(socket.mode)) == 0 else {
+            throw SystemError("chmod \(ownedPath)", errno: errno)
+        }
     }
 
     /// Starts serving `board`, on the socket systemd passed (`activatedFD`) or on `socket.path`.
     public static func start(socket: Configuration.Socket?, activatedFD: Int32?, board: TokenBoard, metrics: DaemonMetrics,
                              logger: Logger, clock: @escaping @Sendable () -> Date) async throws -> SocketServer {
-        let connections = ConnectionTable(capacity: socket?.maxConnections ?? 512)
+        let connections = ConnectionTable(capacity: socket?.maxConnections ?? Configuration.Socket.defaultMaxConnections)
+        let access = SocketAccess(socket)
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderFieldSize = headLimit
         limits.maxHeaderListSize = headLimit
@@ -61,18 +86,18 @@ public final class SocketServer: Sendable {
                     // NIO's request decoder only: the handler writes its answers as bytes and keeps
                     // them in request order itself (see SocketRequestHandler).
                     try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits)))
-                    try sync.addHandler(SocketRequestHandler(board: board, connections: connections, metrics: metrics, socket: socket, logger: logger, clock: clock))
+                    try sync.addHandler(SocketRequestHandler(board: board, connections: connections, metrics: metrics, access: access, logger: logger, clock: clock))
                 }
             }
         if let fd = activatedFD {
             let channel = try await bootstrap.withBoundSocket(fd).get()
             logger.info("serving on the socket passed by systemd", metadata: ["event": "socket_listening", "fd": "\(fd)"])
-            return SocketServer(channel: channel, ownedPath: nil)
+            return SocketServer(channel: channel, ownedPath: nil, access: access, connections: connections)
         }
         guard let socket else { throw SystemError("no socket configured", errno: nil) }
         let channel = try await bind(bootstrap, socket: socket)
         logger.info("serving on \(socket.path)", metadata: ["event": "socket_listening", "mode": "\(FileMode.format(socket.mode))"])
-        return SocketServer(channel: channel, ownedPath: socket.path)
+        return SocketServer(channel: channel, ownedPath: socket.path, access: access, connections: connections)
     }
 
     /// Binds so that the socket never exists with wider permissions than configured:
@@ -114,5 +139,28 @@ public final class SocketServer: Sendable {
     public func stop() async {
         try? await channel.close()
         if let ownedPath { unlink(ownedPath) }
+    }
+}
+
+/// The socket's allow lists as currently configured, shared by every connection.
+final class SocketAccess: Sendable {
+    private let socket: NIOLockedValueBox<Configuration.Socket?>
+
+    init(_ socket: Configuration.Socket?) {
+        self.socket = NIOLockedValueBox(socket)
+    }
+
+    func update(_ socket: Configuration.Socket) {
+        self.socket.withLockedValue { $0 = socket }
+    }
+
+    /// Whether `peer` may be served: always when no allow list is set; otherwise only a peer whose
+    /// uid or gid is listed (an unknown peer never).
+    func allows(_ peer: PeerCredentials?) -> Bool {
+        socket.withLockedValue { socket in
+            guard let socket, socket.restrictsPeers else { return true }
+            guard let peer else { return false }
+            return socket.allowUIDs.contains(peer.uid) || socket.allowGIDs.contains(peer.gid)
+        }
     }
 }

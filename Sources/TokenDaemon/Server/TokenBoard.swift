@@ -106,16 +106,20 @@ public final class TokenBoard: Sendable {
 
     public init() {}
 
-    /// Posts a new current token; wakes long polls waiting for a change.
+    /// Posts the current token; wakes long polls waiting for a change. Posting the token already
+    /// current re-encodes it only when its headers changed (a reload's new scheme or key).
     public func post(_ grant: TokenGrant, apiKey: String, authorizationScheme: String) {
         let fingerprint = grant.fingerprint
+        let headers = ByteBuffer(bytes: TokenOutputs.headersText(grant, apiKey: apiKey, scheme: authorizationScheme))
         let woken = state.withLockedValue { state -> [Waiter] in
-            guard state.entry?.fingerprint != fingerprint else { return [] }
+            let previous = state.entry
+            guard previous?.fingerprint != fingerprint || previous?.body(.headers) != headers else { return [] }
             state.entry = Entry(
                 grant: grant, fingerprint: fingerprint,
                 token: ByteBuffer(string: grant.token),
                 json: ByteBuffer(bytes: TokenOutputs.jsonDocument(grant)),
-                headers: ByteBuffer(bytes: TokenOutputs.headersText(grant, apiKey: apiKey, scheme: authorizationScheme)))
+                headers: headers)
+            guard previous?.fingerprint != fingerprint else { return [] }
             let woken = state.waiters.values.filter { $0.after != fingerprint }
             state.waiters = state.waiters.filter { $0.value.after == fingerprint }
             return Array(woken)

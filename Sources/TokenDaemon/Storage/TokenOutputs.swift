@@ -70,6 +70,10 @@ public struct TokenOutputs: Sendable, Equatable {
         return Array((try? encoder.encode(document)) ?? Data()) + [0x0A]
     }
 
+    /// The `Authorization` scheme when `outputs.headersFile.authorizationScheme` is not given (and
+    /// of the socket's `/headers` without a headers file).
+    public static let defaultScheme = "Bearer"
+
     /// The `headersFile` text, for `curl -H @file`. Token and key were checked to be header-safe.
     public static func headersText(_ grant: TokenGrant, apiKey: String, scheme: String) -> [UInt8] {
         let authorization = scheme.isEmpty ? grant.token : scheme + " " + grant.token

@@ -1,0 +1,163 @@
+import Foundation
+import Glibc
+import MockFTS
+import TestSupport
+import Testing
+
+/// SIGHUP on the real binary: each kind of `ConfigChange` and the defects the core fixed. The
+/// decisions themselves are tested in `DaemonCoreReloadTests`; these prove the wiring.
+@Suite struct ReloadTests {
+    /// The `/healthz` document, parsed.
+    static func health(_ harness: DaemonHarness) async throws -> [String: Any] {
+        let answer = try await Command.curl("/healthz", socket: harness.socketPath)
+        return try JSONSerialization.jsonObject(with: Data(answer.body.utf8)) as? [String: Any] ?? [:]
+    }
+
+    @Test func aBrokenReloadWhileTheFirstLoginFailsSendsNoReady() async throws {
+        // Regression (issue 12): READY=1 went out with no token on disk.
+        let harness = try await DaemonHarness(ttl: 600)
+        harness.mock.always(.status(503))
+        let child = try harness.start()
+        #expect(await harness.notify.waitFor { $0.contains("auth server unavailable") } != nil)
+        try harness.folder.write("config.json", "{ broken")
+        child.signal(SIGHUP)
+        #expect(await harness.notify.waitFor { $0.contains("reload failed") } != nil)
+        #expect(!harness.notify.received.contains { $0.text.contains("READY=1") })
+        #expect(harness.token == nil)
+
+        // The first token, when it comes, brings READY=1, with the file already there.
+        harness.mock.always(nil)
+        try harness.writeConfig()
+        child.signal(SIGHUP)
+        let ready = await harness.waitUntilReady(timeout: 60)
+        #expect(ready != nil)
+        let readyAt = try #require(harness.notify.received.first { $0.text.contains("READY=1") }?.time)
+        #expect(harness.token.map(harness.mock.accepts) == true)
+        #expect(harness.folder.modificationDate("run/token").map { $0 <= readyAt } == true)
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func healthzFollowsSigusr1AndAReloadAtOnce() async throws {
+        // Regression (issue 12): reload and SIGUSR1 left /healthz's nextRefreshAt stale.
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let scheduled = try #require(try await Self.health(harness)["nextRefreshAt"] as? String)
+
+        // A login in flight has no next refresh.
+        harness.mock.enqueue(MockFault(delaySeconds: 4))
+        child.signal(SIGUSR1)
+        var inFlight = false
+        for _ in 0..<200 where !inFlight {
+            inFlight = try await Self.health(harness)["nextRefreshAt"] == nil
+            if !inFlight { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        #expect(inFlight)
+        #expect(await eventually { harness.mock.stats.tokensIssued == 2 })
+
+        // A new policy moves the refresh, and /healthz says so without waiting for another event.
+        var before: String?
+        for _ in 0..<3000 where before == nil {
+            before = try await Self.health(harness)["nextRefreshAt"] as? String
+            if before == nil { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        let scheduledAgain = try #require(before)
+        #expect(scheduledAgain != scheduled)
+        harness.refresh.refreshAt = 0.5
+        try harness.writeConfig()
+        child.signal(SIGHUP)
+        #expect(await harness.notify.waitFor { $0.contains("READY=1") && !$0.contains("reload failed") } != nil)
+        let after = try #require(try await Self.health(harness)["nextRefreshAt"] as? String)
+        #expect(after < scheduledAgain, "refreshAt 0.8 → 0.5 moves the refresh earlier: \(scheduledAgain) → \(after)")
+        await harness.stop()
+    }
+
+    @Test func aReloadAppliesTheSocketsAllowListsAndModeLive() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: #""allowUIDs": [0, 65534]"#)
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        // Let uid 65534 reach the socket file, so that only the peer check can refuse it.
+        chmod(harness.folder.path, 0o711)
+        chown(harness.folder.file("run"), 0, 65534)
+        chown(harness.socketPath, 0, 65534)
+        #expect(try await Command.curl("/token", socket: harness.socketPath, as: (65534, 65534)).status == 200)
+
+        harness.socket = #"{ "path": "\#(harness.socketPath)", "allowUIDs": [0], "mode": "0600" }"#
+        try harness.writeConfig()
+        harness.notify.reset()
+        child.signal(SIGHUP)
+        #expect(await harness.notify.waitFor { $0.contains("READY=1") } != nil)
+        #expect(harness.child?.standardError.contains("changed=socket_access") == true)
+        #expect(harness.folder.mode("run/tokend.sock") == 0o600)
+        chmod(harness.socketPath, 0o660)  // the socket file lets 65534 in again: only the allow list refuses it now
+        let removed = try await Command.curl("/token", socket: harness.socketPath, as: (65534, 65534))
+        #expect(removed.status == 403)
+        #expect(!removed.body.contains("eyJ"))
+        #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200, "uid 0 is still listed")
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func aLowerConnectionLimitTakesEffectOnTheNextConnection() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        harness.socket = #"{ "path": "\#(harness.socketPath)", "maxConnections": 2 }"#
+        try harness.writeConfig()
+        harness.notify.reset()
+        child.signal(SIGHUP)
+        #expect(await harness.notify.waitFor { $0.contains("READY=1") } != nil)
+        let idle = try (0..<3).map { _ in try UnixSocketClient(socket: harness.socketPath) }
+        // The third connection took the place of the first: the limit is 2.
+        #expect(await eventually { (try? UnixSocketClient.status(of: "/metrics", socket: harness.socketPath)) == 200 })
+        let metrics = try await Command.curl("/metrics", socket: harness.socketPath)
+        #expect(metrics.body.contains(#"fts_tokend_socket_connections_dropped_total{reason="evicted"}"#))
+        withExtendedLifetime(idle) {}
+        await harness.stop()
+    }
+
+    @Test func movedAndDroppedOutputsLeaveNoTokenOrKeyBehind() async throws {
+        let harness = try await DaemonHarness(ttl: 600)
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let token = try #require(harness.token)
+        #expect(harness.folder.read("run/headers")?.contains(harness.apiKey) == true)
+
+        harness.outputFiles = #""tokenFile": { "path": "{folder}/run/moved/token", "mode": "0640" }"#
+        try harness.writeConfig()
+        harness.notify.reset()
+        child.signal(SIGHUP)
+        #expect(await harness.notify.waitFor { $0.contains("READY=1") } != nil)
+        #expect(await eventually { harness.folder.read("run/moved/token") == token })
+        #expect(harness.folder.read("run/token") == nil)
+        #expect(harness.folder.read("run/token.json") == nil)
+        #expect(harness.folder.read("run/headers") == nil, "the headers file held the API key")
+        #expect(harness.mock.stats.tokensIssued == 1, "moving files needs no login")
+        harness.expectNoSecretsInOutput(alsoHolding: ["run/moved/token"])
+        await harness.stop()
+    }
+
+    @Test func aMovedSocketIsRefusedLoudlyAndTheOldOneKeepsServing() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let moved = harness.folder.file("run/other.sock")
+        harness.socket = #"{ "path": "\#(moved)" }"#
+        harness.outputFiles = #""tokenFile": { "path": "{folder}/run/token", "mode": "0640" }"#
+        try harness.writeConfig()
+        harness.notify.reset()
+        child.signal(SIGHUP)
+        let status = await harness.notify.waitFor { $0.contains("READY=1") }
+        #expect(status?.contains("needs a restart") == true)
+        #expect(harness.child?.standardError.contains("needs_restart=true") == true)
+        #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200)
+        #expect(access(moved, F_OK) != 0)
+        // The whole reload was refused: the headers file is still configured and still there.
+        #expect(harness.folder.read("run/headers") != nil)
+        let health = try await Self.health(harness)
+        #expect(health["status"] as? String == "degraded")
+        #expect((health["lastError"] as? String)?.contains("needs a restart") == true)
+        await harness.stop()
+    }
+}
