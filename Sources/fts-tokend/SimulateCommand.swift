@@ -75,19 +75,16 @@ struct SimulateCommand: ParsableCommand {
         }
     }
 
-    /// Login attempts in one hour of full outage with no valid token, with the default backoff.
+    /// Login attempts in one hour of full outage with no valid token, with the default backoff: one
+    /// host's core against a server that fails every login.
     static func outageAttempts(seed: UInt64) -> Int {
-        let policy = RefreshPolicy(.defaults)
-        var generator = SplitMix64(seed: seed)
-        var elapsed: Double = 0
-        var attempts = 0
-        let start = Date(timeIntervalSince1970: 1_800_000_000)
-        while elapsed < 3600 {
-            attempts += 1
-            elapsed += policy.retryDelay(after: .transient, attempt: attempts, current: nil, now: start.addingTimeInterval(elapsed),
-                                         random: Double.random(in: 0..<1, using: &generator))
-        }
-        return attempts
+        var options = FleetSimulation.Options()
+        options.hosts = 1
+        options.durationSeconds = 3600
+        options.loginFailureRate = 1
+        options.warmUpSeconds = 0
+        options.seed = seed
+        return FleetSimulation(options).run().logins
     }
 
     private func format(_ value: Double) -> String {

@@ -4,13 +4,14 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// Many hosts running the real `RefreshPolicy` against an auth server that always answers, in
-/// simulated time: how logins spread over a fleet, and what a simultaneous restart of every host costs.
+/// Many hosts, each running the daemon's own `DaemonCore`, against a fake auth server, in simulated
+/// time: how logins spread over a fleet, and what a simultaneous restart of every host costs.
 ///
-/// Each host logs in when it boots (within `bootSpreadSeconds` of the start), then whenever its policy
-/// says; a login yields a token of `tokenLifetimeSeconds`. At `restartAtSeconds` every host restarts
-/// at once and, like the daemon, reuses its stored token when more than `minRemainingSeconds` of it
-/// remain, logging in only otherwise.
+/// Each host boots within `bootSpreadSeconds` of the start (no stored token), and its core decides
+/// everything from then on: when to log in, how long to back off, whether a stored token is reused.
+/// A login answers after `loginDelaySeconds` with a token of `tokenLifetimeSeconds`, or fails (HTTP
+/// 503) with `loginFailureRate`; file writes always succeed. At `restartAtSeconds` every host's
+/// process starts over with what its state file holds.
 public struct FleetSimulation: Sendable {
     public struct Options: Sendable {
         public var hosts = 10_000
@@ -20,6 +21,10 @@ public struct FleetSimulation: Sendable {
         /// Hosts boot at uniformly random instants within this window (0: all at once).
         public var bootSpreadSeconds: Double = 0
         public var restartAtSeconds: Double?
+        /// How long the fake server takes to answer a login.
+        public var loginDelaySeconds: Double = 0
+        /// Share of logins that fail (HTTP 503), drawn per login.
+        public var loginFailureRate: Double = 0
         /// Logins are counted per bucket; peak and mean are per second within a bucket.
         public var bucketSeconds: Double = 60
         /// Logins in the first `warmUpSeconds` (the boot wave) are left out of the peak and mean.
@@ -30,6 +35,7 @@ public struct FleetSimulation: Sendable {
     }
 
     public struct Result: Sendable, Equatable {
+        /// Login requests the server received.
         public var logins: Int
         /// Logins per second, averaged over the measured period.
         public var meanPerSecond: Double
@@ -48,59 +54,114 @@ public struct FleetSimulation: Sendable {
         self.options = options
     }
 
+    /// What happens next to a host: its core's next deadline, or a login's answer.
+    private enum Due {
+        case wake
+        case answer(generation: Int)
+    }
+
     public func run() -> Result {
-        let policy = RefreshPolicy(options.refresh)
         var random = SplitMix64(seed: options.seed)
         let epoch = Date(timeIntervalSince1970: 1_800_000_000)
-        var grants = [TokenGrant?](repeating: nil, count: options.hosts)
-        // Next login of each host, in seconds since the start; a min-heap orders them.
-        var queue = MinHeap()
-        for host in 0..<options.hosts {
-            queue.push(random.unit() * options.bootSpreadSeconds, host)
-        }
+        let configuration = LoadedConfiguration(
+            configuration: Configuration(
+                api: .init(baseURL: "https://auth.example", tokenPath: "/auth/token", email: .inline("svc@example.com"),
+                           password: .inline("-"), apiKey: .inline("-"), timeoutSeconds: 30, caFile: nil),
+                refresh: options.refresh,
+                outputs: .init(tokenFile: .init(path: "/run/fts-tokend/token", mode: 0o640)),
+                stateFile: "/var/lib/fts-tokend/state.json", logLevel: .info),
+            secrets: LoginSecrets(email: "svc@example.com", password: "-", apiKey: "-"))
+
+        var cores: [DaemonCore?] = Array(repeating: nil, count: options.hosts)
+        var stored = [TokenGrant?](repeating: nil, count: options.hosts)
+        /// Each host's process: bumped at a restart, so that the old process's answers are dropped.
+        var process = [Int](repeating: 0, count: options.hosts)
+        /// The wake each host asked for last; an older one popped from the queue is stale.
+        var wakeAt = [Double?](repeating: nil, count: options.hosts)
+        var queue = MinHeap<(host: Int, process: Int, due: Due)>()
+
         let bucketCount = Int((options.durationSeconds / options.bucketSeconds).rounded(.up))
         var buckets = [Int](repeating: 0, count: bucketCount)
-        var restartPending = options.restartAtSeconds != nil
         var restartLogins = 0
-        /// Hosts whose process restarted and has not logged in since.
-        var restarted = Set<Int>()
+        var restarting = false
 
-        /// `coldStart`: the host's process holds no token yet (it booted, or restarted without a
-        /// usable stored one), as the daemon tells the policy.
-        func login(_ host: Int, at time: Double) {
-            let coldStart = grants[host] == nil || restarted.contains(host)
-            restarted.remove(host)
-            let now = epoch.addingTimeInterval(time)
-            let grant = TokenGrant(token: "t", expiresAt: now.addingTimeInterval(options.tokenLifetimeSeconds), obtainedAt: now,
-                                   userId: nil, tenantId: nil, clockSkew: 0)
-            grants[host] = grant
-            let bucket = Int(time / options.bucketSeconds)
-            if bucket < bucketCount { buckets[bucket] += 1 }
-            queue.push(policy.refreshTime(for: grant, now: now, random: random.unit(), coldStart: coldStart).timeIntervalSince(epoch), host)
+        /// Hands `event` to the host's core at `time` and performs its actions as the daemon would.
+        func deliver(_ event: DaemonCore.Event, to host: Int, at time: Double) {
+            var inputs = [event]
+            var next = 0
+            while next < inputs.count, var core = cores[host] {
+                let actions = core.handle(inputs[next], now: epoch.addingTimeInterval(time))
+                cores[host] = core
+                next += 1
+                for action in actions {
+                    switch action {
+                    case .startLogin(let generation):
+                        let bucket = Int(time / options.bucketSeconds)
+                        if bucket < bucketCount { buckets[bucket] += 1 }
+                        if restarting { restartLogins += 1 }
+                        queue.push(time + options.loginDelaySeconds, (host, process[host], .answer(generation: generation)))
+                    case .writeFiles(let request):
+                        inputs.append(.filesWritten(id: request.id, failure: nil))
+                    case .saveState(let grant):
+                        stored[host] = grant
+                    default:
+                        break
+                    }
+                }
+            }
+            if let deadline = cores[host]?.nextDeadline()?.timeIntervalSince(epoch) {
+                let at = max(deadline, time)
+                if wakeAt[host] != at {
+                    wakeAt[host] = at
+                    queue.push(at, (host, process[host], .wake))
+                }
+            }
         }
 
-        while let (time, host) = queue.pop(), time < options.durationSeconds {
+        /// A host's process starts: a new core with what the state file holds.
+        func boot(_ host: Int, at time: Double) {
+            process[host] += 1
+            wakeAt[host] = nil
+            cores[host] = DaemonCore(configuration: configuration, seed: random.next())
+            deliver(.start(stored: stored[host].map { .success($0) } ?? .failure(.missing)), to: host, at: time)
+        }
+
+        for host in 0..<options.hosts {
+            queue.push(random.unit() * options.bootSpreadSeconds, (host, process[host], .wake))
+        }
+        var restartPending = options.restartAtSeconds != nil
+        while let (time, item) = queue.pop(), time < options.durationSeconds {
             if restartPending, let restart = options.restartAtSeconds, time >= restart {
+                // Every host's process starts over: the schedule in memory is lost, the state file stays.
                 restartPending = false
-                queue.push(time, host)
-                restartAll(at: restart)
+                queue.push(time, item)
+                restarting = true
+                for host in 0..<options.hosts { boot(host, at: restart) }
+                restarting = false
                 continue
             }
-            login(host, at: time)
-        }
-
-        func restartAll(at time: Double) {
-            // Every host's process starts over: the schedule in memory is lost, the state file stays.
-            queue = MinHeap()
-            let now = epoch.addingTimeInterval(time)
-            for host in 0..<options.hosts {
-                if let stored = grants[host], stored.remaining(at: now) > options.refresh.minRemainingSeconds {
-                    queue.push(policy.refreshTime(for: stored, now: now, random: random.unit()).timeIntervalSince(epoch), host)
+            let host = item.host
+            guard item.process == process[host] else { continue }
+            guard cores[host] != nil else {
+                boot(host, at: time)
+                continue
+            }
+            switch item.due {
+            case .wake:
+                guard wakeAt[host] == time else { continue }
+                wakeAt[host] = nil
+                deliver(.tick, to: host, at: time)
+            case .answer(let generation):
+                let now = epoch.addingTimeInterval(time)
+                let result: Swift.Result<TokenResponseParser.Result, LoginError>
+                if options.loginFailureRate > 0, random.unit() < options.loginFailureRate {
+                    result = .failure(.httpStatus(503, retryAfter: nil))
                 } else {
-                    restartLogins += 1
-                    restarted.insert(host)
-                    login(host, at: time)
+                    let grant = TokenGrant(token: "t", expiresAt: now.addingTimeInterval(options.tokenLifetimeSeconds), obtainedAt: now,
+                                           userId: nil, tenantId: nil, clockSkew: 0)
+                    result = .success(.init(grant: grant, warnings: []))
                 }
+                deliver(.loginFinished(generation: generation, result), to: host, at: time)
             }
         }
 
@@ -139,12 +200,12 @@ public struct SplitMix64: RandomNumberGenerator, Sendable {
     }
 }
 
-/// A binary min-heap of (time, host).
-struct MinHeap {
-    private var items: [(Double, Int)] = []
+/// A binary min-heap of (time, item), earliest first.
+struct MinHeap<Item> {
+    private var items: [(Double, Item)] = []
 
-    mutating func push(_ time: Double, _ host: Int) {
-        items.append((time, host))
+    mutating func push(_ time: Double, _ item: Item) {
+        items.append((time, item))
         var child = items.count - 1
         while child > 0 {
             let parent = (child - 1) / 2
@@ -154,7 +215,7 @@ struct MinHeap {
         }
     }
 
-    mutating func pop() -> (Double, Int)? {
+    mutating func pop() -> (Double, Item)? {
         guard !items.isEmpty else { return nil }
         items.swapAt(0, items.count - 1)
         let top = items.removeLast()
