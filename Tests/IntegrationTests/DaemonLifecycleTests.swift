@@ -183,9 +183,10 @@ import Testing
         #expect(await eventually { harness.notify.received.filter { $0.text.contains("WATCHDOG=1") }.count >= 5 })
         let pings = harness.notify.received.filter { $0.text.contains("WATCHDOG=1") }.map(\.time)
         let gaps = zip(pings.dropFirst(), pings).map { $0.timeIntervalSince($1) }.sorted()
-        // Every ping comes well within WATCHDOG_USEC (2 s); the typical gap is half of it.
-        #expect(gaps.allSatisfy { $0 < 2 })
-        #expect(gaps[gaps.count / 2] > 0.6 && gaps[gaps.count / 2] < 1.4)
+        // Every ping comes within WATCHDOG_USEC (2 s), the contract systemd enforces, and none early:
+        // a busy machine can only delay a ping (the schedule itself is DaemonCoreSignalTests').
+        #expect(gaps.allSatisfy { $0 < 2 }, "\(gaps)")
+        #expect(gaps.allSatisfy { $0 > 0.9 }, "\(gaps)")
         await harness.stop()
     }
 
@@ -204,15 +205,17 @@ import Testing
     }
 
     @Test func sigtermDuringAHangingLoginExitsAtOnce() async throws {
-        let harness = try await DaemonHarness()
+        // The login would hang for its whole timeout (300 s): an exit long before that did not wait
+        // for it, however slow the machine.
+        var refresh = DaemonHarness.Refresh()
+        refresh.loginTimeoutSeconds = 300
+        let harness = try await DaemonHarness(refresh: refresh)
         harness.mock.always(.hang)
         let child = try harness.start()
         #expect(await eventually { harness.mock.stats.loginRequests == 1 })
-        let sent = Date()
         child.signal(SIGTERM)
-        #expect(await child.waitForExit(timeout: 10) == 0)
-        // Generous: the daemon promises well under a second; this only catches waiting for the login.
-        #expect(Date().timeIntervalSince(sent) < 4)
+        #expect(await child.waitForExit(timeout: 60) == 0)
+        #expect(harness.mock.stats.loginRequests == 1)
         await harness.stop()
     }
 
