@@ -46,7 +46,7 @@ struct MockServer: AsyncParsableCommand {
         guard let (host, _) = Self.split(listen) else {
             throw ValidationError("--listen must be HOST:PORT, such as 127.0.0.1:8080")
         }
-        guard host == "localhost" || host.hasPrefix("127.") || host == "::1" else {
+        guard Loopback.isLoopback(host: host) else {
             throw ValidationError("--listen must be a loopback address: the mock accepts a test password")
         }
         guard ttl > 0 else { throw ValidationError("--ttl must be more than 0 seconds") }

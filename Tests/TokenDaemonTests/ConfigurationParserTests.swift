@@ -127,6 +127,11 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         BadInput(name: "baseURL a number", bytes: config { set(&$0, "api.baseURL", 5) }, keyPath: "api.baseURL", message: "must be a string, not a number"),
         BadInput(name: "baseURL not a URL", bytes: config { set(&$0, "api.baseURL", "global-api.fintechstudios.com") }, keyPath: "api.baseURL", message: "is not a URL"),
         BadInput(name: "plain http to another host", bytes: config { set(&$0, "api.baseURL", "http://global-api.fintechstudios.com") }, keyPath: "api.baseURL", message: "only to loopback"),
+        // Names that only start like a loopback address are resolved by DNS, which can answer anything.
+        BadInput(name: "plain http to a name starting with 127.", bytes: config { set(&$0, "api.baseURL", "http://127.evil.example") }, keyPath: "api.baseURL", message: "only to loopback"),
+        BadInput(name: "plain http to a loopback-looking DNS name", bytes: config { set(&$0, "api.baseURL", "http://127.0.0.1.nip.io:8080") }, keyPath: "api.baseURL", message: "only to loopback"),
+        BadInput(name: "plain http to a name ending in localhost", bytes: config { set(&$0, "api.baseURL", "http://localhost.evil.example") }, keyPath: "api.baseURL", message: "only to loopback"),
+        BadInput(name: "plain http to a short-form IPv4", bytes: config { set(&$0, "api.baseURL", "http://127.1") }, keyPath: "api.baseURL", message: "only to loopback"),
         BadInput(name: "ftp scheme", bytes: config { set(&$0, "api.baseURL", "ftp://x.example") }, keyPath: "api.baseURL", message: "not supported"),
         BadInput(name: "baseURL with user info", bytes: config { set(&$0, "api.baseURL", "https://u:p@x.example") }, keyPath: "api.baseURL", message: "user info"),
         BadInput(name: "tokenPath without slash", bytes: config { set(&$0, "api.tokenPath", "auth/token") }, keyPath: "api.tokenPath", message: "starting with \"/\""),
@@ -189,6 +194,18 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         let socket = try #require(try ConfigurationParser().parse(Array(text.utf8)).outputs.socket)
         #expect(socket == Configuration.Socket(path: "/run/fts-tokend/tokend.sock", mode: 0o660, allowUIDs: [0, 1001], allowGIDs: [998], maxConnections: 512))
         #expect(socket.restrictsPeers)
+    }
+
+    @Test(arguments: ["http://127.0.0.1:8080", "http://127.255.0.9", "http://localhost:8080", "http://LOCALHOST", "http://[::1]:8080"])
+    func plainHTTPToALoopbackLiteralIsAccepted(_ url: String) throws {
+        #expect(try ConfigurationParser().parse(config { set(&$0, "api.baseURL", url) }).api.baseURL == url)
+    }
+
+    @Test func loopbackIsALiteralNotAPrefix() {
+        for host in ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"] { #expect(Loopback.isLoopback(host: host), "\(host)") }
+        for host in ["127.evil.example", "127.0.0.1.nip.io", "128.0.0.1", "::2", "::ffff:10.0.0.1", "localhost.", "127.1", ""] {
+            #expect(!Loopback.isLoopback(host: host), "\(host)")
+        }
     }
 
     @Test func fileModeRoundTrip() {
