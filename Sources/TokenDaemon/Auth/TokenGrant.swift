@@ -55,9 +55,6 @@ public struct TokenGrant: Sendable, Equatable, Codable {
 /// Short, non-reversible names for secrets in logs.
 public enum Fingerprint {
     public static func of(_ secret: String) -> String {
-        SHA256.hash(data: Array(secret.utf8)).prefix(4).map { byte in
-            let hex = String(byte, radix: 16)
-            return byte < 16 ? "0" + hex : hex
-        }.joined()
+        Hex.encode(SHA256.hash(data: Array(secret.utf8)).prefix(4))
     }
 }

@@ -577,10 +577,3 @@ public struct DaemonCore: Sendable {
                         writeError: writeError, reloadProblem: reloadProblem, exitStatus: exitStatus)
     }
 }
-
-extension Duration {
-    /// The duration in (fractional) seconds.
-    public var seconds: Double {
-        Double(components.seconds) + Double(components.attoseconds) / 1e18
-    }
-}

@@ -13,17 +13,15 @@ import NIOPosix
 ///
 /// Not a DispatchSource: the daemon keeps libdispatch idle (README "Threads and idle cost").
 public enum DaemonSignals {
-    static let handled = [SIGTERM, SIGINT, SIGHUP, SIGUSR1]
+    /// Each handled signal and what it asks of the daemon (README "Signals").
+    static let meanings: [(number: Int32, signal: DaemonCore.Signal)] = [
+        (SIGTERM, .terminate(name: "TERM")), (SIGINT, .terminate(name: "INT")), (SIGHUP, .reload), (SIGUSR1, .refresh),
+    ]
+    static let handled = meanings.map(\.number)
 
-    /// What a handled signal asks of the daemon (README "Signals"); nil for any other.
+    /// What a handled signal asks of the daemon; nil for any other.
     static func meaning(of number: Int32) -> DaemonCore.Signal? {
-        switch number {
-        case SIGTERM: .terminate(name: "TERM")
-        case SIGINT: .terminate(name: "INT")
-        case SIGHUP: .reload
-        case SIGUSR1: .refresh
-        default: nil
-        }
+        meanings.first { $0.number == number }?.signal
     }
 
     /// Blocks the handled signals in the calling thread and in every thread it starts from now on.

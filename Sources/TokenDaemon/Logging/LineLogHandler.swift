@@ -65,15 +65,6 @@ public struct LineLogHandler: LogHandler {
 
     /// Writes `text` to `fd` unbuffered, retrying short writes; gives up silently on a closed stream.
     public static func writeAll(_ text: String, to fd: Int32) {
-        var bytes = Array(text.utf8)
-        var offset = 0
-        while offset < bytes.count {
-            let written = bytes.withUnsafeMutableBytes { raw in
-                Glibc.write(fd, raw.baseAddress! + offset, raw.count - offset)
-            }
-            if written < 0 && errno == EINTR { continue }
-            guard written > 0 else { return }
-            offset += written
-        }
+        try? POSIX.writeAll(fd, Array(text.utf8), operation: "write")
     }
 }

@@ -10,7 +10,7 @@ import Prometheus
 public final class DaemonMetrics: Sendable {
     /// Socket paths get their own label value; anything else is "other", so a scanner cannot grow the
     /// number of series.
-    static let knownPaths: Set<String> = ["/token", "/token.json", "/headers", "/healthz", "/metrics"]
+    static let knownPaths = Set(SocketRoute.allCases.map(\.path))
 
     private let registry = PrometheusCollectorRegistry()
     private let expiry: Gauge

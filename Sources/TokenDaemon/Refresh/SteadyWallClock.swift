@@ -34,7 +34,7 @@ public final class SteadyWallClock: Sendable {
             var steady = wallNow
             if let previous = last {
                 let elapsed = bootNow - previous.boot
-                let floor = previous.wall.addingTimeInterval(Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+                let floor = previous.wall.addingTimeInterval(elapsed.seconds)
                 steady = max(wallNow, floor)
             }
             last = (steady, bootNow)

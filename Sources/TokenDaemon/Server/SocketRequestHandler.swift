@@ -148,16 +148,16 @@ final class SocketRequestHandler: ChannelInboundHandler {
             }
             return serveToken(head, resource: resource, now: now, context: context)
         }
-        switch path {
-        case "/healthz":
+        switch SocketRoute(rawValue: path) {
+        case .healthz:
             let health = board.health
             let body = (try? JSONEncoder().encode(health)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
             respond(board.validEntry(at: now) != nil ? .ok : .serviceUnavailable, path: path, json: body, head: head, context: context)
-        case "/metrics":
+        case .metrics:
             respond(.ok, path: path, body: ByteBuffer(bytes: metrics.render(now: now)), contentType: "text/plain; version=0.0.4; charset=utf-8",
                     head: head, context: context)
         default:
-            respond(.notFound, path: "other", json: #"{"error":"not found","paths":["/token","/token.json","/headers","/healthz","/metrics"]}"#, head: head, context: context)
+            respond(.notFound, path: "other", json: SocketRoute.notFoundBody, head: head, context: context)
         }
     }
 

@@ -35,22 +35,24 @@ public final class TokenBoard: Sendable {
     enum Resource: CaseIterable, Sendable {
         case token, json, headers
 
-        init?(path: some StringProtocol) {
-            switch path {
-            case "/token": self = .token
-            case "/token.json": self = .json
-            case "/headers": self = .headers
-            default: return nil
+        init?(path: String) {
+            switch SocketRoute(rawValue: path) {
+            case .token: self = .token
+            case .tokenJSON: self = .json
+            case .headers: self = .headers
+            case .healthz, .metrics, nil: return nil
             }
         }
 
-        var path: String {
+        var route: SocketRoute {
             switch self {
-            case .token: "/token"
-            case .json: "/token.json"
-            case .headers: "/headers"
+            case .token: .token
+            case .json: .tokenJSON
+            case .headers: .headers
             }
         }
+
+        var path: String { route.path }
 
         var contentType: String { self == .json ? "application/json" : "text/plain; charset=utf-8" }
 

@@ -33,7 +33,7 @@ public enum AtomicFileWriter {
             // 3. Exact mode before any secret byte: open(2) applied the umask, fchmod(2) does not.
             guard fchmod(fd, mode_t(mode)) == 0 else { throw SystemError("fchmod \(temporary)", errno: errno) }
             // 4. Write everything, then 5. flush it to disk before it can become visible.
-            try writeAll(fd, bytes, path: temporary)
+            try POSIX.writeAll(fd, bytes, operation: "write \(temporary)")
             guard fsync(fd) == 0 else { throw SystemError("fsync \(temporary)", errno: errno) }
         }
         // 6. Atomically replace the target (or a symlink at its place).
@@ -83,20 +83,6 @@ public enum AtomicFileWriter {
         }
         // mkdir(2) applied the umask.
         guard chmod(directory, mode_t(mode)) == 0 else { throw SystemError("chmod \(directory)", errno: errno) }
-    }
-
-    private static func writeAll(_ fd: Int32, _ bytes: [UInt8], path: String) throws(SystemError) {
-        var offset = 0
-        while offset < bytes.count {
-            let count = bytes.withUnsafeBytes { raw in
-                Glibc.write(fd, raw.baseAddress! + offset, raw.count - offset)
-            }
-            if count < 0 {
-                if errno == EINTR { continue }
-                throw SystemError("write \(path)", errno: errno)
-            }
-            offset += count
-        }
     }
 
     private static func syncDirectory(_ directory: String) throws(SystemError) {

@@ -18,11 +18,7 @@ public enum SmallFile {
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 16 * 1024)
         while true {
-            let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if count < 0 {
-                if errno == EINTR { continue }
-                throw SystemError("read", errno: errno)
-            }
+            let count = try POSIX.read(fd, into: &chunk, operation: "read")
             if count == 0 { break }
             bytes.append(contentsOf: chunk[0..<count])
             guard bytes.count <= limit else { throw SystemError("larger than \(limit) bytes", errno: nil) }
@@ -31,18 +27,3 @@ public enum SmallFile {
     }
 }
 
-/// A failed system call: the operation and errno, described as `open: Permission denied`.
-public struct SystemError: Error, Sendable, Equatable, CustomStringConvertible {
-    public var operation: String
-    public var errno: Int32?
-
-    public init(_ operation: String, errno: Int32?) {
-        self.operation = operation
-        self.errno = errno
-    }
-
-    public var description: String {
-        guard let errno else { return operation }
-        return "\(operation): \(String(cString: strerror(errno)))"
-    }
-}

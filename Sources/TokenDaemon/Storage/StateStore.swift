@@ -26,10 +26,7 @@ public struct StateStore: Sendable {
 
     /// Identity of the account a token belongs to.
     public static func identity(baseURL: String, email: String) -> String {
-        SHA256.hash(data: Array((baseURL + "\n" + email).utf8)).map { byte in
-            let hex = String(byte, radix: 16)
-            return byte < 16 ? "0" + hex : hex
-        }.joined()
+        Hex.encode(SHA256.hash(data: Array((baseURL + "\n" + email).utf8)))
     }
 
     public func save(_ grant: TokenGrant, identity: String) throws(SystemError) {
