@@ -17,7 +17,7 @@ SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
 DEB := dist/fts-tokend_$(VERSION)_amd64.deb
 
-.PHONY: all deps build test test-system soak demo release install deb bench bench-smoke clean
+.PHONY: all deps build test lint format test-system soak demo release install deb bench bench-smoke clean
 
 all: build
 
@@ -37,6 +37,15 @@ build: deps
 test: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+
+## lint: swift-format (the toolchain's) with the rules in .swift-format; any finding fails
+FORMATTED := Sources Tests Fuzz Package.swift
+lint:
+	$(SWIFT) format lint --strict --recursive --parallel $(FORMATTED)
+
+## format: rewrite the sources as `make lint` wants them
+format:
+	$(SWIFT) format --in-place --recursive --parallel $(FORMATTED)
 
 ## demo: the mock auth server and the daemon in one process, rotating 20-second tokens
 demo: build

@@ -28,11 +28,14 @@ let package = Package(
             providers: [.apt(["libsystemd-dev"])]
         ),
         // NIO for BackgroundNotifier's thread (NIOThreadPool, ConditionLock).
-        .target(name: "Systemd", dependencies: [
-            "CSystemd",
-            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
-        ]),
+        .target(
+            name: "Systemd",
+            dependencies: [
+                "CSystemd",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
         // glibc headers the Glibc module does not export (malloc.h, sys/signalfd.h).
         .systemLibrary(name: "CLinux"),
         .target(
@@ -77,13 +80,28 @@ let package = Package(
         // Helpers shared by the test targets: temporary folders, a NOTIFY_SOCKET listener, child processes.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "SystemdTests", dependencies: ["Systemd", "TestSupport"]),
-        .testTarget(name: "TokenDaemonTests", dependencies: ["TokenDaemon", "MockFTS", "TestSupport",
-            .product(name: "Logging", package: "swift-log"), .product(name: "NIOCore", package: "swift-nio")]),
-        .testTarget(name: "MockFTSTests", dependencies: ["MockFTS", "TestSupport",
-            .product(name: "AsyncHTTPClient", package: "async-http-client"),
-            .product(name: "NIOHTTP1", package: "swift-nio")]),
-        .testTarget(name: "IntegrationTests", dependencies: ["MockFTS", "TestSupport", "TokenDaemon",
-            .product(name: "Logging", package: "swift-log")]),
+        .testTarget(
+            name: "TokenDaemonTests",
+            dependencies: [
+                "TokenDaemon", "MockFTS", "TestSupport",
+                .product(name: "Logging", package: "swift-log"), .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "MockFTSTests",
+            dependencies: [
+                "MockFTS", "TestSupport",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: [
+                "MockFTS", "TestSupport", "TokenDaemon",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -12,18 +12,24 @@ let mainPackage = String(Context.packageDirectory.split(separator: "/").dropLast
 let package = Package(
     name: "fts-tokend-fuzz",
     dependencies: [
-        .package(path: ".."),
+        .package(path: "..")
     ],
     targets: [
         // The fuzzers: no main.swift, only LLVMFuzzerTestOneInput; FuzzerEntry supplies the main() that
         // runs libFuzzer under the name SwiftPM links (see entry.c).
         .target(name: "FuzzerEntry"),
-        .executableTarget(name: "fuzz-token-response", dependencies: [
-            .product(name: "TokenDaemon", package: mainPackage), "FuzzerEntry",
-        ]),
-        .executableTarget(name: "fuzz-config", dependencies: [
-            .product(name: "TokenDaemon", package: mainPackage), "FuzzerEntry",
-        ]),
+        .executableTarget(
+            name: "fuzz-token-response",
+            dependencies: [
+                .product(name: "TokenDaemon", package: mainPackage), "FuzzerEntry",
+            ]
+        ),
+        .executableTarget(
+            name: "fuzz-config",
+            dependencies: [
+                .product(name: "TokenDaemon", package: mainPackage), "FuzzerEntry",
+            ]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

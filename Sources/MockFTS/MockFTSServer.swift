@@ -1,14 +1,15 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// A stand-in for the FTS auth API on loopback, for the tests, the demo and `fts-tokend mock-server`.
 ///
@@ -30,8 +31,15 @@ public final class MockFTSServer: Sendable {
         public var userId: String
         public var tenantId: String?
 
-        public init(apiKey: String, email: String, password: String, tokenTTL: TimeInterval = 20,
-                    expiresInMilliseconds: Bool = false, userId: String = "user-1", tenantId: String? = "tenant-1") {
+        public init(
+            apiKey: String,
+            email: String,
+            password: String,
+            tokenTTL: TimeInterval = 20,
+            expiresInMilliseconds: Bool = false,
+            userId: String = "user-1",
+            tenantId: String? = "tenant-1"
+        ) {
             self.apiKey = apiKey
             self.email = email
             self.password = password
@@ -87,9 +95,14 @@ public final class MockFTSServer: Sendable {
     /// speaks HTTPS.
     public func start(host: String = "127.0.0.1", port: Int = 0, tls: TLSFiles? = nil) async throws -> Int {
         let context = try tls.map { files in
-            try NIOSSLContext(configuration: .makeServerConfiguration(
-                certificateChain: try NIOSSLCertificate.fromPEMFile(files.certificateChain).map { .certificate($0) },
-                privateKey: .privateKey(try NIOSSLPrivateKey(file: files.privateKey, format: .pem))))
+            try NIOSSLContext(
+                configuration: .makeServerConfiguration(
+                    certificateChain: try NIOSSLCertificate.fromPEMFile(files.certificateChain).map {
+                        .certificate($0)
+                    },
+                    privateKey: .privateKey(try NIOSSLPrivateKey(file: files.privateKey, format: .pem))
+                )
+            )
         }
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.backlog, value: 64)
@@ -227,14 +240,25 @@ public final class MockFTSServer: Sendable {
         return response
     }
 
-    private func answer(_ configuration: Configuration, fault: MockFault?, headers: HTTPHeaders, body: [UInt8], now: Date, serial: Int) -> Response {
+    private func answer(
+        _ configuration: Configuration,
+        fault: MockFault?,
+        headers: HTTPHeaders,
+        body: [UInt8],
+        now: Date,
+        serial: Int
+    ) -> Response {
         if let status = fault?.status {
             var response = Response(status: HTTPResponseStatus(statusCode: status), body: #"{"error":"injected"}"#)
             if let retryAfter = fault?.retryAfter { response.headers.append(("Retry-After", retryAfter)) }
             return response
         }
         if let text = fault?.body {
-            return Response(status: .ok, headers: [("Content-Type", fault?.contentType ?? "application/json")], body: text)
+            return Response(
+                status: .ok,
+                headers: [("Content-Type", fault?.contentType ?? "application/json")],
+                body: text
+            )
         }
         guard headers.first(name: "x-api-key") == configuration.apiKey else {
             return Response(status: .unauthorized, body: #"{"error":"invalid api key"}"#)
@@ -245,13 +269,19 @@ public final class MockFTSServer: Sendable {
         guard credentials.email == configuration.email, credentials.password == configuration.password else {
             return Response(status: .unauthorized, body: #"{"error":"invalid credentials"}"#)
         }
-        let expiresAt = (fault?.expired ?? false) ? now.addingTimeInterval(-60) : now.addingTimeInterval(configuration.tokenTTL)
+        let expiresAt =
+            (fault?.expired ?? false) ? now.addingTimeInterval(-60) : now.addingTimeInterval(configuration.tokenTTL)
         let token = jwt.issue(subject: configuration.userId, issuedAt: now, expiresAt: expiresAt, serial: serial)
         let stated = expiresAt.timeIntervalSince1970.rounded(.down) + (fault?.expiresSkewSeconds ?? 0)
         let expires = configuration.expiresInMilliseconds ? Int64(stated * 1000) : Int64(stated)
         var fields = [#""token":"\#(token)""#, #""expires":\#(expires)"#, #""userId":"\#(configuration.userId)""#]
         if let tenant = configuration.tenantId { fields.append(#""tenantId":"\#(tenant)""#) }
-        return Response(status: .ok, headers: [("Content-Type", "application/json")], body: "{" + fields.joined(separator: ",") + "}", token: token)
+        return Response(
+            status: .ok,
+            headers: [("Content-Type", "application/json")],
+            body: "{" + fields.joined(separator: ",") + "}",
+            token: token
+        )
     }
 
     private func whoami(headers: HTTPHeaders, now: Date) -> Response {
@@ -263,7 +293,11 @@ public final class MockFTSServer: Sendable {
             return Response(status: .unauthorized, body: #"{"error":"invalid or expired token"}"#)
         }
         state.withLockedValue { $0.stats.whoamiAccepted += 1 }
-        return Response(status: .ok, headers: [("Content-Type", "application/json")], body: #"{"userId":"\#(subject)"}"#)
+        return Response(
+            status: .ok,
+            headers: [("Content-Type", "application/json")],
+            body: #"{"userId":"\#(subject)"}"#
+        )
     }
 
     /// IMF-fixdate for the `Date` header.
@@ -274,7 +308,8 @@ public final class MockFTSServer: Sendable {
         var f = tm()
         gmtime_r(&seconds, &f)
         func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : "\(value)" }
-        return "\(days[Int(f.tm_wday)]), \(two(f.tm_mday)) \(months[Int(f.tm_mon)]) \(f.tm_year + 1900) \(two(f.tm_hour)):\(two(f.tm_min)):\(two(f.tm_sec)) GMT"
+        return
+            "\(days[Int(f.tm_wday)]), \(two(f.tm_mday)) \(months[Int(f.tm_mon)]) \(f.tm_year + 1900) \(two(f.tm_hour)):\(two(f.tm_min)):\(two(f.tm_sec)) GMT"
     }
 }
 
@@ -323,7 +358,10 @@ private final class MockHTTPHandler: ChannelInboundHandler {
         if !headers.contains(name: "Content-Type") { headers.add(name: "Content-Type", value: "application/json") }
         headers.add(name: "Content-Length", value: String(response.body.utf8.count))
         headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))), promise: nil)
+        context.write(
+            wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))),
+            promise: nil
+        )
         context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: response.body)))), promise: nil)
         let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         if !keepAlive {

@@ -22,9 +22,17 @@ public struct MockFault: Sendable, Codable, Equatable {
     /// A flapping server is `MockFault(status: 503, chance: 0.5)`.
     public var chance: Double?
 
-    public init(status: Int? = nil, retryAfter: String? = nil, delaySeconds: Double? = nil, body: String? = nil,
-                contentType: String? = nil, hang: Bool? = nil, expired: Bool? = nil, expiresSkewSeconds: Double? = nil,
-                chance: Double? = nil) {
+    public init(
+        status: Int? = nil,
+        retryAfter: String? = nil,
+        delaySeconds: Double? = nil,
+        body: String? = nil,
+        contentType: String? = nil,
+        hang: Bool? = nil,
+        expired: Bool? = nil,
+        expiresSkewSeconds: Double? = nil,
+        chance: Double? = nil
+    ) {
         self.status = status
         self.retryAfter = retryAfter
         self.delaySeconds = delaySeconds

@@ -1,9 +1,10 @@
+import Crypto
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Crypto
 
 /// HS256 JWTs signed with the mock's own random key, so `whoami` can tell its tokens from forgeries.
 struct MockJWT: Sendable {
@@ -19,10 +20,16 @@ struct MockJWT: Sendable {
     }
 
     func issue(subject: String, issuedAt: Date, expiresAt: Date, serial: Int) -> String {
-        let claims = Claims(sub: subject, iat: Int(issuedAt.timeIntervalSince1970), exp: Int(expiresAt.timeIntervalSince1970), jti: String(serial))
+        let claims = Claims(
+            sub: subject,
+            iat: Int(issuedAt.timeIntervalSince1970),
+            exp: Int(expiresAt.timeIntervalSince1970),
+            jti: String(serial)
+        )
         let payload = (try? JSONEncoder().encode(claims)).map(Array.init) ?? []
         let signingInput = Self.base64URL(Array(#"{"alg":"HS256","typ":"JWT"}"#.utf8)) + "." + Self.base64URL(payload)
-        return signingInput + "." + Self.base64URL(Array(HMAC<SHA256>.authenticationCode(for: Array(signingInput.utf8), using: key)))
+        return signingInput + "."
+            + Self.base64URL(Array(HMAC<SHA256>.authenticationCode(for: Array(signingInput.utf8), using: key)))
     }
 
     /// The `sub` claim of a token this mock signed that has not expired at `now`, else nil.
@@ -39,8 +46,13 @@ struct MockJWT: Sendable {
     private func claims(of token: String) -> Claims? {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3, let signature = Self.decode(parts[2]),
-              HMAC<SHA256>.isValidAuthenticationCode(signature, authenticating: Array((parts[0] + "." + parts[1]).utf8), using: key),
-              let payload = Self.decode(parts[1]) else { return nil }
+            HMAC<SHA256>.isValidAuthenticationCode(
+                signature,
+                authenticating: Array((parts[0] + "." + parts[1]).utf8),
+                using: key
+            ),
+            let payload = Self.decode(parts[1])
+        else { return nil }
         return try? JSONDecoder().decode(Claims.self, from: Data(payload))
     }
 

@@ -1,15 +1,18 @@
 import ArgumentParser
+import TokenDaemon
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import TokenDaemon
 
 struct Check: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Validate the configuration and secrets; with --login, log in once.",
-        discussion: "Prints the token's expiry and fingerprint, never the token. Exit 0 when all is well, 78 for a configuration error or rejected credentials, 1 for another login failure.")
+        discussion:
+            "Prints the token's expiry and fingerprint, never the token. Exit 0 when all is well, 78 for a configuration error or rejected credentials, 1 for another login failure."
+    )
 
     @OptionGroup var options: ConfigOption
 
@@ -19,7 +22,9 @@ struct Check: AsyncParsableCommand {
     func run() async throws {
         let loaded: LoadedConfiguration
         do {
-            loaded = try ConfigurationLoader(environment: ProcessInfo.processInfo.environment).load(path: options.config)
+            loaded = try ConfigurationLoader(environment: ProcessInfo.processInfo.environment).load(
+                path: options.config
+            )
         } catch {
             Console.error("configuration error in \(options.config): \(error)")
             throw ExitCode(ExitStatus.configuration)
@@ -27,7 +32,9 @@ struct Check: AsyncParsableCommand {
         let configuration = loaded.configuration
         Console.out("configuration OK: \(options.config)")
         Console.out("  login:   POST \(configuration.api.tokenURL)")
-        Console.out("  outputs: \(configuration.outputs.files.map { "\($0.path) (\(FileMode.format($0.mode)))" }.joined(separator: ", "))")
+        Console.out(
+            "  outputs: \(configuration.outputs.files.map { "\($0.path) (\(FileMode.format($0.mode)))" }.joined(separator: ", "))"
+        )
         Console.out("  state:   \(configuration.stateFile ?? "none (every start logs in)")")
         guard login else { return }
 
@@ -37,7 +44,9 @@ struct Check: AsyncParsableCommand {
             await client.shutdown()
             for warning in answer.warnings { Console.out("warning: \(warning)") }
             let grant = answer.grant
-            Console.out("login OK: token \(grant.fingerprint), expires \(FormatTime.iso8601(grant.expiresAt)) (valid \(FormatTime.duration(grant.lifetime)))")
+            Console.out(
+                "login OK: token \(grant.fingerprint), expires \(FormatTime.iso8601(grant.expiresAt)) (valid \(FormatTime.duration(grant.lifetime)))"
+            )
         } catch {
             await client.shutdown()
             Console.error("login failed: \(error)")

@@ -1,19 +1,22 @@
 import ArgumentParser
 import AsyncHTTPClient
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
 import Logging
 import MockFTS
 import TokenDaemon
 
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
 struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "See it work: the mock auth server and the daemon in one process, tokens rotating.",
-        discussion: "Writes the token files to a new temporary folder, proves every few seconds that the current token file works against the mock's /api/whoami, and removes the folder on Ctrl-C.")
+        discussion:
+            "Writes the token files to a new temporary folder, proves every few seconds that the current token file works against the mock's /api/whoami, and removes the folder on Ctrl-C."
+    )
 
     @Option(help: "Stop after this many seconds (default: run until Ctrl-C).")
     var duration: Double?
@@ -28,23 +31,30 @@ struct Demo: AsyncParsableCommand {
 
     func run() async throws {
         let logger = LogSetup.bootstrap(environment: [:])
-        let mock = MockFTSServer(.init(apiKey: DemoAccount.apiKey, email: DemoAccount.email, password: DemoAccount.password, tokenTTL: ttl))
+        let mock = MockFTSServer(
+            .init(apiKey: DemoAccount.apiKey, email: DemoAccount.email, password: DemoAccount.password, tokenTTL: ttl)
+        )
         let port = try await mock.start()
         let folder = try Self.makeFolder()
         defer { Self.removeFolder(folder) }
 
         let configPath = try Self.writeFiles(in: folder, port: port, ttl: ttl)
-        Console.out("""
+        Console.out(
+            """
             mock FTS auth server: http://127.0.0.1:\(port) (tokens live \(FormatTime.seconds(ttl)))
             token files:          \(folder)/run/  (token, token.json, headers)
             config:               \(configPath)
             Ctrl-C stops the demo and removes the folder.
 
-            """)
+            """
+        )
         let loader = ConfigurationLoader(environment: [:])
-        let daemon = Daemon(configPath: configPath, loaded: try loader.load(path: configPath),
-                                dependencies: .init(loader: loader, watchdogInterval: nil, version: FTSTokend.version),
-                                logger: logger)
+        let daemon = Daemon(
+            configPath: configPath,
+            loaded: try loader.load(path: configPath),
+            dependencies: .init(loader: loader, watchdogInterval: nil, version: FTSTokend.version),
+            logger: logger
+        )
         let checker = Task { await Self.proveTokens(folder: folder, port: port) }
         let stopper = Task {
             guard let duration else { return }
@@ -56,7 +66,9 @@ struct Demo: AsyncParsableCommand {
         stopper.cancel()
         await mock.stop()
         let stats = mock.stats
-        Console.out("\ndemo finished: \(stats.tokensIssued) tokens issued, \(stats.whoamiAccepted) whoami calls accepted, \(stats.whoamiRejected) rejected")
+        Console.out(
+            "\ndemo finished: \(stats.tokensIssued) tokens issued, \(stats.whoamiAccepted) whoami calls accepted, \(stats.whoamiRejected) rejected"
+        )
         if status != ExitStatus.success { throw ExitCode(status) }
     }
 
@@ -75,7 +87,9 @@ struct Demo: AsyncParsableCommand {
             request.headers.add(name: "x-api-key", value: DemoAccount.apiKey)
             request.headers.add(name: "Authorization", value: "Bearer " + text)
             let status = (try? await HTTPClient.shared.execute(request, timeout: .seconds(5)))?.status.code
-            Console.out("check: GET /api/whoami with token \(Fingerprint.of(text)) -> \(status.map { "HTTP \($0)" } ?? "no answer")")
+            Console.out(
+                "check: GET /api/whoami with token \(Fingerprint.of(text)) -> \(status.map { "HTTP \($0)" } ?? "no answer")"
+            )
         }
     }
 
@@ -107,7 +121,9 @@ struct Demo: AsyncParsableCommand {
     }
 
     static func removeFolder(_ folder: String) {
-        for file in ["run/token", "run/token.json", "run/headers", "state/state.json", "password", "api-key", "config.json"] {
+        for file in [
+            "run/token", "run/token.json", "run/headers", "state/state.json", "password", "api-key", "config.json",
+        ] {
             unlink(folder + "/" + file)
         }
         for directory in ["run", "state", ""] {

@@ -16,8 +16,12 @@ struct FTSTokend: AsyncParsableCommand {
             78 configuration invalid or credentials rejected at start (a restart will not help).
             """,
         version: version,
-        subcommands: [Run.self, Check.self, TokenCommand.self, StatusCommand.self, MockServer.self, Demo.self, SimulateCommand.self],
-        defaultSubcommand: nil)
+        subcommands: [
+            Run.self, Check.self, TokenCommand.self, StatusCommand.self, MockServer.self, Demo.self,
+            SimulateCommand.self,
+        ],
+        defaultSubcommand: nil
+    )
 }
 
 /// Options shared by the commands that read a config file.

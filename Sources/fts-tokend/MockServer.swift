@@ -1,12 +1,13 @@
 import ArgumentParser
+import Glibc
+import MockFTS
+import TokenDaemon
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
-import MockFTS
-import TokenDaemon
 
 struct MockServer: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -16,7 +17,8 @@ struct MockServer: AsyncParsableCommand {
             Serves POST /auth/token and /auth/login, GET /api/whoami, and for scripted faults \
             POST /_mock/faults and GET /_mock/stats. Without credential options it accepts the demo \
             account (see README).
-            """)
+            """
+    )
 
     @Option(help: "Loopback address and port to listen on.")
     var listen = "127.0.0.1:8080"
@@ -57,21 +59,30 @@ struct MockServer: AsyncParsableCommand {
 
     func run() async throws {
         guard let (host, port) = Self.split(listen) else { throw ExitCode.validationFailure }
-        let server = MockFTSServer(.init(
-            apiKey: try Self.secret(apiKeyFile) ?? DemoAccount.apiKey,
-            email: email,
-            password: try Self.secret(passwordFile) ?? DemoAccount.password,
-            tokenTTL: ttl, expiresInMilliseconds: expiresMs))
-        let tls = tlsCertificate.flatMap { chain in tlsKey.map { MockFTSServer.TLSFiles(certificateChain: chain, privateKey: $0) } }
+        let server = MockFTSServer(
+            .init(
+                apiKey: try Self.secret(apiKeyFile) ?? DemoAccount.apiKey,
+                email: email,
+                password: try Self.secret(passwordFile) ?? DemoAccount.password,
+                tokenTTL: ttl,
+                expiresInMilliseconds: expiresMs
+            )
+        )
+        let tls = tlsCertificate.flatMap { chain in
+            tlsKey.map { MockFTSServer.TLSFiles(certificateChain: chain, privateKey: $0) }
+        }
         let bound = try await server.start(host: host, port: port, tls: tls)
-        Console.out("mock FTS auth server on \(tls == nil ? "http" : "https")://\(host):\(bound) (token TTL \(FormatTime.seconds(ttl)))")
+        Console.out(
+            "mock FTS auth server on \(tls == nil ? "http" : "https")://\(host):\(bound) (token TTL \(FormatTime.seconds(ttl)))"
+        )
         // Runs until killed; SIGTERM's default action ends the process.
         while true { try await Task.sleep(for: .seconds(3600)) }
     }
 
     static func split(_ address: String) -> (String, Int)? {
         guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]),
-              (0...65535).contains(port) else { return nil }
+            (0...65535).contains(port)
+        else { return nil }
         var host = String(address[..<colon])
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         return (host, port)

@@ -1,16 +1,18 @@
 import ArgumentParser
+import Logging
+import Systemd
+import TokenDaemon
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Logging
-import Systemd
-import TokenDaemon
 
 struct Run: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the daemon: log in, keep the token files fresh, report to systemd.")
+        abstract: "Run the daemon: log in, keep the token files fresh, report to systemd."
+    )
 
     @OptionGroup var options: ConfigOption
 
@@ -27,11 +29,20 @@ struct Run: AsyncParsableCommand {
             throw ExitCode(ExitStatus.configuration)
         }
         let daemon = Daemon(
-            configPath: options.config, loaded: loaded,
-            dependencies: .init(loader: loader, watchdogInterval: Watchdog.interval(),
-                                activatedSocket: SocketActivation.listenFDs().first, version: FTSTokend.version),
-            logger: logger)
-        logger.info("fts-tokend \(FTSTokend.version) starting", metadata: ["event": "starting", "config": "\(options.config)"])
+            configPath: options.config,
+            loaded: loaded,
+            dependencies: .init(
+                loader: loader,
+                watchdogInterval: Watchdog.interval(),
+                activatedSocket: SocketActivation.listenFDs().first,
+                version: FTSTokend.version
+            ),
+            logger: logger
+        )
+        logger.info(
+            "fts-tokend \(FTSTokend.version) starting",
+            metadata: ["event": "starting", "config": "\(options.config)"]
+        )
         let status = await daemon.run()
         if status != ExitStatus.success { throw ExitCode(status) }
     }

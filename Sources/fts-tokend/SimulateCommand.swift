@@ -1,16 +1,19 @@
 import ArgumentParser
+import TokenDaemon
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import TokenDaemon
 
 struct SimulateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "simulate",
-        abstract: "Simulate a fleet running the real refresh policy: login peaks with and without jitter, and a mass restart.",
-        discussion: "Simulated time, no network. Prints one line per scenario; --markdown prints a table.")
+        abstract:
+            "Simulate a fleet running the real refresh policy: login peaks with and without jitter, and a mass restart.",
+        discussion: "Simulated time, no network. Prints one line per scenario; --markdown prints a table."
+    )
 
     @Option(help: "Hosts in the fleet.")
     var hosts = 10_000
@@ -53,24 +56,38 @@ struct SimulateCommand: ParsableCommand {
         var restart = base
         restart.restartAtSeconds = base.durationSeconds / 2
 
-        let scenarios = [("default jitter (\(base.refresh.jitter))", base), ("no jitter", noJitter), ("default jitter, all hosts restart at half time", restart)]
+        let scenarios = [
+            ("default jitter (\(base.refresh.jitter))", base), ("no jitter", noJitter),
+            ("default jitter, all hosts restart at half time", restart),
+        ]
         if markdown {
-            Console.out("| scenario | logins | mean/s | peak/s (\(Int(bucket)) s buckets) | peak ÷ mean | logins per host per hour | logins caused by the restart |")
+            Console.out(
+                "| scenario | logins | mean/s | peak/s (\(Int(bucket)) s buckets) | peak ÷ mean | logins per host per hour | logins caused by the restart |"
+            )
             Console.out("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         }
         let outage = Self.outageAttempts(seed: seed)
         defer {
-            Console.out(markdown ? "\nLogin attempts in one hour of full outage without a valid token (default backoff): \(outage)"
-                                 : "outage: attempts-per-hour=\(outage)")
+            Console.out(
+                markdown
+                    ? "\nLogin attempts in one hour of full outage without a valid token (default backoff): \(outage)"
+                    : "outage: attempts-per-hour=\(outage)"
+            )
         }
         for (name, options) in scenarios {
             let result = FleetSimulation(options).run()
-            let figures = [String(result.logins), format(result.meanPerSecond), format(result.peakPerSecond), format(result.peakToMean),
-                           format(result.loginsPerHostPerHour), options.restartAtSeconds == nil ? "-" : String(result.loginsCausedByRestart)]
+            let figures = [
+                String(result.logins), format(result.meanPerSecond), format(result.peakPerSecond),
+                format(result.peakToMean),
+                format(result.loginsPerHostPerHour),
+                options.restartAtSeconds == nil ? "-" : String(result.loginsCausedByRestart),
+            ]
             if markdown {
                 Console.out("| \(name) | " + figures.joined(separator: " | ") + " |")
             } else {
-                Console.out("\(name): logins=\(figures[0]) mean/s=\(figures[1]) peak/s=\(figures[2]) peak/mean=\(figures[3]) per-host-per-hour=\(figures[4]) restart-logins=\(figures[5])")
+                Console.out(
+                    "\(name): logins=\(figures[0]) mean/s=\(figures[1]) peak/s=\(figures[2]) peak/mean=\(figures[3]) per-host-per-hour=\(figures[4]) restart-logins=\(figures[5])"
+                )
             }
         }
     }
@@ -91,4 +108,3 @@ struct SimulateCommand: ParsableCommand {
         String((value * 100).rounded() / 100)
     }
 }
-

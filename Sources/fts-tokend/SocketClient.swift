@@ -1,10 +1,11 @@
 import AsyncHTTPClient
+import NIOCore
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import NIOCore
 
 /// A GET over the daemon's Unix socket, for the `token` and `status` commands.
 enum SocketClient {
@@ -21,13 +22,18 @@ enum SocketClient {
         // async-http-client's http+unix scheme takes the socket path percent-encoded as the host.
         let host = socket.utf8.map { byte -> String in
             let c = Character(Unicode.Scalar(byte))
-            return c.isLetter || c.isNumber || c == "-" || c == "." || c == "_" ? String(c) : "%" + String(byte, radix: 16, uppercase: true)
+            return c.isLetter || c.isNumber || c == "-" || c == "." || c == "_"
+                ? String(c) : "%" + String(byte, radix: 16, uppercase: true)
         }.joined()
         let request = HTTPClientRequest(url: "http+unix://\(host)\(target)")
         do {
             let response = try await HTTPClient.shared.execute(request, timeout: timeout)
             let body = try await response.body.collect(upTo: 1 << 20)
-            return Answer(status: Int(response.status.code), body: String(buffer: body), retryAfter: response.headers.first(name: "Retry-After"))
+            return Answer(
+                status: Int(response.status.code),
+                body: String(buffer: body),
+                retryAfter: response.headers.first(name: "Retry-After")
+            )
         } catch {
             throw SocketClientError(message: "no fts-tokend answering on \(socket) (\(error))")
         }

@@ -1,17 +1,20 @@
 import ArgumentParser
+import NIOCore
+import TokenDaemon
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import NIOCore
-import TokenDaemon
 
 struct StatusCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status",
         abstract: "Summarise the daemon's health from its socket.",
-        discussion: "Exit 0 while the daemon holds a valid token, 1 otherwise (also when no daemon answers): usable from monitoring.")
+        discussion:
+            "Exit 0 while the daemon holds a valid token, 1 otherwise (also when no daemon answers): usable from monitoring."
+    )
 
     @Option(help: "The daemon's socket.")
     var socket: String = SocketClient.defaultPath
@@ -36,7 +39,8 @@ struct StatusCommand: AsyncParsableCommand {
         func when(_ text: String?) -> String? {
             guard let text, let date = try? Date(text, strategy: .iso8601) else { return text }
             let delta = date.timeIntervalSince(now)
-            return delta >= 0 ? "\(text) (in \(FormatTime.duration(delta)))" : "\(text) (\(FormatTime.duration(-delta)) ago)"
+            return delta >= 0
+                ? "\(text) (in \(FormatTime.duration(delta)))" : "\(text) (\(FormatTime.duration(-delta)) ago)"
         }
         return [
             "status:       \(health.status)",

@@ -1,18 +1,21 @@
 import ArgumentParser
+import Glibc
+import NIOCore
+import TokenDaemon
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
-import NIOCore
-import TokenDaemon
 
 struct TokenCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "token",
         abstract: "Print the current token for scripts: curl -H \"Authorization: Bearer $(fts-tokend token)\" …",
-        discussion: "Exits 1 with a message on stderr when no valid token is available (or, with --wait, none came in time).")
+        discussion:
+            "Exits 1 with a message on stderr when no valid token is available (or, with --wait, none came in time)."
+    )
 
     enum Format: String, ExpressibleByArgument, CaseIterable {
         case raw, json, headers
@@ -43,7 +46,9 @@ struct TokenCommand: AsyncParsableCommand {
 
     func validate() throws {
         if socket != nil && file != nil { throw ValidationError("give --socket or --file, not both") }
-        if file != nil && format != .raw { throw ValidationError("--format applies to the socket; a file is printed as it is") }
+        if file != nil && format != .raw {
+            throw ValidationError("--format applies to the socket; a file is printed as it is")
+        }
         guard timeout > 0 else { throw ValidationError("--timeout must be more than 0") }
     }
 
@@ -63,14 +68,20 @@ struct TokenCommand: AsyncParsableCommand {
             let target = remaining > 0 ? path + "?wait=\(Int(remaining.rounded(.up)))" : path
             let answer: SocketClient.Answer
             do {
-                answer = try await SocketClient.get(target, socket: socket, timeout: .seconds(Int64(max(remaining, 0)) + 10))
+                answer = try await SocketClient.get(
+                    target,
+                    socket: socket,
+                    timeout: .seconds(Int64(max(remaining, 0)) + 10)
+                )
             } catch {
                 guard deadline.timeIntervalSinceNow > 0 else { throw fail(error.description) }
                 try await Task.sleep(for: .milliseconds(500))
                 continue
             }
             if answer.status == 200 {
-                Console.out(format == .raw ? answer.body : String(answer.body.dropLast(answer.body.hasSuffix("\n") ? 1 : 0)))
+                Console.out(
+                    format == .raw ? answer.body : String(answer.body.dropLast(answer.body.hasSuffix("\n") ? 1 : 0))
+                )
                 return
             }
             guard deadline.timeIntervalSinceNow > 0 else {

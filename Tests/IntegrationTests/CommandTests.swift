@@ -50,7 +50,8 @@ import Testing
         #expect(output.contains("demo finished"))
         #expect(demo.standardError.contains("login ok"))
         // The temporary folder it printed is gone.
-        let folder = output.split(separator: "\n").first { $0.hasPrefix("token files:") }?.split(separator: " ").last(where: { $0.hasPrefix("/") })
+        let folder = output.split(separator: "\n").first { $0.hasPrefix("token files:") }?.split(separator: " ").last(
+            where: { $0.hasPrefix("/") })
         let path = String(try #require(folder)).replacingOccurrences(of: "/run/", with: "")
         #expect(!FileManager.default.fileExists(atPath: path))
         await harness.stop()
@@ -66,7 +67,9 @@ import Testing
 
     @Test func mockServerWantsACertificateAndAKeyTogether() async throws {
         let harness = try await DaemonHarness()
-        let mock = try harness.start(["mock-server", "--listen", "127.0.0.1:0", "--tls-certificate", harness.folder.file("server.pem")])
+        let mock = try harness.start([
+            "mock-server", "--listen", "127.0.0.1:0", "--tls-certificate", harness.folder.file("server.pem"),
+        ])
         #expect(await mock.waitForExit(timeout: 30) == 64)
         #expect(mock.standardError.contains("--tls-certificate and --tls-key go together"))
         await harness.stop()

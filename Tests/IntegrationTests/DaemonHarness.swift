@@ -48,7 +48,12 @@ final class DaemonHarness: @unchecked Sendable {
     /// harness's folder.
     var extraConfig: String?
 
-    init(ttl: TimeInterval = 60, refresh: Refresh = Refresh(), socket: String? = nil, extraConfig: String? = nil) async throws {
+    init(
+        ttl: TimeInterval = 60,
+        refresh: Refresh = Refresh(),
+        socket: String? = nil,
+        extraConfig: String? = nil
+    ) async throws {
         let folder = try TemporaryDirectory()
         self.folder = folder
         self.extraConfig = extraConfig
@@ -66,7 +71,9 @@ final class DaemonHarness: @unchecked Sendable {
 
     /// Writes config.json; SIGHUP makes a running daemon read it again.
     func writeConfig(logLevel: String = "debug") throws {
-        try folder.write("config.json", """
+        try folder.write(
+            "config.json",
+            """
             {
               "api": { "baseURL": "http://127.0.0.1:\(port)", "email": "svc@example.com",
                        "passwordFile": "\(folder.file("secrets/password"))", "apiKeyFile": "\(folder.file("secrets/api-key"))",
@@ -80,17 +87,26 @@ final class DaemonHarness: @unchecked Sendable {
               \(extraConfig.map { $0.replacingOccurrences(of: "{folder}", with: folder.path) + "," } ?? "")
               "logLevel": "\(logLevel)"
             }
-            """)
+            """
+        )
     }
 
     /// Starts `fts-tokend run` (or other `arguments`) with NOTIFY_SOCKET and `environment`.
     @discardableResult
-    func start(_ arguments: [String]? = nil, environment: [String: String] = [:], executable: String? = nil,
-               environmentForStandardError: (String) -> [String: String] = { _ in [:] }) throws -> ChildProcess {
-        let process = try ChildProcess(arguments ?? ["run", "--config", configPath],
-                                       environment: environment.merging(["NOTIFY_SOCKET": notify.path]) { mine, _ in mine },
-                                       in: folder, name: "child\(children.count)", executable: executable,
-                                       environmentForStandardError: environmentForStandardError)
+    func start(
+        _ arguments: [String]? = nil,
+        environment: [String: String] = [:],
+        executable: String? = nil,
+        environmentForStandardError: (String) -> [String: String] = { _ in [:] }
+    ) throws -> ChildProcess {
+        let process = try ChildProcess(
+            arguments ?? ["run", "--config", configPath],
+            environment: environment.merging(["NOTIFY_SOCKET": notify.path]) { mine, _ in mine },
+            in: folder,
+            name: "child\(children.count)",
+            executable: executable,
+            environmentForStandardError: environmentForStandardError
+        )
         children.append(process)
         child = process
         return process
@@ -113,14 +129,19 @@ final class DaemonHarness: @unchecked Sendable {
         let output = children.map(\.allOutput).joined()
         #expect(!output.isEmpty, "the daemon logs something", sourceLocation: sourceLocation)
         var places = [("output", output)]
-        let holders: Set<String> = alsoHolding.union(["run/token", "run/token.json", "run/headers", "state/state.json",
-                                                      "secrets/password", "secrets/api-key", "config.json"])
+        let holders: Set<String> = alsoHolding.union([
+            "run/token", "run/token.json", "run/headers", "state/state.json",
+            "secrets/password", "secrets/api-key", "config.json",
+        ])
         // A holder's temporary twin (AtomicFileWriter's ".name.tmp-…") may exist while it is written.
         func isHolder(_ name: String) -> Bool {
-            holders.contains(name) || holders.contains { holder in
-                let (folder, file) = (holder.split(separator: "/").first ?? "", holder.split(separator: "/").last ?? "")
-                return name.hasPrefix("\(folder)/.\(file).tmp-")
-            }
+            holders.contains(name)
+                || holders.contains { holder in
+                    let (folder, file) = (
+                        holder.split(separator: "/").first ?? "", holder.split(separator: "/").last ?? ""
+                    )
+                    return name.hasPrefix("\(folder)/.\(file).tmp-")
+                }
         }
         for name in folder.allFiles() where !isHolder(name) && !name.hasPrefix("child") {
             places.append((name, folder.read(name) ?? ""))
@@ -139,12 +160,16 @@ final class DaemonHarness: @unchecked Sendable {
             // Hundreds of tokens against megabytes of log (the soak): one pass collects every run of
             // token characters and its dot-separated parts, then each token and signature is a lookup.
             var runs = Set<Substring>()
-            for run in text.split(whereSeparator: { !($0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0))) }) {
+            for run in text.split(whereSeparator: {
+                !($0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)))
+            }) {
                 runs.insert(run)
-                run.split(separator: ".").forEach { runs.insert($0) }
+                for part in run.split(separator: ".") { runs.insert(part) }
             }
             for token in tokens {
-                if runs.contains(Substring(token)) { Issue.record("token leaked into \(place)", sourceLocation: sourceLocation) }
+                if runs.contains(Substring(token)) {
+                    Issue.record("token leaked into \(place)", sourceLocation: sourceLocation)
+                }
                 if let signature = token.split(separator: ".").last, runs.contains(signature) {
                     Issue.record("token signature leaked into \(place)", sourceLocation: sourceLocation)
                 }

@@ -12,7 +12,10 @@ import Testing
 
         let starting = await harness.notify.waitFor(timeout: 30) { $0.contains("STATUS=logging in") }
         #expect(starting != nil)
-        #expect(await harness.notify.waitFor(timeout: 30) { $0.hasPrefix("EXTEND_TIMEOUT_USEC=") } != nil, "keeps the start job alive")
+        #expect(
+            await harness.notify.waitFor(timeout: 30) { $0.hasPrefix("EXTEND_TIMEOUT_USEC=") } != nil,
+            "keeps the start job alive"
+        )
         let ready = await harness.waitUntilReady()
         // Checked the moment READY=1 arrived: every file is already in place.
         let token = try #require(harness.token)
@@ -65,7 +68,10 @@ import Testing
 
     @Test func aConfigurationErrorExits78BeforeAnyNetwork() async throws {
         let harness = try await DaemonHarness()
-        try harness.folder.write("config.json", #"{"api":{"baseURL":"http://127.0.0.1:\#(harness.port)"},"outputs":{"tokenFile":{"path":"/tmp/x","mode":640}}}"#)
+        try harness.folder.write(
+            "config.json",
+            #"{"api":{"baseURL":"http://127.0.0.1:\#(harness.port)"},"outputs":{"tokenFile":{"path":"/tmp/x","mode":640}}}"#
+        )
         let child = try harness.start()
         #expect(await child.waitForExit(timeout: 30) == 78)
         #expect(child.standardError.contains("outputs.tokenFile.mode"))
@@ -109,14 +115,22 @@ import Testing
 
         harness.mock.always(.status(503))
         child.signal(SIGUSR1)
-        #expect(await harness.notify.waitFor(timeout: 30) { $0.contains("auth server unavailable (HTTP 503), retry in") && $0.contains("token still valid") } != nil)
+        #expect(
+            await harness.notify.waitFor(timeout: 30) {
+                $0.contains("auth server unavailable (HTTP 503), retry in") && $0.contains("token still valid")
+            } != nil
+        )
         #expect(await eventually { harness.mock.stats.loginRequests >= 5 })
         #expect(harness.token == first, "the valid token stays in place during the outage")
 
         harness.mock.always(nil)
         #expect(await eventually { harness.token != first })
         #expect(harness.mock.accepts(try #require(harness.token)))
-        #expect(await harness.notify.waitFor(timeout: 30) { $0.contains("STATUS=token valid until") && !$0.contains("READY") } != nil)
+        #expect(
+            await harness.notify.waitFor(timeout: 30) {
+                $0.contains("STATUS=token valid until") && !$0.contains("READY")
+            } != nil
+        )
         harness.expectNoSecretsInOutput()
         await harness.stop()
     }
@@ -191,7 +205,10 @@ import Testing
     }
 
     @Test func anExpiredTokenIsRemovedNotServed() async throws {
-        let harness = try await DaemonHarness(ttl: 3, refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1, backoffInitialSeconds: 5, backoffMaxSeconds: 10))
+        let harness = try await DaemonHarness(
+            ttl: 3,
+            refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1, backoffInitialSeconds: 5, backoffMaxSeconds: 10)
+        )
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         harness.mock.always(.status(503))

@@ -7,25 +7,40 @@ import Testing
     @Test func execAndSignalActionsRunAfterEveryNewTokenAndAHangingOneIsKilled() async throws {
         let folder = try TemporaryDirectory()
         // A process that counts SIGHUPs: the signal action's target.
-        let script = try folder.write("target.sh", "#!/bin/sh\ntrap 'echo hup >> \(folder.file("hups"))' HUP\necho $$ > \(folder.file("target.pid"))\nwhile :; do sleep 0.05; done\n", mode: 0o755)
-        let target = try Spawned("/bin/sh", [script], environment: ["PATH": "/usr/bin:/bin"], standardOutput: "/dev/null", standardError: "/dev/null")
+        let script = try folder.write(
+            "target.sh",
+            "#!/bin/sh\ntrap 'echo hup >> \(folder.file("hups"))' HUP\necho $$ > \(folder.file("target.pid"))\nwhile :; do sleep 0.05; done\n",
+            mode: 0o755
+        )
+        let target = try Spawned(
+            "/bin/sh",
+            [script],
+            environment: ["PATH": "/usr/bin:/bin"],
+            standardOutput: "/dev/null",
+            standardError: "/dev/null"
+        )
         #expect(await eventually { folder.read("target.pid") != nil })
 
         let record = "env > \(folder.file("env-"))$FTS_TOKEN_FP"
-        let harness = try await DaemonHarness(ttl: 600, extraConfig: """
-            "onRotate": [
-              { "exec": ["/bin/sleep", "60"], "timeoutSeconds": 1 },
-              { "exec": ["/bin/sh", "-c", "\(record)"] },
-              { "exec": ["/bin/sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status > \(folder.file("signals"))"] },
-              { "signal": "HUP", "pidFile": "\(folder.file("target.pid"))" },
-              { "exec": ["/nonexistent/program"] }
-            ]
-            """)
+        let harness = try await DaemonHarness(
+            ttl: 600,
+            extraConfig: """
+                "onRotate": [
+                  { "exec": ["/bin/sleep", "60"], "timeoutSeconds": 1 },
+                  { "exec": ["/bin/sh", "-c", "\(record)"] },
+                  { "exec": ["/bin/sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status > \(folder.file("signals"))"] },
+                  { "signal": "HUP", "pidFile": "\(folder.file("target.pid"))" },
+                  { "exec": ["/nonexistent/program"] }
+                ]
+                """
+        )
         let child = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         let first = try #require(harness.token)
-        let fingerprint = try #require(harness.child?.standardError.split(separator: "\n").first { $0.contains("event=login_ok") }?
-            .split(separator: " ").first { $0.hasPrefix("token_fp=") }?.dropFirst("token_fp=".count))
+        let fingerprint = try #require(
+            harness.child?.standardError.split(separator: "\n").first { $0.contains("event=login_ok") }?
+                .split(separator: " ").first { $0.hasPrefix("token_fp=") }?.dropFirst("token_fp=".count)
+        )
 
         // The recording action ran at once although the first action hangs.
         // Waits for the whole file: the shell creates it before `env` has written it.
@@ -41,10 +56,12 @@ import Testing
         #expect(harness.child?.standardError.contains("cannot start /nonexistent/program") == true)
         // The daemon blocks its signals (they are read from a signalfd): its children must not.
         #expect(await eventually { folder.read("signals")?.split(separator: "\n").count == 2 })
-        let masks = Dictionary(uniqueKeysWithValues: (folder.read("signals") ?? "").split(separator: "\n").map { line in
-            let fields = line.split(separator: "\t")
-            return (String(fields[0]), UInt64(fields.last ?? "", radix: 16) ?? .max)
-        })
+        let masks = Dictionary(
+            uniqueKeysWithValues: (folder.read("signals") ?? "").split(separator: "\n").map { line in
+                let fields = line.split(separator: "\t")
+                return (String(fields[0]), UInt64(fields.last ?? "", radix: 16) ?? .max)
+            }
+        )
         #expect(masks["SigBlk:"] == 0, "no signal blocked")
         let daemonSignals = [SIGHUP, SIGINT, SIGUSR1, SIGPIPE, SIGTERM].reduce(UInt64(0)) { $0 | 1 << UInt64($1 - 1) }
         #expect(masks["SigIgn:"].map { $0 & daemonSignals } == 0, "none of the daemon's signals ignored")
@@ -60,7 +77,10 @@ import Testing
 
     @Test func aTokenReusedAtStartRunsNoActions() async throws {
         let folder = try TemporaryDirectory()
-        let harness = try await DaemonHarness(ttl: 600, extraConfig: #""onRotate": [{ "exec": ["/bin/sh", "-c", "echo ran >> \#(folder.file("runs"))"] }]"#)
+        let harness = try await DaemonHarness(
+            ttl: 600,
+            extraConfig: #""onRotate": [{ "exec": ["/bin/sh", "-c", "echo ran >> \#(folder.file("runs"))"] }]"#
+        )
         let first = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         #expect(await eventually { folder.read("runs") == "ran\n" })
@@ -77,7 +97,11 @@ import Testing
 
 @Suite struct MetricsTests {
     @Test func metricsOnTheSocketAndInTheTextfile() async throws {
-        let harness = try await DaemonHarness(ttl: 600, socket: "", extraConfig: #""metricsFile": "{folder}/metrics/fts-tokend.prom""#)
+        let harness = try await DaemonHarness(
+            ttl: 600,
+            socket: "",
+            extraConfig: #""metricsFile": "{folder}/metrics/fts-tokend.prom""#
+        )
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         _ = try await Command.curl("/token", socket: harness.socketPath)
@@ -96,7 +120,11 @@ import Testing
         #expect(validity.map { $0 > 500 && $0 <= 600 } == true)
         #expect(!text.contains(harness.token ?? "no token"))
 
-        #expect(await eventually { harness.folder.read("metrics/fts-tokend.prom")?.contains("fts_tokend_logins_total") == true })
+        #expect(
+            await eventually {
+                harness.folder.read("metrics/fts-tokend.prom")?.contains("fts_tokend_logins_total") == true
+            }
+        )
         #expect(harness.folder.mode("metrics/fts-tokend.prom") == 0o644)
         await harness.stop()
     }

@@ -8,7 +8,10 @@ import Testing
     /// token the server accepts at that moment. (4 s tokens: refreshed at 2 s, withdrawn at 3 s,
     /// so a login has a second even on a busy machine.)
     @Test func readersNeverSeeAPartialEmptyOrExpiredToken() async throws {
-        let harness = try await DaemonHarness(ttl: 4, refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1, jitter: 0.05))
+        let harness = try await DaemonHarness(
+            ttl: 4,
+            refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1, jitter: 0.05)
+        )
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
 

@@ -41,7 +41,10 @@ import TokenDaemon
     }
 
     @Test func answers503WithRetryAfterWhileNoValidTokenExists() async throws {
-        let harness = try await DaemonHarness(refresh: .init(backoffInitialSeconds: 3, backoffMaxSeconds: 5), socket: "")
+        let harness = try await DaemonHarness(
+            refresh: .init(backoffInitialSeconds: 3, backoffMaxSeconds: 5),
+            socket: ""
+        )
         harness.mock.always(.status(503))
         try harness.start()
         #expect(await eventually { harness.mock.stats.loginRequests >= 1 })
@@ -61,7 +64,11 @@ import TokenDaemon
         let child = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         let first = try await Command.curl("/token", socket: harness.socketPath)
-        let fingerprint = try #require(first.headers.split(separator: "\r\n").first { $0.hasPrefix("X-Token-Fingerprint: ") }?.split(separator: " ").last)
+        let fingerprint = try #require(
+            first.headers.split(separator: "\r\n").first { $0.hasPrefix("X-Token-Fingerprint: ") }?.split(
+                separator: " "
+            ).last
+        )
 
         // No rotation: answers at the timeout with the current token.
         let started = Date()
@@ -88,7 +95,11 @@ import TokenDaemon
     }
 
     @Test func twoHundredConcurrentClientsGetWholeValidTokensDuringRotations() async throws {
-        let harness = try await DaemonHarness(ttl: 4, refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1), socket: "")
+        let harness = try await DaemonHarness(
+            ttl: 4,
+            refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1),
+            socket: ""
+        )
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         var failures = 0
@@ -138,11 +149,16 @@ import TokenDaemon
         let garbage = try UnixSocketClient.exchange(Array("\u{01}\u{02}garbage\r\n\r\n".utf8), socket: path)
         #expect(garbage.hasPrefix("HTTP/1.1 400"))
 
-        let oversized = "GET /token HTTP/1.1\r\nHost: x\r\nX-Big: " + String(repeating: "a", count: 16 * 1024) + "\r\n\r\n"
+        let oversized =
+            "GET /token HTTP/1.1\r\nHost: x\r\nX-Big: " + String(repeating: "a", count: 16 * 1024) + "\r\n\r\n"
         let tooBig = try UnixSocketClient.exchange(Array(oversized.utf8), socket: path)
         #expect(tooBig.hasPrefix("HTTP/1.1 4"), "\(tooBig.prefix(40))")
 
-        let halfClosed = try UnixSocketClient.exchange(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8), socket: path, shutdownWrite: true)
+        let halfClosed = try UnixSocketClient.exchange(
+            Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8),
+            socket: path,
+            shutdownWrite: true
+        )
         #expect(!halfClosed.contains("token"))
 
         // A slow client that never finishes its head is dropped after the idle timeout.
@@ -162,14 +178,21 @@ import TokenDaemon
         let token = try #require(harness.token)
         // Three requests in one write: a long poll that times out after 1 s, then two plain ones.
         let client = try UnixSocketClient(socket: harness.socketPath)
-        try client.send(Array(("GET /token?wait=1&after=\(Fingerprint.of(token)) HTTP/1.1\r\nHost: x\r\n\r\n"
-                               + "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-                               + "HEAD /token.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").utf8))
+        try client.send(
+            Array(
+                ("GET /token?wait=1&after=\(Fingerprint.of(token)) HTTP/1.1\r\nHost: x\r\n\r\n"
+                    + "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                    + "HEAD /token.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").utf8
+            )
+        )
         let answers = client.readAll().components(separatedBy: "HTTP/1.1 ").dropFirst()
         #expect(answers.count == 3)
         #expect(answers.first?.hasSuffix(token) == true, "the long poll's answer comes first")
         #expect(answers.dropFirst().first?.contains(#""status":"ok""#) == true, "then /healthz")
-        #expect(answers.last?.hasPrefix("200 OK") == true && answers.last?.hasSuffix("\r\n\r\n") == true, "then HEAD, without a body")
+        #expect(
+            answers.last?.hasPrefix("200 OK") == true && answers.last?.hasSuffix("\r\n\r\n") == true,
+            "then HEAD, without a body"
+        )
         // HTTP/1.0 asking for keep-alive is told so and can ask again.
         let old = try UnixSocketClient(socket: harness.socketPath)
         try old.send(Array("GET /token HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /token HTTP/1.0\r\n\r\n".utf8))
@@ -191,12 +214,19 @@ import TokenDaemon
         // `busy` makes a request: `oldest` is now the one idle the longest.
         try busy.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
         try await Task.sleep(for: .milliseconds(100))
-        let answer = try UnixSocketClient.exchange(Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8), socket: harness.socketPath)
+        let answer = try UnixSocketClient.exchange(
+            Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
+            socket: harness.socketPath
+        )
         #expect(answer.hasPrefix("HTTP/1.1 200"), "the newcomer is served")
         #expect(oldest.waitForClose(timeout: 10), "the longest-idle connection made room")
         try idle.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         #expect(idle.readAll().hasPrefix("HTTP/1.1 200"), "the others stay")
-        #expect(try await Command.curl("/metrics", socket: harness.socketPath).body.contains(#"fts_tokend_socket_connections_dropped_total{reason="evicted"}"#))
+        #expect(
+            try await Command.curl("/metrics", socket: harness.socketPath).body.contains(
+                #"fts_tokend_socket_connections_dropped_total{reason="evicted"}"#
+            )
+        )
         await harness.stop()
     }
 
@@ -205,8 +235,10 @@ import TokenDaemon
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         let headers = try await Command.curl("/token", socket: harness.socketPath).headers
-        let fingerprint = try #require(headers.split(whereSeparator: \.isNewline)
-            .first { $0.lowercased().hasPrefix("x-token-fingerprint:") }?.split(separator: " ").last)
+        let fingerprint = try #require(
+            headers.split(whereSeparator: \.isNewline)
+                .first { $0.lowercased().hasPrefix("x-token-fingerprint:") }?.split(separator: " ").last
+        )
         let waiting = try (0..<2).map { _ in try UnixSocketClient(socket: harness.socketPath) }
         for client in waiting {
             try client.send(Array("GET /token?wait=60&after=\(fingerprint) HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
@@ -221,14 +253,22 @@ import TokenDaemon
     @Test func socketActivationServesThePassedSocket() async throws {
         let harness = try await DaemonHarness(socket: "")
         let socket = harness.folder.file("activated.sock")
-        let child = try harness.start(["/usr/bin/systemd-socket-activate", "-l", socket, ChildProcess.binary, "run", "--config", harness.configPath],
-                                      executable: "/usr/bin/systemd-socket-activate")
+        let child = try harness.start(
+            [
+                "/usr/bin/systemd-socket-activate", "-l", socket, ChildProcess.binary, "run", "--config",
+                harness.configPath,
+            ],
+            executable: "/usr/bin/systemd-socket-activate"
+        )
         #expect(await eventually { FileManager.default.fileExists(atPath: socket) })
         // systemd-socket-activate starts the daemon on the first connection, which it then serves.
         let answer = try await Command.curl("/token?wait=20", socket: socket)
         #expect(answer.status == 200)
         #expect(harness.mock.accepts(answer.body))
-        #expect(!FileManager.default.fileExists(atPath: harness.socketPath), "the configured path is not bound when a socket is passed")
+        #expect(
+            !FileManager.default.fileExists(atPath: harness.socketPath),
+            "the configured path is not bound when a socket is passed"
+        )
         child.signal(SIGTERM)
         _ = await child.waitForExit(timeout: 10)
         await harness.stop()

@@ -5,13 +5,16 @@ import Testing
 /// The shipped unit files pass `systemd-analyze verify` with nothing on stderr (it exits 0 even on
 /// unknown keys, so any output counts as a failure).
 @Suite struct UnitFileTests {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
 
     @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze")))
     func unitsVerifyClean() async throws {
         let folder = try TemporaryDirectory()
-        let names = try FileManager.default.contentsOfDirectory(atPath: Self.root.appendingPathComponent("systemd").path)
-            .filter { $0.hasSuffix(".service") || $0.hasSuffix(".socket") }.sorted()
+        let names = try FileManager.default.contentsOfDirectory(
+            atPath: Self.root.appendingPathComponent("systemd").path
+        )
+        .filter { $0.hasSuffix(".service") || $0.hasSuffix(".socket") }.sorted()
         #expect(names.contains("fts-tokend.service") && names.contains("fts-tokend.socket"))
         var units: [String] = []
         for name in names {
@@ -22,7 +25,10 @@ import Testing
         }
         let result = try await Command.run("/usr/bin/systemd-analyze", ["verify"] + units)
         #expect(result.status == 0)
-        #expect(result.output.isEmpty && result.error.isEmpty, "systemd-analyze verify said: \(result.output)\(result.error)")
+        #expect(
+            result.output.isEmpty && result.error.isEmpty,
+            "systemd-analyze verify said: \(result.output)\(result.error)"
+        )
     }
 
     /// The template is the plain unit with per-instance paths: the two must not drift apart.
@@ -30,7 +36,9 @@ import Testing
         func serviceSection(_ name: String) throws -> [String] {
             let text = try String(contentsOf: Self.root.appendingPathComponent("systemd/" + name), encoding: .utf8)
             let lines = text.split(separator: "\n").map(String.init).filter { !$0.hasPrefix("#") }
-            guard let start = lines.firstIndex(of: "[Service]"), let end = lines.firstIndex(of: "[Install]") else { return [] }
+            guard let start = lines.firstIndex(of: "[Service]"), let end = lines.firstIndex(of: "[Install]") else {
+                return []
+            }
             return Array(lines[start..<end])
         }
         let perInstance = try serviceSection("fts-tokend.service").map { line in

@@ -3,8 +3,8 @@ import Foundation
 import MockFTS
 import NIOCore
 import NIOHTTP1
-import Testing
 import TestSupport
+import Testing
 
 /// The mock over real HTTP, as the daemon and the tests in other processes see it.
 @Suite struct MockFTSServerTests {
@@ -14,7 +14,12 @@ import TestSupport
         var json: [String: Any]
     }
 
-    func request(_ method: HTTPMethod, _ url: String, headers: [String: String] = [:], body: String? = nil) async throws -> Answer {
+    func request(
+        _ method: HTTPMethod,
+        _ url: String,
+        headers: [String: String] = [:],
+        body: String? = nil
+    ) async throws -> Answer {
         var request = HTTPClientRequest(url: url)
         request.method = method
         for (name, value) in headers { request.headers.add(name: name, value: value) }
@@ -22,7 +27,11 @@ import TestSupport
         let response = try await HTTPClient.shared.execute(request, timeout: .seconds(10))
         let bytes = try await response.body.collect(upTo: 1 << 20)
         let json = (try? JSONSerialization.jsonObject(with: Data(bytes.readableBytesView))) as? [String: Any] ?? [:]
-        return Answer(status: Int(response.status.code), headers: Dictionary(response.headers.map { ($0.name, $0.value) }) { a, _ in a }, json: json)
+        return Answer(
+            status: Int(response.status.code),
+            headers: Dictionary(response.headers.map { ($0.name, $0.value) }) { a, _ in a },
+            json: json
+        )
     }
 
     func withMock(ttl: TimeInterval = 60, _ body: (MockFTSServer, String) async throws -> Void) async throws {
@@ -47,7 +56,12 @@ import TestSupport
     @Test func issuesTokensThatWhoamiAccepts() async throws {
         try await withMock { (mock, base) async throws in
             let sent = Date()
-            let login = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            let login = try await request(
+                .POST,
+                base + "/auth/token",
+                headers: ["x-api-key": "key-1"],
+                body: credentials
+            )
             let received = Date()
             #expect(login.status == 200)
             #expect(login.headers["Date"] != nil)
@@ -58,10 +72,28 @@ import TestSupport
             #expect(login.json["userId"] as? String == "user-1")
             #expect(login.json["tenantId"] as? String == "tenant-1")
 
-            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": "Bearer " + token]).status == 200)
-            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token]).status == 200)
-            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "other", "Authorization": token]).status == 401)
-            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token + "x"]).status == 401)
+            #expect(
+                try await request(
+                    .GET,
+                    base + "/api/whoami",
+                    headers: ["x-api-key": "key-1", "Authorization": "Bearer " + token]
+                ).status == 200
+            )
+            #expect(
+                try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token])
+                    .status == 200
+            )
+            #expect(
+                try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "other", "Authorization": token])
+                    .status == 401
+            )
+            #expect(
+                try await request(
+                    .GET,
+                    base + "/api/whoami",
+                    headers: ["x-api-key": "key-1", "Authorization": token + "x"]
+                ).status == 401
+            )
             #expect(mock.stats.tokensIssued == 1)
             #expect(mock.stats.whoamiAccepted == 2)
             #expect(mock.stats.whoamiRejected == 2)
@@ -71,42 +103,86 @@ import TestSupport
 
     @Test func refusesWrongKeyPasswordAndBody() async throws {
         try await withMock { (_, base) async throws in
-            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "nope"], body: credentials).status == 401)
-            #expect(try await request(.POST, base + "/auth/login", headers: ["x-api-key": "key-1"], body: #"{"email":"e@x","password":"x"}"#).status == 401)
-            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: "not json").status == 400)
+            #expect(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "nope"], body: credentials).status
+                    == 401
+            )
+            #expect(
+                try await request(
+                    .POST,
+                    base + "/auth/login",
+                    headers: ["x-api-key": "key-1"],
+                    body: #"{"email":"e@x","password":"x"}"#
+                ).status == 401
+            )
+            #expect(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: "not json").status
+                    == 400
+            )
             #expect(try await request(.GET, base + "/elsewhere").status == 404)
         }
     }
 
     @Test func expiredTokensAreRefusedByWhoami() async throws {
         try await withMock(ttl: 2) { (mock, base) async throws in
-            let login = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            let login = try await request(
+                .POST,
+                base + "/auth/token",
+                headers: ["x-api-key": "key-1"],
+                body: credentials
+            )
             let token = try #require(login.json["token"] as? String)
             // Judged at instants, not "now": a busy machine may take seconds between the lines.
             let expiry = try #require(mock.expiry(of: token))
             #expect(mock.verdict(on: token, at: expiry.addingTimeInterval(-0.5)) == .accepted)
             #expect(await eventually(timeout: 30) { Date() > expiry.addingTimeInterval(0.1) })
             #expect(!mock.accepts(token))
-            #expect(try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token]).status == 401)
+            #expect(
+                try await request(.GET, base + "/api/whoami", headers: ["x-api-key": "key-1", "Authorization": token])
+                    .status == 401
+            )
         }
     }
 
     @Test func faultsScriptedOverHTTPApplyInOrderThenAlways() async throws {
         try await withMock { (mock, base) async throws in
-            let script = #"{"next":[{"status":429,"retryAfter":"3"},{"body":"<html>","contentType":"text/html"}],"always":{"status":503}}"#
+            let script =
+                #"{"next":[{"status":429,"retryAfter":"3"},{"body":"<html>","contentType":"text/html"}],"always":{"status":503}}"#
             #expect(try await request(.POST, base + "/_mock/faults", body: script).status == 200)
-            let limited = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            let limited = try await request(
+                .POST,
+                base + "/auth/token",
+                headers: ["x-api-key": "key-1"],
+                body: credentials
+            )
             #expect(limited.status == 429)
             #expect(limited.headers["Retry-After"] == "3")
-            let html = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            let html = try await request(
+                .POST,
+                base + "/auth/token",
+                headers: ["x-api-key": "key-1"],
+                body: credentials
+            )
             #expect(html.status == 200)
             #expect(html.headers["Content-Type"] == "text/html")
-            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 503)
-            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 503)
+            #expect(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                    .status == 503
+            )
+            #expect(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                    .status == 503
+            )
             #expect(try await request(.POST, base + "/_mock/faults", body: #"{"always":{"status":401}}"#).status == 200)
-            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 401)
+            #expect(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                    .status == 401
+            )
             #expect(try await request(.POST, base + "/_mock/faults", body: "{}").status == 200)
-            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 200)
+            #expect(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                    .status == 200
+            )
             let stats = try await request(.GET, base + "/_mock/stats")
             #expect(stats.json["loginRequests"] as? Int == 6)
             #expect(stats.json["tokensIssued"] as? Int == 1)
@@ -118,14 +194,22 @@ import TestSupport
             mock.always(MockFault(status: 500, chance: 0.5))
             var failed = 0
             for _ in 0..<200 {
-                let status = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status
+                let status = try await request(
+                    .POST,
+                    base + "/auth/token",
+                    headers: ["x-api-key": "key-1"],
+                    body: credentials
+                ).status
                 #expect(status == 500 || status == 200)
                 if status == 500 { failed += 1 }
             }
             // Binomial(200, 0.5): outside 60...140 once in about 10^8 runs.
             #expect((60...140).contains(failed), "\(failed) of 200 failed")
             mock.always(MockFault(status: 500, chance: 0))
-            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 200)
+            #expect(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                    .status == 200
+            )
             // The verdict on a token at any instant, as whoami would give it then.
             let token = try #require(mock.issuedTokens.last)
             #expect(mock.verdict(on: token, at: Date()) == .accepted)
@@ -138,7 +222,10 @@ import TestSupport
         try await withMock { (mock, base) async throws in
             mock.enqueue(.delay(0.5))
             let started = Date()
-            #expect(try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials).status == 200)
+            #expect(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                    .status == 200
+            )
             #expect(Date().timeIntervalSince(started) >= 0.5)
         }
     }
@@ -148,7 +235,12 @@ import TestSupport
             mock.update { $0.expiresInMilliseconds = true }
             mock.enqueue(MockFault(expiresSkewSeconds: 600))
             let sent = Date()
-            let login = try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+            let login = try await request(
+                .POST,
+                base + "/auth/token",
+                headers: ["x-api-key": "key-1"],
+                body: credentials
+            )
             let received = Date()
             let expires = try #require(login.json["expires"] as? Int)
             #expect(expires > 100_000_000_000)

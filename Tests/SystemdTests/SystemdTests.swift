@@ -1,7 +1,8 @@
 import Foundation
-@testable import Systemd
 import TestSupport
 import Testing
+
+@testable import Systemd
 
 /// Serialized: these tests set process-wide environment variables that libsystemd reads.
 @Suite(.serialized) struct SystemdTests {
@@ -19,7 +20,10 @@ import Testing
         #expect(await listener.waitFor(timeout: 5) { $0.hasPrefix("RELOADING") } == "RELOADING=1\nMONOTONIC_USEC=42")
 
         #expect(Notifier().notify(.watchdog, .extendTimeout(microseconds: 5_000_000), .stopping) == .sent)
-        #expect(await listener.waitFor(timeout: 5) { $0.hasPrefix("WATCHDOG") } == "WATCHDOG=1\nEXTEND_TIMEOUT_USEC=5000000\nSTOPPING=1")
+        #expect(
+            await listener.waitFor(timeout: 5) { $0.hasPrefix("WATCHDOG") }
+                == "WATCHDOG=1\nEXTEND_TIMEOUT_USEC=5000000\nSTOPPING=1"
+        )
     }
 
     @Test func notifyWithoutASupervisorIsNotAnError() {
@@ -59,7 +63,10 @@ import Testing
     @Test func credentialsDirectory() {
         #expect(Credentials.directory(environment: [:]) == nil)
         #expect(Credentials.directory(environment: ["CREDENTIALS_DIRECTORY": ""]) == nil)
-        #expect(Credentials.directory(environment: ["CREDENTIALS_DIRECTORY": "/run/credentials/x.service"]) == "/run/credentials/x.service")
+        #expect(
+            Credentials.directory(environment: ["CREDENTIALS_DIRECTORY": "/run/credentials/x.service"])
+                == "/run/credentials/x.service"
+        )
     }
 
     @Test func journalStreamMustMatchStandardError() {

@@ -10,26 +10,41 @@ public final class ChildProcess: Sendable {
     /// The binary under test: `$FTS_TOKEND_BINARY`, else the one built beside the test bundle.
     public static var binary: String {
         if let path = ProcessInfo.processInfo.environment["FTS_TOKEND_BINARY"] { return path }
-        let beside = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("fts-tokend").path
+        let beside = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(
+            "fts-tokend"
+        ).path
         if FileManager.default.isExecutableFile(atPath: beside) { return beside }
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
         return root.appendingPathComponent(".build/debug/fts-tokend").path
     }
 
     /// Starts `fts-tokend arguments…` (or `executable arguments[1...]`) with exactly `environment`
     /// (plus PATH). `environmentForStandardError` may add variables that depend on the path that will
     /// receive the child's stderr.
-    public init(_ arguments: [String], environment: [String: String] = [:], in directory: TemporaryDirectory, name: String = "child",
-                executable: String? = nil, environmentForStandardError: (String) -> [String: String] = { _ in [:] }) throws {
+    public init(
+        _ arguments: [String],
+        environment: [String: String] = [:],
+        in directory: TemporaryDirectory,
+        name: String = "child",
+        executable: String? = nil,
+        environmentForStandardError: (String) -> [String: String] = { _ in [:] }
+    ) throws {
         outputPath = directory.file("\(name).stdout")
         errorPath = directory.file("\(name).stderr")
         // Created first so that environmentForStandardError can stat it; the spawn truncates it.
         _ = FileManager.default.createFile(atPath: errorPath, contents: nil)
-        let fullEnvironment = environment
+        let fullEnvironment =
+            environment
             .merging(environmentForStandardError(errorPath)) { mine, _ in mine }
             .merging(["PATH": "/usr/bin:/bin"]) { mine, _ in mine }
-        spawned = try Spawned(executable ?? Self.binary, executable == nil ? arguments : Array(arguments.dropFirst()),
-                              environment: fullEnvironment, standardOutput: outputPath, standardError: errorPath)
+        spawned = try Spawned(
+            executable ?? Self.binary,
+            executable == nil ? arguments : Array(arguments.dropFirst()),
+            environment: fullEnvironment,
+            standardOutput: outputPath,
+            standardError: errorPath
+        )
     }
 
     public var pid: Int32 { spawned.pid }

@@ -13,8 +13,13 @@ public final class Spawned: @unchecked Sendable {
 
     /// Starts `executable` with `arguments` (argv[1...]) and exactly `environment`; stdout and
     /// stderr go to the given files (created or truncated), stdin is /dev/null.
-    public init(_ executable: String, _ arguments: [String], environment: [String: String], standardOutput: String,
-                standardError: String) throws {
+    public init(
+        _ executable: String,
+        _ arguments: [String],
+        environment: [String: String],
+        standardOutput: String,
+        standardError: String
+    ) throws {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -28,8 +33,8 @@ public final class Spawned: @unchecked Sendable {
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer {
-            argv.forEach { free($0) }
-            envp.forEach { free($0) }
+            for argument in argv { free(argument) }
+            for variable in envp { free(variable) }
         }
         var child: pid_t = 0
         let result = posix_spawn(&child, executable, &actions, nil, argv, envp)
@@ -41,7 +46,8 @@ public final class Spawned: @unchecked Sendable {
     /// declare; looked up at run time.
     private static func closeFrom(_ lowest: Int32, _ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>) {
         typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
-        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") else { return }
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np")
+        else { return }
         _ = unsafeBitCast(symbol, to: CloseFrom.self)(actions, lowest)
     }
 

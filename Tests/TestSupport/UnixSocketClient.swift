@@ -16,7 +16,9 @@ public final class UnixSocketClient {
     public func send(_ bytes: [UInt8]) throws {
         var offset = 0
         while offset < bytes.count {
-            let count = bytes[offset...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            let count = bytes[offset...].withUnsafeBytes {
+                Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL))
+            }
             guard count > 0 else { throw POSIXError(.init(rawValue: errno) ?? .EIO) }
             offset += count
         }
@@ -63,7 +65,11 @@ public final class UnixSocketClient {
 
     /// One `GET target` per connection, all connections open before any request is sent, so that the
     /// server has them all at once. Returns each answer's status and body.
-    public static func concurrentGets(_ target: String, count: Int, socket: String) throws -> [(status: Int, body: String)] {
+    public static func concurrentGets(
+        _ target: String,
+        count: Int,
+        socket: String
+    ) throws -> [(status: Int, body: String)] {
         let clients = try (0..<count).map { _ in try UnixSocketClient(socket: socket) }
         let request = Array("GET \(target) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".utf8)
         for client in clients { try client.send(request) }
@@ -80,7 +86,10 @@ public final class UnixSocketClient {
 extension UnixSocketClient {
     /// The status of a plain `GET target` on a new connection: for polling without a child process.
     public static func status(of target: String, socket: String) throws -> Int {
-        let answer = try UnixSocketClient.exchange(Array("GET \(target) HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8), socket: socket)
+        let answer = try UnixSocketClient.exchange(
+            Array("GET \(target) HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
+            socket: socket
+        )
         return Int(answer.split(separator: " ", maxSplits: 2).dropFirst().first ?? "") ?? 0
     }
 }

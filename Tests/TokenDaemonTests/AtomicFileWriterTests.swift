@@ -1,6 +1,7 @@
 import Foundation
 import TestSupport
 import Testing
+
 @testable import TokenDaemon
 
 /// Serialized: one test changes the process umask.
@@ -42,7 +43,9 @@ import Testing
         try AtomicFileWriter.write(Array("a".utf8), to: folder.file("token"), mode: 0o640)
         // A directory at the target makes rename(2) fail after the temporary file was written.
         try FileManager.default.createDirectory(atPath: folder.file("busy"), withIntermediateDirectories: false)
-        #expect(throws: SystemError.self) { try AtomicFileWriter.write(Array("b".utf8), to: folder.file("busy"), mode: 0o640) }
+        #expect(throws: SystemError.self) {
+            try AtomicFileWriter.write(Array("b".utf8), to: folder.file("busy"), mode: 0o640)
+        }
         #expect(folder.entries() == ["busy", "token"])
     }
 

@@ -2,18 +2,39 @@ import Foundation
 import MockFTS
 import TestSupport
 import Testing
+
 @testable import TokenDaemon
 
 /// The real client against the real mock server on loopback.
 @Suite struct AuthClientTests {
     static let secrets = LoginSecrets(email: "svc@example.com", password: "pw-1", apiKey: "key-1")
 
-    func withMock(ttl: TimeInterval = 600, milliseconds: Bool = false, timeout: Double = 5, tokenPath: String = "/auth/token",
-                  _ body: (MockFTSServer, AuthClient) async throws -> Void) async throws {
-        let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1", tokenTTL: ttl, expiresInMilliseconds: milliseconds))
+    func withMock(
+        ttl: TimeInterval = 600,
+        milliseconds: Bool = false,
+        timeout: Double = 5,
+        tokenPath: String = "/auth/token",
+        _ body: (MockFTSServer, AuthClient) async throws -> Void
+    ) async throws {
+        let mock = MockFTSServer(
+            .init(
+                apiKey: "key-1",
+                email: "svc@example.com",
+                password: "pw-1",
+                tokenTTL: ttl,
+                expiresInMilliseconds: milliseconds
+            )
+        )
         let port = try await mock.start()
-        let api = Configuration.API(baseURL: "http://127.0.0.1:\(port)", tokenPath: tokenPath, email: .inline(""), password: .inline(""),
-                                    apiKey: .inline(""), timeoutSeconds: timeout, caFile: nil)
+        let api = Configuration.API(
+            baseURL: "http://127.0.0.1:\(port)",
+            tokenPath: tokenPath,
+            email: .inline(""),
+            password: .inline(""),
+            apiKey: .inline(""),
+            timeoutSeconds: timeout,
+            caFile: nil
+        )
         let client = AuthClient(api: api, version: "9.9.9")
         do {
             try await body(mock, client)
@@ -59,7 +80,10 @@ import Testing
 
     @Test func wrongPasswordOrKeyIsRejected() async throws {
         try await withMock { _, client in
-            let password = await failure(client, LoginSecrets(email: "svc@example.com", password: "wrong", apiKey: "key-1"))
+            let password = await failure(
+                client,
+                LoginSecrets(email: "svc@example.com", password: "wrong", apiKey: "key-1")
+            )
             #expect(password == .httpStatus(401, retryAfter: nil))
             #expect(password?.kind == .rejected)
             let key = await failure(client, LoginSecrets(email: "svc@example.com", password: "pw-1", apiKey: "wrong"))
@@ -90,10 +114,12 @@ import Testing
 
     @Test func unusableBodiesAreDistinctErrors() async throws {
         try await withMock { mock, client in
-            mock.enqueue(.body("<html>proxy</html>", contentType: "text/html"),
-                         .body(String(repeating: "x", count: 100 * 1024)),
-                         .body(#"{"expires":1}"#),
-                         .expiredToken)
+            mock.enqueue(
+                .body("<html>proxy</html>", contentType: "text/html"),
+                .body(String(repeating: "x", count: 100 * 1024)),
+                .body(#"{"expires":1}"#),
+                .expiredToken
+            )
             #expect(await failure(client) == .notJSON(contentType: "text/html"))
             #expect(await failure(client) == .bodyTooLarge(limit: 65536))
             #expect(await failure(client) == .missingToken)
@@ -122,8 +148,15 @@ import Testing
     }
 
     @Test func anUnreachableServerIsATransportError() async throws {
-        let api = Configuration.API(baseURL: "http://127.0.0.1:1", tokenPath: "/auth/token", email: .inline(""), password: .inline(""),
-                                    apiKey: .inline(""), timeoutSeconds: 5, caFile: nil)
+        let api = Configuration.API(
+            baseURL: "http://127.0.0.1:1",
+            tokenPath: "/auth/token",
+            email: .inline(""),
+            password: .inline(""),
+            apiKey: .inline(""),
+            timeoutSeconds: 5,
+            caFile: nil
+        )
         let client = AuthClient(api: api, version: "1")
         let error = await failure(client)
         await client.shutdown()
@@ -134,20 +167,36 @@ import Testing
     }
 
     /// A throw-away CA and a server certificate for 127.0.0.1, made with openssl(1).
-    static func makeCertificates(in folder: TemporaryDirectory) async throws -> (ca: String, tls: MockFTSServer.TLSFiles) {
+    static func makeCertificates(
+        in folder: TemporaryDirectory
+    ) async throws -> (ca: String, tls: MockFTSServer.TLSFiles) {
         try folder.write("san.ext", "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n", mode: 0o644)
-        let (caKey, ca, key, request, certificate) = (folder.file("ca.key"), folder.file("ca.pem"), folder.file("server.key"),
-                                                       folder.file("server.csr"), folder.file("server.pem"))
+        let (caKey, ca, key, request, certificate) = (
+            folder.file("ca.key"), folder.file("ca.pem"), folder.file("server.key"),
+            folder.file("server.csr"), folder.file("server.pem")
+        )
         let steps = [
-            ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", caKey, "-out", ca, "-days", "2", "-subj", "/CN=fts-tokend test CA"],
-            ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
-            ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", caKey, "-CAcreateserial", "-out", certificate, "-days", "2", "-extfile", folder.file("san.ext")],
+            [
+                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", caKey,
+                "-out", ca, "-days", "2", "-subj", "/CN=fts-tokend test CA",
+            ],
+            [
+                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out",
+                request, "-subj", "/CN=127.0.0.1",
+            ],
+            [
+                "x509", "-req", "-in", request, "-CA", ca, "-CAkey", caKey, "-CAcreateserial", "-out", certificate,
+                "-days", "2", "-extfile", folder.file("san.ext"),
+            ],
         ]
         for arguments in steps {
             let result = try await Command.run("/usr/bin/openssl", arguments)
             guard result.status == 0 else { throw POSIXError(.EIO) }
         }
-        return (folder.file("ca.pem"), .init(certificateChain: folder.file("server.pem"), privateKey: folder.file("server.key")))
+        return (
+            folder.file("ca.pem"),
+            .init(certificateChain: folder.file("server.pem"), privateKey: folder.file("server.key"))
+        )
     }
 
     @Test func httpsIsVerifiedAgainstTheSystemRootsPlusCAFile() async throws {
@@ -156,8 +205,18 @@ import Testing
         let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1"))
         let port = try await mock.start(tls: tls)
         func client(caFile: String?) -> AuthClient {
-            AuthClient(api: Configuration.API(baseURL: "https://127.0.0.1:\(port)", tokenPath: "/auth/token", email: .inline(""),
-                                                  password: .inline(""), apiKey: .inline(""), timeoutSeconds: 5, caFile: caFile), version: "1")
+            AuthClient(
+                api: Configuration.API(
+                    baseURL: "https://127.0.0.1:\(port)",
+                    tokenPath: "/auth/token",
+                    email: .inline(""),
+                    password: .inline(""),
+                    apiKey: .inline(""),
+                    timeoutSeconds: 5,
+                    caFile: caFile
+                ),
+                version: "1"
+            )
         }
 
         let trusting = client(caFile: ca)
@@ -174,7 +233,10 @@ import Testing
             await mock.stop()
             return
         }
-        #expect(reason.lowercased().contains("certificate") || reason.contains("handshake") || reason.contains("TLS"), "\(reason)")
+        #expect(
+            reason.lowercased().contains("certificate") || reason.contains("handshake") || reason.contains("TLS"),
+            "\(reason)"
+        )
         #expect(mock.stats.loginRequests == 1)
         await mock.stop()
     }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import TokenDaemon
 
 /// The core as the daemon drives it, with a fake clock: every outcome the runner would feed back
@@ -13,8 +14,17 @@ struct CoreDriver {
     /// What the next `.loadConfiguration` returns.
     var nextConfiguration: Result<LoadedConfiguration, ConfigurationError>?
 
-    init(_ configuration: LoadedConfiguration = CoreFixtures.configuration(), watchdog: Duration? = nil, socketActivated: Bool = false) {
-        core = DaemonCore(configuration: configuration, watchdogInterval: watchdog, socketActivated: socketActivated, seed: 42)
+    init(
+        _ configuration: LoadedConfiguration = CoreFixtures.configuration(),
+        watchdog: Duration? = nil,
+        socketActivated: Bool = false
+    ) {
+        core = DaemonCore(
+            configuration: configuration,
+            watchdogInterval: watchdog,
+            socketActivated: socketActivated,
+            seed: 42
+        )
     }
 
     /// Hands `event` to the core and every outcome back, as `Daemon.process` does; returns every action.
@@ -59,7 +69,14 @@ struct CoreDriver {
 
     /// A token of `lifetime` seconds obtained now.
     func grant(lifetime: TimeInterval = 3600, token: String = "aaa.bbb.ccc") -> TokenGrant {
-        TokenGrant(token: token, expiresAt: now.addingTimeInterval(lifetime), obtainedAt: now, userId: nil, tenantId: nil, clockSkew: 0)
+        TokenGrant(
+            token: token,
+            expiresAt: now.addingTimeInterval(lifetime),
+            obtainedAt: now,
+            userId: nil,
+            tenantId: nil,
+            clockSkew: 0
+        )
     }
 
     /// The generation of the login in flight.
@@ -71,13 +88,24 @@ struct CoreDriver {
     /// Finishes the login in flight with a new token.
     @discardableResult
     mutating func loginSucceeds(lifetime: TimeInterval = 3600, token: String = "aaa.bbb.ccc") -> [DaemonCore.Action] {
-        guard let generation = loginInFlight else { Issue.record("no login in flight"); return [] }
-        return send(.loginFinished(generation: generation, .success(.init(grant: grant(lifetime: lifetime, token: token), warnings: []))))
+        guard let generation = loginInFlight else {
+            Issue.record("no login in flight")
+            return []
+        }
+        return send(
+            .loginFinished(
+                generation: generation,
+                .success(.init(grant: grant(lifetime: lifetime, token: token), warnings: []))
+            )
+        )
     }
 
     @discardableResult
     mutating func loginFails(_ error: LoginError) -> [DaemonCore.Action] {
-        guard let generation = loginInFlight else { Issue.record("no login in flight"); return [] }
+        guard let generation = loginInFlight else {
+            Issue.record("no login in flight")
+            return []
+        }
         return send(.loginFinished(generation: generation, .failure(error)))
     }
 }
@@ -87,22 +115,45 @@ enum CoreFixtures {
     static let unavailable = LoginError.httpStatus(503, retryAfter: nil)
 
     static func configuration(
-        baseURL: String = "https://auth.example", email: String = "svc@example.com", apiKey: String = "key-1",
-        password: String = "pw-1", files: [String] = ["/run/fts/token"], headersFile: String? = nil, scheme: String = "Bearer",
-        socket: Configuration.Socket? = nil, stateFile: String? = "/var/lib/fts/state.json", metricsFile: String? = nil,
-        refresh: Configuration.Refresh = noJitter, timeoutSeconds: Double = 30
+        baseURL: String = "https://auth.example",
+        email: String = "svc@example.com",
+        apiKey: String = "key-1",
+        password: String = "pw-1",
+        files: [String] = ["/run/fts/token"],
+        headersFile: String? = nil,
+        scheme: String = "Bearer",
+        socket: Configuration.Socket? = nil,
+        stateFile: String? = "/var/lib/fts/state.json",
+        metricsFile: String? = nil,
+        refresh: Configuration.Refresh = noJitter,
+        timeoutSeconds: Double = 30
     ) -> LoadedConfiguration {
         let outputs = Configuration.Outputs(
             tokenFile: files.first.map { .init(path: $0, mode: 0o640) },
             jsonFile: files.dropFirst().first.map { .init(path: $0, mode: 0o640) },
             headersFile: headersFile.map { .init(file: .init(path: $0, mode: 0o640), authorizationScheme: scheme) },
-            socket: socket)
-        let api = Configuration.API(baseURL: baseURL, tokenPath: "/auth/token", email: .inline(email), password: .inline(password),
-                                    apiKey: .inline(apiKey), timeoutSeconds: timeoutSeconds, caFile: nil)
+            socket: socket
+        )
+        let api = Configuration.API(
+            baseURL: baseURL,
+            tokenPath: "/auth/token",
+            email: .inline(email),
+            password: .inline(password),
+            apiKey: .inline(apiKey),
+            timeoutSeconds: timeoutSeconds,
+            caFile: nil
+        )
         return LoadedConfiguration(
-            configuration: Configuration(api: api, refresh: refresh, outputs: outputs, stateFile: stateFile, logLevel: .info,
-                                         metricsFile: metricsFile),
-            secrets: LoginSecrets(email: email, password: password, apiKey: apiKey))
+            configuration: Configuration(
+                api: api,
+                refresh: refresh,
+                outputs: outputs,
+                stateFile: stateFile,
+                logLevel: .info,
+                metricsFile: metricsFile
+            ),
+            secrets: LoginSecrets(email: email, password: password, apiKey: apiKey)
+        )
     }
 
     static var noJitter: Configuration.Refresh {
@@ -111,8 +162,12 @@ enum CoreFixtures {
         return refresh
     }
 
-    static func socket(path: String = "/run/fts/tokend.sock", allowUIDs: [UInt32] = [], mode: UInt32 = 0o660,
-                       maxConnections: Int = 512) -> Configuration.Socket {
+    static func socket(
+        path: String = "/run/fts/tokend.sock",
+        allowUIDs: [UInt32] = [],
+        mode: UInt32 = 0o660,
+        maxConnections: Int = 512
+    ) -> Configuration.Socket {
         .init(path: path, mode: mode, allowUIDs: allowUIDs, allowGIDs: [], maxConnections: maxConnections)
     }
 }
@@ -123,7 +178,9 @@ extension [DaemonCore.Action] {
     }
     var readyNotices: [DaemonCore.ReadyNotice] { publications.compactMap(\.1) }
     var logins: [Int] { compactMap { if case .startLogin(let generation) = $0 { generation } else { nil } } }
-    var writes: [DaemonCore.WriteRequest] { compactMap { if case .writeFiles(let request) = $0 { request } else { nil } } }
+    var writes: [DaemonCore.WriteRequest] {
+        compactMap { if case .writeFiles(let request) = $0 { request } else { nil } }
+    }
     var reports: [DaemonCore.Report] { compactMap { if case .report(let report) = $0 { report } else { nil } } }
 }
 
@@ -192,7 +249,11 @@ extension [DaemonCore.Action] {
         var missing = CoreDriver()
         #expect(ignored(missing.send(.start(stored: .failure(.missing))).reports).isEmpty)
         var broken = CoreDriver()
-        #expect(ignored(broken.send(.start(stored: .failure(.otherAccount))).reports) == [StateStore.LoadProblem.otherAccount.description])
+        #expect(
+            ignored(broken.send(.start(stored: .failure(.otherAccount))).reports) == [
+                StateStore.LoadProblem.otherAccount.description
+            ]
+        )
     }
 
     @Test func withOnlyASocketReadyNeedsNoWrite() {
@@ -212,7 +273,9 @@ extension [DaemonCore.Action] {
         #expect(actions.last == .exit(78))
         let (snapshot, notice) = try #require(actions.publications.last)
         #expect(notice == nil)
-        #expect(snapshot.statusLine(now: driver.now).hasPrefix("login rejected: credentials or API key rejected (HTTP 401)"))
+        #expect(
+            snapshot.statusLine(now: driver.now).hasPrefix("login rejected: credentials or API key rejected (HTTP 401)")
+        )
         #expect(driver.core.exitStatus == 78)
         // Stopped: nothing more happens.
         #expect(driver.advance(1000).isEmpty)
@@ -225,7 +288,11 @@ extension [DaemonCore.Action] {
         driver.run(for: 480)  // the refresh at 0.8 of the lifetime
         let actions = driver.loginFails(CoreFixtures.rejected)
         #expect(!actions.contains(.exit(78)))
-        #expect(actions.reports.contains(.loginFailed(CoreFixtures.rejected, attempt: 1, retryAt: driver.now.addingTimeInterval(300))))
+        #expect(
+            actions.reports.contains(
+                .loginFailed(CoreFixtures.rejected, attempt: 1, retryAt: driver.now.addingTimeInterval(300))
+            )
+        )
         // Once the token has expired a rejection still does not exit: the daemon was ready.
         let meanwhile = driver.run(for: 300)
         #expect(meanwhile.contains { if case .withdrawFiles = $0 { true } else { false } })
@@ -307,8 +374,12 @@ extension [DaemonCore.Action] {
             var delays: [TimeInterval] = []
             _ = core.handle(.start(stored: nil), now: now)
             for generation in 0..<6 {
-                let actions = core.handle(.loginFinished(generation: generation, .failure(CoreFixtures.unavailable)), now: now)
-                let retryAt = actions.reports.compactMap { if case .loginFailed(_, _, let at) = $0 { at } else { nil } }.first!
+                let actions = core.handle(
+                    .loginFinished(generation: generation, .failure(CoreFixtures.unavailable)),
+                    now: now
+                )
+                let retryAt = actions.reports.compactMap { if case .loginFailed(_, _, let at) = $0 { at } else { nil } }
+                    .first!
                 delays.append(retryAt.timeIntervalSince(now))
                 now = retryAt
                 _ = core.handle(.tick, now: now)
@@ -392,7 +463,11 @@ extension [DaemonCore.Action] {
         #expect(actions.first == .loadConfiguration(notify: false))
         #expect(actions.readyNotices.isEmpty)
         let (snapshot, _) = try #require(actions.publications.last)
-        #expect(snapshot.statusLine(now: driver.now).contains("reload failed (api: broken); running on the previous configuration"))
+        #expect(
+            snapshot.statusLine(now: driver.now).contains(
+                "reload failed (api: broken); running on the previous configuration"
+            )
+        )
         // READY still waits for the first token.
         driver.run(for: 2)
         #expect(driver.loginSucceeds().readyNotices == [.started])
@@ -407,7 +482,11 @@ extension [DaemonCore.Action] {
         driver.nextConfiguration = .success(CoreFixtures.configuration())
         let fine = driver.send(.signal(.reload))
         #expect(fine.readyNotices == [.reloaded])
-        #expect(fine.contains { if case .applyConfiguration(let change) = $0 { change.summary == "nothing" } else { false } })
+        #expect(
+            fine.contains {
+                if case .applyConfiguration(let change) = $0 { change.summary == "nothing" } else { false }
+            }
+        )
         // A successful reload clears the earlier failure from STATUS.
         #expect(fine.publications.last?.0.reloadProblem == nil)
     }
@@ -422,7 +501,9 @@ extension [DaemonCore.Action] {
         let fresh = try! #require(actions.logins.first)
         #expect(fresh != old)
         // The old account's answer arrives after all: dropped.
-        let stale = driver.send(.loginFinished(generation: old, .success(.init(grant: driver.grant(token: "old.acc.ount"), warnings: []))))
+        let stale = driver.send(
+            .loginFinished(generation: old, .success(.init(grant: driver.grant(token: "old.acc.ount"), warnings: [])))
+        )
         #expect(stale.isEmpty)
         #expect(driver.loginInFlight == fresh)
     }
@@ -433,7 +514,14 @@ extension [DaemonCore.Action] {
         refresh.refreshAt = 0.5
         driver.nextConfiguration = .success(CoreFixtures.configuration(refresh: refresh))
         let actions = driver.send(.signal(.reload))
-        #expect(actions.reports.contains(.refreshScheduled(at: driver.now.addingTimeInterval(1800), expiresAt: driver.now.addingTimeInterval(3600))))
+        #expect(
+            actions.reports.contains(
+                .refreshScheduled(
+                    at: driver.now.addingTimeInterval(1800),
+                    expiresAt: driver.now.addingTimeInterval(3600)
+                )
+            )
+        )
         #expect(actions.publications.last?.0.nextLogin == driver.now.addingTimeInterval(1800))
         // Without a policy change the schedule stays where it was.
         let before = driver.core.nextDeadline()
@@ -443,7 +531,12 @@ extension [DaemonCore.Action] {
     }
 
     @Test func movedOutputsAreWrittenAndTheOldOnesRemoved() {
-        var driver = ready(CoreFixtures.configuration(files: ["/run/fts/token", "/run/fts/token.json"], headersFile: "/run/fts/headers"))
+        var driver = ready(
+            CoreFixtures.configuration(
+                files: ["/run/fts/token", "/run/fts/token.json"],
+                headersFile: "/run/fts/headers"
+            )
+        )
         driver.nextConfiguration = .success(CoreFixtures.configuration(files: ["/run/fts/new-token"], headersFile: nil))
         let actions = driver.send(.signal(.reload))
         #expect(actions.writes.map(\.reason) == [.reconfigured])
@@ -472,9 +565,13 @@ extension [DaemonCore.Action] {
 
     @Test func socketAccessIsAppliedLive() throws {
         var driver = ready(CoreFixtures.configuration(socket: CoreFixtures.socket(allowUIDs: [1001, 1002])))
-        driver.nextConfiguration = .success(CoreFixtures.configuration(socket: CoreFixtures.socket(allowUIDs: [1001], mode: 0o600, maxConnections: 8)))
+        driver.nextConfiguration = .success(
+            CoreFixtures.configuration(socket: CoreFixtures.socket(allowUIDs: [1001], mode: 0o600, maxConnections: 8))
+        )
         let actions = driver.send(.signal(.reload))
-        let change = try #require(actions.compactMap { if case .applyConfiguration(let change) = $0 { change } else { nil } }.first)
+        let change = try #require(
+            actions.compactMap { if case .applyConfiguration(let change) = $0 { change } else { nil } }.first
+        )
         #expect(change.socketAccess && change.needsRestart == nil)
         #expect(driver.core.configuration.configuration.outputs.socket?.allowUIDs == [1001])
     }
@@ -482,10 +579,16 @@ extension [DaemonCore.Action] {
     @Test func aMovedSocketRefusesTheReloadLoudly() throws {
         let before = CoreFixtures.configuration(socket: CoreFixtures.socket())
         var driver = ready(before)
-        driver.nextConfiguration = .success(CoreFixtures.configuration(password: "new", socket: CoreFixtures.socket(path: "/run/other.sock")))
+        driver.nextConfiguration = .success(
+            CoreFixtures.configuration(password: "new", socket: CoreFixtures.socket(path: "/run/other.sock"))
+        )
         let actions = driver.send(.signal(.reload))
         #expect(!actions.contains { if case .applyConfiguration = $0 { true } else { false } })
-        #expect(actions.reports == [.reloadRefused("outputs.socket.path changed from /run/fts/tokend.sock to /run/other.sock")])
+        #expect(
+            actions.reports == [
+                .reloadRefused("outputs.socket.path changed from /run/fts/tokend.sock to /run/other.sock")
+            ]
+        )
         #expect(actions.readyNotices == [.reloaded])
         let (snapshot, _) = try #require(actions.publications.last)
         #expect(snapshot.statusLine(now: driver.now).contains("which needs a restart"))
@@ -497,7 +600,9 @@ extension [DaemonCore.Action] {
         var driver = CoreDriver(CoreFixtures.configuration(socket: CoreFixtures.socket()), socketActivated: true)
         driver.send(.start(stored: nil))
         driver.loginSucceeds()
-        driver.nextConfiguration = .success(CoreFixtures.configuration(socket: CoreFixtures.socket(path: "/run/other.sock")))
+        driver.nextConfiguration = .success(
+            CoreFixtures.configuration(socket: CoreFixtures.socket(path: "/run/other.sock"))
+        )
         #expect(driver.send(.signal(.reload)).reports.contains { if case .reloaded = $0 { true } else { false } })
     }
 
@@ -513,7 +618,9 @@ extension [DaemonCore.Action] {
         var driver = ready()
         driver.nextConfiguration = .success(CoreFixtures.configuration(timeoutSeconds: 10))
         let actions = driver.send(.signal(.reload))
-        let change = try #require(actions.compactMap { if case .applyConfiguration(let change) = $0 { change } else { nil } }.first)
+        let change = try #require(
+            actions.compactMap { if case .applyConfiguration(let change) = $0 { change } else { nil } }.first
+        )
         #expect(change.client && !change.account)
         #expect(actions.logins.isEmpty)
     }
@@ -534,7 +641,11 @@ extension [DaemonCore.Action] {
         let newFingerprint = Fingerprint.of("new.tok.en")
         driver.advance(10)
         let limited = driver.send(.tokenRejected(fingerprint: newFingerprint))
-        #expect(limited.reports.contains(.tokenRejected(fingerprint: newFingerprint, .rateLimited(until: driver.now.addingTimeInterval(20)))))
+        #expect(
+            limited.reports.contains(
+                .tokenRejected(fingerprint: newFingerprint, .rateLimited(until: driver.now.addingTimeInterval(20)))
+            )
+        )
         #expect(limited.logins.isEmpty)
     }
 
@@ -543,7 +654,9 @@ extension [DaemonCore.Action] {
         driver.send(.start(stored: nil))
         driver.loginSucceeds()
         let actions = driver.send(.tokenRejected(fingerprint: "00000000"))
-        #expect(actions.reports == [.tokenRejected(fingerprint: "00000000", .stale(current: driver.grant().fingerprint))])
+        #expect(
+            actions.reports == [.tokenRejected(fingerprint: "00000000", .stale(current: driver.grant().fingerprint))]
+        )
         #expect(actions.logins.isEmpty && !actions.contains { if case .withdrawFiles = $0 { true } else { false } })
     }
 }

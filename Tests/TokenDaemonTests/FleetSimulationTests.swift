@@ -1,8 +1,14 @@
 import Testing
+
 @testable import TokenDaemon
 
 @Suite struct FleetSimulationTests {
-    func options(hosts: Int = 200, jitter: Double = 0.05, bootSpread: Double = 0, restartAt: Double? = nil) -> FleetSimulation.Options {
+    func options(
+        hosts: Int = 200,
+        jitter: Double = 0.05,
+        bootSpread: Double = 0,
+        restartAt: Double? = nil
+    ) -> FleetSimulation.Options {
         var options = FleetSimulation.Options()
         options.hosts = hosts
         options.durationSeconds = 6 * 3600

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+
 @testable import TokenDaemon
 
 @Suite struct RefreshPolicyTests {
@@ -8,8 +9,14 @@ import Testing
 
     func grant(lifetime: TimeInterval, obtainedAt: Date? = nil) -> TokenGrant {
         let obtained = obtainedAt ?? start
-        return TokenGrant(token: "t", expiresAt: obtained.addingTimeInterval(lifetime), obtainedAt: obtained,
-                          userId: nil, tenantId: nil, clockSkew: 0)
+        return TokenGrant(
+            token: "t",
+            expiresAt: obtained.addingTimeInterval(lifetime),
+            obtainedAt: obtained,
+            userId: nil,
+            tenantId: nil,
+            clockSkew: 0
+        )
     }
 
     @Test func refreshesAtRefreshAtShareOfTheLifetimeWithoutJitter() {
@@ -33,9 +40,13 @@ import Testing
     @Test func evenWithNoMarginTheLoginStartsBeforeTheTokenIsWithdrawn() {
         // refreshAt 0.75 of 4 s would start the login at expiry − 1 s, the instant the token is
         // withdrawn (handOutMargin): readers would find no token until the login ends.
-        let noMargin = RefreshPolicy(.init(refreshAt: 0.75, minRemainingSeconds: 0, jitter: 0, backoffInitialSeconds: 1, backoffMaxSeconds: 300))
+        let noMargin = RefreshPolicy(
+            .init(refreshAt: 0.75, minRemainingSeconds: 0, jitter: 0, backoffInitialSeconds: 1, backoffMaxSeconds: 300)
+        )
         #expect(noMargin.refreshTime(for: grant(lifetime: 4), now: start, random: 0) == start.addingTimeInterval(2))
-        #expect(noMargin.refreshTime(for: grant(lifetime: 3600), now: start, random: 0) == start.addingTimeInterval(2700))
+        #expect(
+            noMargin.refreshTime(for: grant(lifetime: 3600), now: start, random: 0) == start.addingTimeInterval(2700)
+        )
     }
 
     @Test func aTokenShorterThanTwiceTheMarginIsRefreshedAtHalfItsLifetimeNotEverySecond() {
@@ -54,14 +65,35 @@ import Testing
 
     @Test func theFirstRefreshAfterAColdStartSpansAWholeRefreshPeriod() {
         // refreshAt 0.8, jitter 0.05: the period is 0.775 lifetimes, so the window is [0.025, 0.8].
-        let policy = RefreshPolicy(.init(refreshAt: 0.8, minRemainingSeconds: 60, jitter: 0.05, backoffInitialSeconds: 1, backoffMaxSeconds: 300))
-        let cold = { (random: Double) in policy.refreshTime(for: grant(lifetime: 3600), now: start, random: random, coldStart: true) }
+        let policy = RefreshPolicy(
+            .init(
+                refreshAt: 0.8,
+                minRemainingSeconds: 60,
+                jitter: 0.05,
+                backoffInitialSeconds: 1,
+                backoffMaxSeconds: 300
+            )
+        )
+        let cold = { (random: Double) in
+            policy.refreshTime(for: grant(lifetime: 3600), now: start, random: random, coldStart: true)
+        }
         #expect(cold(0) == start.addingTimeInterval(0.8 * 3600))
         #expect(abs(cold(0.999_999).timeIntervalSince(start) - 0.025 * 3600) < 0.01)
         #expect(abs(cold(0.5).timeIntervalSince(start) - 0.4125 * 3600) < 0.01)
         // Never sooner than a second from now, even at the window's start.
-        let tiny = RefreshPolicy(.init(refreshAt: 0.8, minRemainingSeconds: 1, jitter: 0.05, backoffInitialSeconds: 1, backoffMaxSeconds: 300))
-        #expect(tiny.refreshTime(for: grant(lifetime: 10), now: start, random: 0.999, coldStart: true) == start.addingTimeInterval(1))
+        let tiny = RefreshPolicy(
+            .init(
+                refreshAt: 0.8,
+                minRemainingSeconds: 1,
+                jitter: 0.05,
+                backoffInitialSeconds: 1,
+                backoffMaxSeconds: 300
+            )
+        )
+        #expect(
+            tiny.refreshTime(for: grant(lifetime: 10), now: start, random: 0.999, coldStart: true)
+                == start.addingTimeInterval(1)
+        )
     }
 
     @Test func clockSkewMovesTheScheduleEarlier() {
@@ -72,7 +104,9 @@ import Testing
     }
 
     @Test func transientFailuresBackOffExponentiallyUpToTheMaximum() {
-        let ceilings = (1...12).map { policy.retryDelay(after: .transient, attempt: $0, current: nil, now: start, random: 0) }
+        let ceilings = (1...12).map {
+            policy.retryDelay(after: .transient, attempt: $0, current: nil, now: start, random: 0)
+        }
         #expect(ceilings == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300])
         #expect(policy.retryDelay(after: .transient, attempt: 10_000, current: nil, now: start, random: 0) == 300)
     }
@@ -92,7 +126,10 @@ import Testing
         let held = grant(lifetime: 200, obtainedAt: start.addingTimeInterval(-100))
         // 100 s left: waits are capped at 50 s even after many failures.
         #expect(policy.retryDelay(after: .transient, attempt: 9, current: held, now: start, random: 0) == 50)
-        #expect(policy.retryDelay(after: .rateLimited(retryAfter: nil), attempt: 9, current: held, now: start, random: 0) == 50)
+        #expect(
+            policy.retryDelay(after: .rateLimited(retryAfter: nil), attempt: 9, current: held, now: start, random: 0)
+                == 50
+        )
         // An expired token does not cap anything.
         let expired = grant(lifetime: 10, obtainedAt: start.addingTimeInterval(-100))
         #expect(policy.retryDelay(after: .transient, attempt: 9, current: expired, now: start, random: 0) == 256)
@@ -100,8 +137,13 @@ import Testing
 
     @Test func retryAfterIsAlwaysHonouredEvenAboveTheCap() {
         let held = grant(lifetime: 200, obtainedAt: start.addingTimeInterval(-100))
-        #expect(policy.retryDelay(after: .rateLimited(retryAfter: 120), attempt: 1, current: held, now: start, random: 0) == 120)
-        #expect(policy.retryDelay(after: .rateLimited(retryAfter: 0), attempt: 3, current: nil, now: start, random: 0) == 4)
+        #expect(
+            policy.retryDelay(after: .rateLimited(retryAfter: 120), attempt: 1, current: held, now: start, random: 0)
+                == 120
+        )
+        #expect(
+            policy.retryDelay(after: .rateLimited(retryAfter: 0), attempt: 3, current: nil, now: start, random: 0) == 4
+        )
     }
 
     @Test func rejectedCredentialsWaitTheMaximum() {

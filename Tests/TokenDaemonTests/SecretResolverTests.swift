@@ -1,15 +1,31 @@
 import Foundation
 import TestSupport
 import Testing
+
 @testable import TokenDaemon
 
 @Suite struct SecretResolverTests {
-    func api(email: SecretSource = .inline("svc@example.com"), password: SecretSource, apiKey: SecretSource) -> Configuration.API {
-        Configuration.API(baseURL: "https://x.example", tokenPath: "/auth/token", email: email, password: password,
-                          apiKey: apiKey, timeoutSeconds: 30, caFile: nil)
+    func api(
+        email: SecretSource = .inline("svc@example.com"),
+        password: SecretSource,
+        apiKey: SecretSource
+    ) -> Configuration.API {
+        Configuration.API(
+            baseURL: "https://x.example",
+            tokenPath: "/auth/token",
+            email: email,
+            password: password,
+            apiKey: apiKey,
+            timeoutSeconds: 30,
+            caFile: nil
+        )
     }
 
-    func resolveError(_ api: Configuration.API, mode: UInt32 = 0o600, environment: [String: String] = [:]) -> ConfigurationError? {
+    func resolveError(
+        _ api: Configuration.API,
+        mode: UInt32 = 0o600,
+        environment: [String: String] = [:]
+    ) -> ConfigurationError? {
         do {
             _ = try SecretResolver(environment: environment).resolve(api, configFileMode: mode)
             return nil
@@ -19,7 +35,10 @@ import Testing
     }
 
     @Test func inlineSecretsInAPrivateConfigAreAccepted() throws {
-        let secrets = try SecretResolver(environment: [:]).resolve(api(password: .inline("pw"), apiKey: .inline("key")), configFileMode: 0o600)
+        let secrets = try SecretResolver(environment: [:]).resolve(
+            api(password: .inline("pw"), apiKey: .inline("key")),
+            configFileMode: 0o600
+        )
         #expect(secrets == LoginSecrets(email: "svc@example.com", password: "pw", apiKey: "key"))
     }
 
@@ -34,8 +53,12 @@ import Testing
     @Test func inlineEmailInAReadableConfigIsFine() throws {
         let folder = try TemporaryDirectory()
         let secrets = try SecretResolver(environment: [:]).resolve(
-            api(password: .file(try folder.write("pw", "secret\n")), apiKey: .file(try folder.write("key", "k-1\r\n\n"))),
-            configFileMode: 0o644)
+            api(
+                password: .file(try folder.write("pw", "secret\n")),
+                apiKey: .file(try folder.write("key", "k-1\r\n\n"))
+            ),
+            configFileMode: 0o644
+        )
         #expect(secrets.password == "secret")
         #expect(secrets.apiKey == "k-1")
     }
@@ -43,7 +66,10 @@ import Testing
     @Test func secretFilesKeepInnerWhitespaceAndTrimOnlyTrailingNewlines() throws {
         let folder = try TemporaryDirectory()
         let path = try folder.write("pw", " two words \n\n")
-        let secrets = try SecretResolver(environment: [:]).resolve(api(password: .file(path), apiKey: .file(path)), configFileMode: 0o600)
+        let secrets = try SecretResolver(environment: [:]).resolve(
+            api(password: .file(path), apiKey: .file(path)),
+            configFileMode: 0o600
+        )
         #expect(secrets.password == " two words ")
     }
 
@@ -71,7 +97,9 @@ import Testing
         try folder.write("creds/password", "pw\n")
         try folder.write("creds/api-key", "key\n")
         let secrets = try SecretResolver(environment: ["CREDENTIALS_DIRECTORY": folder.file("creds")]).resolve(
-            api(email: .credential("email"), password: .credential("password"), apiKey: .credential("api-key")), configFileMode: 0o644)
+            api(email: .credential("email"), password: .credential("password"), apiKey: .credential("api-key")),
+            configFileMode: 0o644
+        )
         #expect(secrets == LoginSecrets(email: "svc@example.com", password: "pw", apiKey: "key"))
     }
 
@@ -92,7 +120,11 @@ import Testing
     @Test func loadsConfigAndSecrets() throws {
         let folder = try TemporaryDirectory()
         let key = try folder.write("key", "k-1\n")
-        let path = try folder.write("config.json", #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKeyFile":"\#(key)"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#, mode: 0o600)
+        let path = try folder.write(
+            "config.json",
+            #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKeyFile":"\#(key)"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#,
+            mode: 0o600
+        )
         let loaded = try ConfigurationLoader(environment: [:]).load(path: path)
         #expect(loaded.secrets == LoginSecrets(email: "e@x", password: "pw", apiKey: "k-1"))
         #expect(loaded.identity == StateStore.identity(baseURL: "https://x.example", email: "e@x"))
@@ -100,13 +132,18 @@ import Testing
 
     @Test func missingConfigFileIsAConfigurationError() throws {
         let folder = try TemporaryDirectory()
-        #expect(throws: ConfigurationError.self) { try ConfigurationLoader(environment: [:]).load(path: folder.file("none.json")) }
+        #expect(throws: ConfigurationError.self) {
+            try ConfigurationLoader(environment: [:]).load(path: folder.file("none.json"))
+        }
     }
 
     @Test func apiKeyThatCouldInjectAHeaderIsRefused() throws {
         let folder = try TemporaryDirectory()
         let key = try folder.write("key", "k-1\nX-Evil: 1")
-        let path = try folder.write("config.json", #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKeyFile":"\#(key)"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#)
+        let path = try folder.write(
+            "config.json",
+            #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKeyFile":"\#(key)"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#
+        )
         do {
             _ = try ConfigurationLoader(environment: [:]).load(path: path)
             Issue.record("expected an error")
@@ -118,8 +155,12 @@ import Testing
 
     /// A config whose token file is `run/token` under `folder` and whose metrics file is `metrics/m.prom`.
     private func configWithOutputs(in folder: TemporaryDirectory) throws -> String {
-        try folder.write("config.json", #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k"},"#
-            + #""outputs":{"tokenFile":{"path":"\#(folder.file("run/token"))"}},"metricsFile":"\#(folder.file("metrics/m.prom"))"}"#, mode: 0o600)
+        try folder.write(
+            "config.json",
+            #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k"},"#
+                + #""outputs":{"tokenFile":{"path":"\#(folder.file("run/token"))"}},"metricsFile":"\#(folder.file("metrics/m.prom"))"}"#,
+            mode: 0o600
+        )
     }
 
     /// The error loading `config` gives, or nil (recorded as an issue) when it loads.
@@ -163,9 +204,15 @@ import Testing
     @Test func aCAFileThatIsNotPEMIsAConfigurationError() throws {
         let folder = try TemporaryDirectory()
         let notPEM = try folder.write("ca.pem", "hello")
-        let path = try folder.write("config.json", #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k","caFile":"\#(notPEM)"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#)
+        let path = try folder.write(
+            "config.json",
+            #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k","caFile":"\#(notPEM)"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#
+        )
         #expect(throws: ConfigurationError.self) { try ConfigurationLoader(environment: [:]).load(path: path) }
-        let missing = try folder.write("config2.json", #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k","caFile":"\#(folder.file("none.pem"))"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#)
+        let missing = try folder.write(
+            "config2.json",
+            #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k","caFile":"\#(folder.file("none.pem"))"},"outputs":{"tokenFile":{"path":"/run/t"}}}"#
+        )
         do {
             _ = try ConfigurationLoader(environment: [:]).load(path: missing)
             Issue.record("expected an error")

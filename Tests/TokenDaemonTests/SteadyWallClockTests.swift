@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
+
 @testable import TokenDaemon
 
 @Suite struct SteadyWallClockTests {
@@ -43,6 +44,9 @@ import Testing
         clocks.advance(3600)
         #expect(clock.now() == Date(timeIntervalSince1970: 1_800_003_660), "ahead of the system clock by the step")
         clocks.wall.withLock { $0 = $0.addingTimeInterval(7200) }
-        #expect(clock.now() == Date(timeIntervalSince1970: 1_800_003_660 + 3600), "a later forward step is followed again")
+        #expect(
+            clock.now() == Date(timeIntervalSince1970: 1_800_003_660 + 3600),
+            "a later forward step is followed again"
+        )
     }
 }

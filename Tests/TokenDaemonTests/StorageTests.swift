@@ -1,18 +1,30 @@
 import Foundation
 import TestSupport
 import Testing
+
 @testable import TokenDaemon
 
 let sampleGrant = TokenGrant(
-    token: "aaa.bbb.ccc", expiresAt: Date(timeIntervalSince1970: 1_800_003_600), obtainedAt: Date(timeIntervalSince1970: 1_800_000_000),
-    userId: "u-1", tenantId: "acme", clockSkew: 0)
+    token: "aaa.bbb.ccc",
+    expiresAt: Date(timeIntervalSince1970: 1_800_003_600),
+    obtainedAt: Date(timeIntervalSince1970: 1_800_000_000),
+    userId: "u-1",
+    tenantId: "acme",
+    clockSkew: 0
+)
 
 @Suite struct TokenOutputsTests {
     func outputs(in folder: TemporaryDirectory, scheme: String = "Bearer") -> TokenOutputs {
-        TokenOutputs(Configuration.Outputs(
-            tokenFile: .init(path: folder.file("run/token"), mode: 0o640),
-            jsonFile: .init(path: folder.file("run/token.json"), mode: 0o600),
-            headersFile: .init(file: .init(path: folder.file("run/headers"), mode: 0o640), authorizationScheme: scheme)))
+        TokenOutputs(
+            Configuration.Outputs(
+                tokenFile: .init(path: folder.file("run/token"), mode: 0o640),
+                jsonFile: .init(path: folder.file("run/token.json"), mode: 0o600),
+                headersFile: .init(
+                    file: .init(path: folder.file("run/headers"), mode: 0o640),
+                    authorizationScheme: scheme
+                )
+            )
+        )
     }
 
     @Test func writesTheThreeFormats() throws {
@@ -75,7 +87,9 @@ let sampleGrant = TokenGrant(
 
     @Test func reportsMissingAndCorruptState() throws {
         let folder = try TemporaryDirectory()
-        #expect(throws: StateStore.LoadProblem.missing) { try StateStore(path: folder.file("none")).load(identity: identity) }
+        #expect(throws: StateStore.LoadProblem.missing) {
+            try StateStore(path: folder.file("none")).load(identity: identity)
+        }
         let corrupt = try folder.write("state.json", "{\"version\":1,")
         #expect(throws: StateStore.LoadProblem.self) { try StateStore(path: corrupt).load(identity: identity) }
     }
@@ -94,29 +108,63 @@ let sampleGrant = TokenGrant(
     let now = Date(timeIntervalSince1970: 1_800_000_000 + 13 * 60)
 
     @Test func healthy() {
-        let line = StatusLine.describe(token: sampleGrant, nextLogin: Date(timeIntervalSince1970: 1_800_002_890), lastError: nil, writeError: nil, now: now)
+        let line = StatusLine.describe(
+            token: sampleGrant,
+            nextLogin: Date(timeIntervalSince1970: 1_800_002_890),
+            lastError: nil,
+            writeError: nil,
+            now: now
+        )
         #expect(line == "token valid until 09:00:00Z (47m left), next refresh 08:48:10Z")
     }
 
     @Test func failingWithAValidToken() {
-        let line = StatusLine.describe(token: sampleGrant, nextLogin: now.addingTimeInterval(12),
-                                       lastError: .httpStatus(503, retryAfter: nil), writeError: nil, now: now)
+        let line = StatusLine.describe(
+            token: sampleGrant,
+            nextLogin: now.addingTimeInterval(12),
+            lastError: .httpStatus(503, retryAfter: nil),
+            writeError: nil,
+            now: now
+        )
         #expect(line == "auth server unavailable (HTTP 503), retry in 12s; token still valid 47m")
     }
 
     @Test func failingWithoutAToken() {
-        let line = StatusLine.describe(token: nil, nextLogin: now.addingTimeInterval(4), lastError: .transport("connection refused"), writeError: nil, now: now)
+        let line = StatusLine.describe(
+            token: nil,
+            nextLogin: now.addingTimeInterval(4),
+            lastError: .transport("connection refused"),
+            writeError: nil,
+            now: now
+        )
         #expect(line == "no token; auth server unreachable (connection refused), retry in 4s")
     }
 
     @Test func startingAndWriteFailures() {
-        #expect(StatusLine.describe(token: nil, nextLogin: nil, lastError: nil, writeError: nil, now: now) == "logging in")
-        let line = StatusLine.describe(token: sampleGrant, nextLogin: nil, lastError: nil, writeError: "write /run/t: No space left on device", now: now)
-        #expect(line == "token valid until 09:00:00Z (47m left), refreshing; writing outputs failed: write /run/t: No space left on device")
+        #expect(
+            StatusLine.describe(token: nil, nextLogin: nil, lastError: nil, writeError: nil, now: now) == "logging in"
+        )
+        let line = StatusLine.describe(
+            token: sampleGrant,
+            nextLogin: nil,
+            lastError: nil,
+            writeError: "write /run/t: No space left on device",
+            now: now
+        )
+        #expect(
+            line
+                == "token valid until 09:00:00Z (47m left), refreshing; writing outputs failed: write /run/t: No space left on device"
+        )
     }
 
     @Test func expired() {
-        let line = StatusLine.describe(token: sampleGrant, nextLogin: nil, lastError: nil, writeError: nil, now: now.addingTimeInterval(3600))
+        let line = StatusLine.describe(
+            token: sampleGrant,
+            nextLogin: nil,
+            lastError: nil,
+            writeError: nil,
+            now: now.addingTimeInterval(3600)
+        )
         #expect(line == "token expired at 09:00:00Z, files removed")
     }
 }

@@ -1,13 +1,21 @@
 import Foundation
 import Synchronization
 import Testing
+
 @testable import TokenDaemon
 
 @Suite struct TokenBoardTests {
     let now = Date(timeIntervalSince1970: 1_800_000_000)
 
     func grant(_ token: String, lifetime: TimeInterval = 3600) -> TokenGrant {
-        TokenGrant(token: token, expiresAt: now.addingTimeInterval(lifetime), obtainedAt: now, userId: "u", tenantId: nil, clockSkew: 0)
+        TokenGrant(
+            token: token,
+            expiresAt: now.addingTimeInterval(lifetime),
+            obtainedAt: now,
+            userId: "u",
+            tenantId: nil,
+            clockSkew: 0
+        )
     }
 
     @Test func servesPreEncodedBodiesOfAValidTokenOnly() {
@@ -17,11 +25,17 @@ import Testing
         let entry = board.validEntry(at: now)
         #expect(entry.map { String(buffer: $0.body(.token)) } == "a.b.c")
         #expect(entry.map { String(buffer: $0.body(.headers)) } == "x-api-key: k\nAuthorization: Bearer a.b.c\n")
-        #expect(entry.map { Array($0.body(.json).readableBytesView) } == TokenOutputs.jsonDocument(grant("a.b.c", lifetime: 60)))
+        #expect(
+            entry.map { Array($0.body(.json).readableBytesView) }
+                == TokenOutputs.jsonDocument(grant("a.b.c", lifetime: 60))
+        )
         // The keep-alive answer is encoded once, whole: status line, headers, body.
         let answer = entry.map { String(buffer: $0.keepAliveResponse(.token)) }
-        #expect(answer == "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\nCache-Control: no-store\r\n"
-                + "X-Token-Fingerprint: \(Fingerprint.of("a.b.c"))\r\n\r\na.b.c")
+        #expect(
+            answer
+                == "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\nCache-Control: no-store\r\n"
+                + "X-Token-Fingerprint: \(Fingerprint.of("a.b.c"))\r\n\r\na.b.c"
+        )
         #expect(board.validEntry(at: now.addingTimeInterval(60)) == nil, "an expired token is never served")
     }
 

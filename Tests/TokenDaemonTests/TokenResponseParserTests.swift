@@ -1,11 +1,15 @@
 import Foundation
 import Testing
+
 @testable import TokenDaemon
 
 /// An unsigned JWT-shaped token with the given `exp` (the daemon does not check signatures).
 func jwt(exp: Double?) -> String {
     func encode(_ text: String) -> String {
-        Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(
+            of: "/",
+            with: "_"
+        ).replacingOccurrences(of: "=", with: "")
     }
     let payload = exp.map { #"{"sub":"u","exp":\#(Int($0))}"# } ?? #"{"sub":"u"}"#
     return encode(#"{"alg":"HS256"}"#) + "." + encode(payload) + ".c2lnbmF0dXJl"
@@ -41,7 +45,9 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
     }
 
     @Test func acceptsMillisecondsStringsTenantAndUnknownFields() throws {
-        let result = try parse(#"{"token":"t","expires":"\#(expires)000","userId":42,"tenantId":"acme","extra":{"a":[1]}}"#)
+        let result = try parse(
+            #"{"token":"t","expires":"\#(expires)000","userId":42,"tenantId":"acme","extra":{"a":[1]}}"#
+        )
         #expect(result.grant.expiresAt == Date(timeIntervalSince1970: 1_800_003_600))
         #expect(result.grant.userId == "42")
         #expect(result.grant.tenantId == "acme")
@@ -99,8 +105,12 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
         // as one kept a token 10 s past its expiry.
         let sent = now.addingTimeInterval(-10)
         let result = try TokenResponseParser().parse(
-            body: Array(#"{"token":"t","expires":\#(expires)}"#.utf8), contentType: nil,
-            serverDate: "Fri, 15 Jan 2027 07:59:50 GMT", sentAt: sent, now: now)
+            body: Array(#"{"token":"t","expires":\#(expires)}"#.utf8),
+            contentType: nil,
+            serverDate: "Fri, 15 Jan 2027 07:59:50 GMT",
+            sentAt: sent,
+            now: now
+        )
         #expect(result.grant.clockSkew == 0)
         #expect(result.grant.localExpiry == Date(timeIntervalSince1970: 1_800_003_600))
     }
@@ -110,12 +120,30 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
         let received = sent.addingTimeInterval(10)
         // Stamped anywhere within the exchange: the clocks may agree.
         for stamp in [999.5, 1000, 1005, 1010] {
-            #expect(TokenResponseParser.clockSkew(serverDate: Date(timeIntervalSince1970: stamp), sentAt: sent, receivedAt: received) == 0)
+            #expect(
+                TokenResponseParser.clockSkew(
+                    serverDate: Date(timeIntervalSince1970: stamp),
+                    sentAt: sent,
+                    receivedAt: received
+                ) == 0
+            )
         }
         // Server ahead: at least by how far its date is past our receipt.
-        #expect(TokenResponseParser.clockSkew(serverDate: Date(timeIntervalSince1970: 1100), sentAt: sent, receivedAt: received) == 90)
+        #expect(
+            TokenResponseParser.clockSkew(
+                serverDate: Date(timeIntervalSince1970: 1100),
+                sentAt: sent,
+                receivedAt: received
+            ) == 90
+        )
         // Server behind: by at most what the truncated date allows, so expiry comes early, not late.
-        #expect(TokenResponseParser.clockSkew(serverDate: Date(timeIntervalSince1970: 900), sentAt: sent, receivedAt: received) == -99)
+        #expect(
+            TokenResponseParser.clockSkew(
+                serverDate: Date(timeIntervalSince1970: 900),
+                sentAt: sent,
+                receivedAt: received
+            ) == -99
+        )
     }
 
     struct Bad: Sendable, CustomTestStringConvertible {
@@ -126,23 +154,63 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
     }
 
     static let badBodies: [Bad] = [
-        Bad(name: "HTML proxy page", body: "<html><body>502 Bad Gateway</body></html>", error: .notJSON(contentType: "application/json")),
+        Bad(
+            name: "HTML proxy page",
+            body: "<html><body>502 Bad Gateway</body></html>",
+            error: .notJSON(contentType: "application/json")
+        ),
         Bad(name: "truncated JSON", body: #"{"token":"abc","expi"#, error: .notJSON(contentType: "application/json")),
         Bad(name: "JSON array", body: "[1,2]", error: .notJSON(contentType: "application/json")),
         Bad(name: "empty body", body: "", error: .notJSON(contentType: "application/json")),
         Bad(name: "no token", body: #"{"expires":1800003600}"#, error: .missingToken),
         Bad(name: "token a number", body: #"{"token":12,"expires":1800003600}"#, error: .missingToken),
         Bad(name: "empty token", body: #"{"token":"","expires":1800003600}"#, error: .invalidToken("empty")),
-        Bad(name: "token with newline", body: #"{"token":"abc\nX-Evil: 1","expires":1800003600}"#, error: .invalidToken("contains whitespace, control or non-ASCII characters")),
-        Bad(name: "token with a space", body: #"{"token":"abc def","expires":1800003600}"#, error: .invalidToken("contains whitespace, control or non-ASCII characters")),
-        Bad(name: "token with non-ASCII", body: #"{"token":"abcé","expires":1800003600}"#, error: .invalidToken("contains whitespace, control or non-ASCII characters")),
+        Bad(
+            name: "token with newline",
+            body: #"{"token":"abc\nX-Evil: 1","expires":1800003600}"#,
+            error: .invalidToken("contains whitespace, control or non-ASCII characters")
+        ),
+        Bad(
+            name: "token with a space",
+            body: #"{"token":"abc def","expires":1800003600}"#,
+            error: .invalidToken("contains whitespace, control or non-ASCII characters")
+        ),
+        Bad(
+            name: "token with non-ASCII",
+            body: #"{"token":"abcé","expires":1800003600}"#,
+            error: .invalidToken("contains whitespace, control or non-ASCII characters")
+        ),
         Bad(name: "no expires", body: #"{"token":"t"}"#, error: .invalidExpires("missing")),
-        Bad(name: "expires not numeric", body: #"{"token":"t","expires":"soon"}"#, error: .invalidExpires("\"soon\" is not a number")),
-        Bad(name: "expires a boolean", body: #"{"token":"t","expires":true}"#, error: .invalidExpires("a boolean, not a number")),
-        Bad(name: "negative expires", body: #"{"token":"t","expires":-5}"#, error: .invalidExpires("-5.0 is not a positive time")),
-        Bad(name: "huge expires", body: #"{"token":"t","expires":1e300}"#, error: .invalidExpires("1e+300 is after the year 9999")),
-        Bad(name: "already expired", body: #"{"token":"t","expires":1799999999}"#, error: .alreadyExpired(expiresAt: Date(timeIntervalSince1970: 1_799_999_999))),
-        Bad(name: "expired by JWT exp", body: #"{"token":"\#(jwt(exp: 1_799_990_000))","expires":1800003600}"#, error: .alreadyExpired(expiresAt: Date(timeIntervalSince1970: 1_799_990_000))),
+        Bad(
+            name: "expires not numeric",
+            body: #"{"token":"t","expires":"soon"}"#,
+            error: .invalidExpires("\"soon\" is not a number")
+        ),
+        Bad(
+            name: "expires a boolean",
+            body: #"{"token":"t","expires":true}"#,
+            error: .invalidExpires("a boolean, not a number")
+        ),
+        Bad(
+            name: "negative expires",
+            body: #"{"token":"t","expires":-5}"#,
+            error: .invalidExpires("-5.0 is not a positive time")
+        ),
+        Bad(
+            name: "huge expires",
+            body: #"{"token":"t","expires":1e300}"#,
+            error: .invalidExpires("1e+300 is after the year 9999")
+        ),
+        Bad(
+            name: "already expired",
+            body: #"{"token":"t","expires":1799999999}"#,
+            error: .alreadyExpired(expiresAt: Date(timeIntervalSince1970: 1_799_999_999))
+        ),
+        Bad(
+            name: "expired by JWT exp",
+            body: #"{"token":"\#(jwt(exp: 1_799_990_000))","expires":1800003600}"#,
+            error: .alreadyExpired(expiresAt: Date(timeIntervalSince1970: 1_799_990_000))
+        ),
     ]
 
     @Test(arguments: badBodies)
@@ -168,7 +236,10 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
         #expect(HTTPDate.parse("  Sun, 06 Nov 1994 08:49:37 GMT ") == Date(timeIntervalSince1970: 784_111_777))
     }
 
-    @Test(arguments: ["", "Sun, 06 Nov 1994 08:49:37", "Sun, 06 Foo 1994 08:49:37 GMT", "Sun, 6 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 25:49:37 GMT", "1994-11-06T08:49:37Z"])
+    @Test(arguments: [
+        "", "Sun, 06 Nov 1994 08:49:37", "Sun, 06 Foo 1994 08:49:37 GMT", "Sun, 6 Nov 1994 08:49:37 GMT",
+        "Sun, 06 Nov 1994 25:49:37 GMT", "1994-11-06T08:49:37Z",
+    ])
     func refusesOtherForms(_ text: String) {
         #expect(HTTPDate.parse(text) == nil)
     }

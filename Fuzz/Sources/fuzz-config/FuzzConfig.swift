@@ -40,9 +40,15 @@ private func check(_ configuration: Configuration) {
     let refresh = configuration.refresh
     precondition(refresh.refreshAt > 0 && refresh.refreshAt < 1, "refresh.refreshAt")
     precondition(refresh.jitter >= 0 && refresh.jitter < refresh.refreshAt, "refresh.jitter")
-    precondition(refresh.minRemainingSeconds >= 0 && refresh.minRemainingSeconds.isFinite, "refresh.minRemainingSeconds")
+    precondition(
+        refresh.minRemainingSeconds >= 0 && refresh.minRemainingSeconds.isFinite,
+        "refresh.minRemainingSeconds"
+    )
     precondition(refresh.backoffInitialSeconds >= 0.1, "refresh.backoffInitialSeconds")
-    precondition(refresh.backoffMaxSeconds >= refresh.backoffInitialSeconds && refresh.backoffMaxSeconds <= 86_400, "refresh.backoffMaxSeconds")
+    precondition(
+        refresh.backoffMaxSeconds >= refresh.backoffInitialSeconds && refresh.backoffMaxSeconds <= 86_400,
+        "refresh.backoffMaxSeconds"
+    )
     [configuration.stateFile, configuration.metricsFile, api.caFile].compactMap { $0 }.forEach(checkPath)
     for action in configuration.onRotate {
         switch action {

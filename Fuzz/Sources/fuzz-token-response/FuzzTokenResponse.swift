@@ -1,9 +1,10 @@
+import TokenDaemon
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import TokenDaemon
 
 /// libFuzzer target for `TokenResponseParser.parse`: the login answer is the one input a remote server
 /// (or whatever sits between us and it) fully controls.
@@ -33,7 +34,12 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
 
     do throws(LoginError) {
         let result = try TokenResponseParser().parse(
-            body: Array(rest), contentType: "application/json", serverDate: serverDate, sentAt: sentAt, now: now)
+            body: Array(rest),
+            contentType: "application/json",
+            serverDate: serverDate,
+            sentAt: sentAt,
+            now: now
+        )
         check(result.grant)
         _ = result.warnings.joined()
     } catch {

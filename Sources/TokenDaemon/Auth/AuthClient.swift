@@ -1,8 +1,3 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import AsyncHTTPClient
 import Dispatch
 import Logging
@@ -10,6 +5,12 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NIOSSL
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// Logs in to the FTS auth API: one `POST {baseURL}{tokenPath}` per call, no retries (retrying is the
 /// refresh policy's job), redirects never followed (they would carry the password elsewhere).
@@ -36,7 +37,8 @@ public final class AuthClient: Sendable {
             // AsyncHTTPClient retries refused connections until the connect timeout, then reports the
             // last connection error; a connect timeout shorter than the total lets that error surface.
             timeout: .init(connect: min(.nanoseconds(timeout.nanoseconds / 2), .seconds(10)), read: timeout),
-            decompression: .disabled)
+            decompression: .disabled
+        )
         // One login every few minutes: keeping connections open would only hold sockets.
         configuration.connectionPool.idleTimeout = .seconds(1)
         self.http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
@@ -57,7 +59,10 @@ public final class AuthClient: Sendable {
     private static let shutdownQueue = DispatchQueue(label: "fts-tokend.http-shutdown")
 
     /// Logs in once. `now` reads the local clock when the request goes out and when the answer arrives.
-    public func login(_ secrets: LoginSecrets, now: @Sendable () -> Date) async throws(LoginError) -> TokenResponseParser.Result {
+    public func login(
+        _ secrets: LoginSecrets,
+        now: @Sendable () -> Date
+    ) async throws(LoginError) -> TokenResponseParser.Result {
         var request = HTTPClientRequest(url: url)
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
@@ -84,9 +89,18 @@ public final class AuthClient: Sendable {
         }
         let arrived = now()
         guard (200...299).contains(answer.status) else {
-            throw LoginError.httpStatus(answer.status, retryAfter: answer.retryAfter.flatMap { RetryAfter.seconds(from: $0, now: arrived) })
+            throw LoginError.httpStatus(
+                answer.status,
+                retryAfter: answer.retryAfter.flatMap { RetryAfter.seconds(from: $0, now: arrived) }
+            )
         }
-        return try parser.parse(body: answer.body, contentType: answer.contentType, serverDate: answer.date, sentAt: sent, now: arrived)
+        return try parser.parse(
+            body: answer.body,
+            contentType: answer.contentType,
+            serverDate: answer.date,
+            sentAt: sent,
+            now: arrived
+        )
     }
 
     private struct Answer: Sendable {
@@ -110,10 +124,12 @@ public final class AuthClient: Sendable {
         }
         // An error body is never read, never logged: it may echo what we sent.
         return Answer(
-            status: status, body: body,
+            status: status,
+            body: body,
             contentType: response.headers.first(name: "Content-Type"),
             date: response.headers.first(name: "Date"),
-            retryAfter: response.headers.first(name: "Retry-After"))
+            retryAfter: response.headers.first(name: "Retry-After")
+        )
     }
 
     /// AsyncHTTPClient's deadline ends at the response head; this bounds the body too, so a server that
@@ -130,7 +146,11 @@ public final class AuthClient: Sendable {
         }
         defer { timer.cancel() }
         do {
-            return try await withTaskCancellationHandler { try await login.value } onCancel: { login.cancel() }
+            return try await withTaskCancellationHandler {
+                try await login.value
+            } onCancel: {
+                login.cancel()
+            }
         } catch {
             // Cancelled by the timer, whatever error the cancelled request surfaced as.
             if timedOut.withLockedValue({ $0 }) { throw LoginError.timedOut(seconds: seconds) }

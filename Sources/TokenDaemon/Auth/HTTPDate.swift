@@ -1,9 +1,10 @@
+import Glibc
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
 
 /// HTTP dates (RFC 9110 §5.6.7, IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`) for the `Date` and
 /// `Retry-After` headers. The obsolete RFC 850 and asctime forms are not accepted: a sender must
@@ -15,13 +16,15 @@ enum HTTPDate {
         // "Sun," "06" "Nov" "1994" "08:49:37" "GMT"
         let words = text.trimmedSpaces.split(separator: " ")
         guard words.count == 6, words[0].count == 4, words[0].hasSuffix(","), words[5] == "GMT",
-              let day = Int32(words[1]), words[1].count == 2, (1...31).contains(day),
-              let month = months.firstIndex(of: String(words[2])),
-              let year = Int32(words[3]), words[3].count == 4 else { return nil }
+            let day = Int32(words[1]), words[1].count == 2, (1...31).contains(day),
+            let month = months.firstIndex(of: String(words[2])),
+            let year = Int32(words[3]), words[3].count == 4
+        else { return nil }
         let clock = words[4].split(separator: ":")
         guard clock.count == 3, clock.allSatisfy({ $0.count == 2 }),
-              let hour = Int32(clock[0]), let minute = Int32(clock[1]), let second = Int32(clock[2]),
-              hour < 24, minute < 60, second < 61 else { return nil }
+            let hour = Int32(clock[0]), let minute = Int32(clock[1]), let second = Int32(clock[2]),
+            hour < 24, minute < 60, second < 61
+        else { return nil }
         var fields = tm()
         fields.tm_year = year - 1900
         fields.tm_mon = Int32(month)

@@ -13,8 +13,9 @@ enum JWT {
     static func expiry(of token: String) -> Date? {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3, let payload = base64URLDecode(parts[1]),
-              case .object(let claims) = try? JSONValue.parse(payload),
-              case .number(let exp) = claims["exp"], exp.isFinite, exp > 0, exp < 253_402_300_800 else { return nil }
+            case .object(let claims) = try? JSONValue.parse(payload),
+            case .number(let exp) = claims["exp"], exp.isFinite, exp > 0, exp < 253_402_300_800
+        else { return nil }
         return Date(timeIntervalSince1970: exp)
     }
 

@@ -59,7 +59,9 @@ public enum LoginError: Error, Sendable, Equatable, CustomStringConvertible {
             switch status {
             case 401, 403: return "credentials or API key rejected (HTTP \(status))"
             case 429: return "rate limited by the auth server (HTTP 429)"
-            case 300...399: return "auth server redirects (HTTP \(status)); redirects are not followed with credentials: check api.baseURL"
+            case 300...399:
+                return
+                    "auth server redirects (HTTP \(status)); redirects are not followed with credentials: check api.baseURL"
             case 500...599: return "auth server unavailable (HTTP \(status))"
             default: return "auth server refused the login (HTTP \(status))"
             }
@@ -68,7 +70,8 @@ public enum LoginError: Error, Sendable, Equatable, CustomStringConvertible {
         case .missingToken: return "answer has no \"token\" string"
         case .invalidToken(let reason): return "answer has an unusable token: \(reason)"
         case .invalidExpires(let reason): return "answer has an unusable \"expires\": \(reason)"
-        case .alreadyExpired(let expiresAt): return "auth server returned a token that expired at \(FormatTime.iso8601(expiresAt))"
+        case .alreadyExpired(let expiresAt):
+            return "auth server returned a token that expired at \(FormatTime.iso8601(expiresAt))"
         }
     }
 }

@@ -1,9 +1,10 @@
+import Crypto
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Crypto
 
 /// A token the auth server granted, with the times the daemon schedules by.
 public struct TokenGrant: Sendable, Equatable, Codable {
@@ -19,7 +20,14 @@ public struct TokenGrant: Sendable, Equatable, Codable {
     /// converted to local time with it, so the schedule follows the server's clock.
     public var clockSkew: TimeInterval
 
-    public init(token: String, expiresAt: Date, obtainedAt: Date, userId: String?, tenantId: String?, clockSkew: TimeInterval) {
+    public init(
+        token: String,
+        expiresAt: Date,
+        obtainedAt: Date,
+        userId: String?,
+        tenantId: String?,
+        clockSkew: TimeInterval
+    ) {
         self.token = token
         self.expiresAt = expiresAt
         self.obtainedAt = obtainedAt

@@ -31,7 +31,13 @@ public struct TokenResponseParser: Sendable {
     ///   - serverDate: the `Date` header, to measure the server's clock against ours.
     ///   - sentAt: the local time the request went out (nil: the same as `now`).
     ///   - now: the local time the answer arrived.
-    public func parse(body: [UInt8], contentType: String?, serverDate: String?, sentAt: Date? = nil, now: Date) throws(LoginError) -> Result {
+    public func parse(
+        body: [UInt8],
+        contentType: String?,
+        serverDate: String?,
+        sentAt: Date? = nil,
+        now: Date
+    ) throws(LoginError) -> Result {
         guard case .object(let fields)? = try? JSONValue.parse(body) else {
             throw LoginError.notJSON(contentType: contentType)
         }
@@ -42,7 +48,9 @@ public struct TokenResponseParser: Sendable {
         var expiresAt = try Self.expiry(fields["expires"])
         if let exp = JWT.expiry(of: token) {
             if abs(exp.timeIntervalSince(expiresAt)) > Self.expiryDisagreementTolerance {
-                warnings.append("expires (\(FormatTime.iso8601(expiresAt))) and the JWT exp (\(FormatTime.iso8601(exp))) differ by more than a minute; using the earlier")
+                warnings.append(
+                    "expires (\(FormatTime.iso8601(expiresAt))) and the JWT exp (\(FormatTime.iso8601(exp))) differ by more than a minute; using the earlier"
+                )
             }
             expiresAt = min(expiresAt, exp)
         }
@@ -51,7 +59,9 @@ public struct TokenResponseParser: Sendable {
         if let serverDate, let serverNow = HTTPDate.parse(serverDate) {
             skew = Self.clockSkew(serverDate: serverNow, sentAt: sentAt ?? now, receivedAt: now)
             if abs(skew) > Self.skewWarningThreshold {
-                warnings.append("local clock differs from the auth server's by \(Int(skew.rounded())) s (positive: server ahead); check NTP")
+                warnings.append(
+                    "local clock differs from the auth server's by \(Int(skew.rounded())) s (positive: server ahead); check NTP"
+                )
             }
         }
 
@@ -61,9 +71,13 @@ public struct TokenResponseParser: Sendable {
             throw LoginError.alreadyExpired(expiresAt: expiresAt)
         }
         let grant = TokenGrant(
-            token: token, expiresAt: expiresAt, obtainedAt: now,
-            userId: Self.identifier(fields["userId"]), tenantId: Self.identifier(fields["tenantId"]),
-            clockSkew: skew)
+            token: token,
+            expiresAt: expiresAt,
+            obtainedAt: now,
+            userId: Self.identifier(fields["userId"]),
+            tenantId: Self.identifier(fields["tenantId"]),
+            clockSkew: skew
+        )
         return Result(grant: grant, warnings: warnings)
     }
 

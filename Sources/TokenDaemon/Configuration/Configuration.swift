@@ -1,9 +1,10 @@
+import Logging
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Logging
 
 /// The daemon's validated configuration. Every key is documented in README.md ("Configuration").
 public struct Configuration: Sendable, Equatable {
@@ -43,8 +44,12 @@ public struct Configuration: Sendable, Equatable {
         public var backoffMaxSeconds: Double
 
         public static let defaults = Refresh(
-            refreshAt: 0.8, minRemainingSeconds: 120, jitter: 0.05,
-            backoffInitialSeconds: 1, backoffMaxSeconds: 300)
+            refreshAt: 0.8,
+            minRemainingSeconds: 120,
+            jitter: 0.05,
+            backoffInitialSeconds: 1,
+            backoffMaxSeconds: 300
+        )
     }
 
     public struct OutputFile: Sendable, Equatable {

@@ -28,7 +28,10 @@ public struct ConfigurationLoader: Sendable {
             throw ConfigurationError("(file)", "cannot read \(path): \(error)")
         }
         let configuration = try ConfigurationParser().parse(contents.bytes)
-        let secrets = try SecretResolver(environment: environment).resolve(configuration.api, configFileMode: contents.mode)
+        let secrets = try SecretResolver(environment: environment).resolve(
+            configuration.api,
+            configFileMode: contents.mode
+        )
         // Both end up in header lines: a newline would inject a header.
         guard secrets.apiKey.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
             throw ConfigurationError("api.apiKey", "contains whitespace, control or non-ASCII characters")
@@ -76,12 +79,18 @@ public struct ConfigurationLoader: Sendable {
             throw ConfigurationError(key, "\(folder) is not a folder")
         }
         guard info.st_uid == geteuid() || info.st_uid == 0 else {
-            throw ConfigurationError(key, "the folder \(folder) belongs to uid \(info.st_uid), another user, who could replace the token "
-                                     + "files; use a folder of this user (uid \(geteuid())) or root")
+            throw ConfigurationError(
+                key,
+                "the folder \(folder) belongs to uid \(info.st_uid), another user, who could replace the token "
+                    + "files; use a folder of this user (uid \(geteuid())) or root"
+            )
         }
         guard info.st_mode & 0o022 == 0 else {
-            throw ConfigurationError(key, "the folder \(folder) (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))) is writable by "
-                                     + "other users, who could replace the token files; remove group and other write permission")
+            throw ConfigurationError(
+                key,
+                "the folder \(folder) (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))) is writable by "
+                    + "other users, who could replace the token files; remove group and other write permission"
+            )
         }
     }
 }

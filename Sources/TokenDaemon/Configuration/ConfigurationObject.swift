@@ -25,7 +25,10 @@ final class ConfigurationObject {
     /// Throws for the first key (in sorted order) that parsing never asked for.
     func refuseUnknownKeys() throws(ConfigurationError) {
         if let unknown = members.keys.sorted().first(where: { !known.contains($0) }) {
-            throw ConfigurationError(path(unknown), "unknown key (known here: \(known.sorted().joined(separator: ", ")))")
+            throw ConfigurationError(
+                path(unknown),
+                "unknown key (known here: \(known.sorted().joined(separator: ", ")))"
+            )
         }
     }
 
@@ -37,18 +40,28 @@ final class ConfigurationObject {
     }
 
     /// The object at `key`, read by `body`, whose unknown keys are then refused.
-    func object<T>(_ key: String, _ body: (ConfigurationObject) throws(ConfigurationError) -> T) throws(ConfigurationError) -> T {
+    func object<T>(
+        _ key: String,
+        _ body: (ConfigurationObject) throws(ConfigurationError) -> T
+    ) throws(ConfigurationError) -> T {
         guard let value = try optionalObject(key, body) else { throw ConfigurationError(path(key), "is required") }
         return value
     }
 
-    func optionalObject<T>(_ key: String, _ body: (ConfigurationObject) throws(ConfigurationError) -> T) throws(ConfigurationError) -> T? {
+    func optionalObject<T>(
+        _ key: String,
+        _ body: (ConfigurationObject) throws(ConfigurationError) -> T
+    ) throws(ConfigurationError) -> T? {
         guard let value = value(key) else { return nil }
         return try ConfigurationObject.read(value, path: path(key), body)
     }
 
     /// `value` read as an object by `body`, whose unknown keys are then refused.
-    static func read<T>(_ value: JSONValue, path: String, _ body: (ConfigurationObject) throws(ConfigurationError) -> T) throws(ConfigurationError) -> T {
+    static func read<T>(
+        _ value: JSONValue,
+        path: String,
+        _ body: (ConfigurationObject) throws(ConfigurationError) -> T
+    ) throws(ConfigurationError) -> T {
         let object = try ConfigurationObject(value, path: path)
         let result = try body(object)
         try object.refuseUnknownKeys()
@@ -84,8 +97,12 @@ final class ConfigurationObject {
 
     /// The number at `key` (`defaultValue` when absent), which must satisfy `isValid`; otherwise
     /// the error says `problem`.
-    func number(_ key: String, default defaultValue: Double, _ problem: @autoclosure () -> String,
-                valid isValid: (Double) -> Bool) throws(ConfigurationError) -> Double {
+    func number(
+        _ key: String,
+        default defaultValue: Double,
+        _ problem: @autoclosure () -> String,
+        valid isValid: (Double) -> Bool
+    ) throws(ConfigurationError) -> Double {
         let number = try optionalNumber(key) ?? defaultValue
         guard isValid(number) else { throw ConfigurationError(path(key), problem()) }
         return number
@@ -99,8 +116,12 @@ final class ConfigurationObject {
         case .array(let items):
             var ids: [UInt32] = []
             for item in items {
-                guard case .number(let number) = item, number >= 0, number < 4_294_967_295, number.rounded() == number else {
-                    throw ConfigurationError(path(key), "must list numeric IDs (whole numbers, 0 or more) such as [0, 1001]")
+                guard case .number(let number) = item, number >= 0, number < 4_294_967_295, number.rounded() == number
+                else {
+                    throw ConfigurationError(
+                        path(key),
+                        "must list numeric IDs (whole numbers, 0 or more) such as [0, 1001]"
+                    )
                 }
                 ids.append(UInt32(number))
             }

@@ -1,10 +1,11 @@
+import Glibc
+import Logging
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
-import Logging
 
 /// Turns a JSON config document into a `Configuration`, or the first problem found.
 ///
@@ -28,7 +29,8 @@ public struct ConfigurationParser {
                 stateFile: try root.optionalPath("stateFile"),
                 logLevel: try parseLogLevel(root),
                 onRotate: try parseRotateActions(root),
-                metricsFile: try root.optionalPath("metricsFile"))
+                metricsFile: try root.optionalPath("metricsFile")
+            )
         }
     }
 
@@ -37,7 +39,10 @@ public struct ConfigurationParser {
         try ConfigurationValues.validateBaseURL(baseURL, at: api.path("baseURL"))
         let tokenPath = try api.optionalString("tokenPath") ?? "/auth/token"
         guard tokenPath.hasPrefix("/"), !tokenPath.contains(where: { $0 == "?" || $0 == "#" || $0.isWhitespace }) else {
-            throw ConfigurationError(api.path("tokenPath"), "must be a path starting with \"/\" such as \"/auth/token\"")
+            throw ConfigurationError(
+                api.path("tokenPath"),
+                "must be a path starting with \"/\" such as \"/auth/token\""
+            )
         }
         return Configuration.API(
             baseURL: baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL,
@@ -45,11 +50,17 @@ public struct ConfigurationParser {
             email: try secret(api, key: "email", credential: "email"),
             password: try secret(api, key: "password", credential: "password"),
             apiKey: try secret(api, key: "apiKey", credential: "api-key"),
-            timeoutSeconds: try api.number("timeoutSeconds", default: 30, "must be more than 0 and at most 300 seconds") { $0 > 0 && $0 <= 300 },
-            caFile: try api.optionalPath("caFile"))
+            timeoutSeconds: try api.number("timeoutSeconds", default: 30, "must be more than 0 and at most 300 seconds")
+            { $0 > 0 && $0 <= 300 },
+            caFile: try api.optionalPath("caFile")
+        )
     }
 
-    private func secret(_ api: ConfigurationObject, key: String, credential: String) throws(ConfigurationError) -> SecretSource {
+    private func secret(
+        _ api: ConfigurationObject,
+        key: String,
+        credential: String
+    ) throws(ConfigurationError) -> SecretSource {
         let inline = try api.optionalString(key)
         let file = try api.optionalString(key + "File")
         switch (inline, file) {
@@ -67,33 +78,56 @@ public struct ConfigurationParser {
 
     private func parseRefresh(_ refresh: ConfigurationObject) throws(ConfigurationError) -> Configuration.Refresh {
         let defaults = Configuration.Refresh.defaults
-        let refreshAt = try refresh.number("refreshAt", default: defaults.refreshAt,
-                                           "must be a share of the token lifetime, more than 0 and less than 1 (0.8 refreshes after 80%)") { $0 > 0 && $0 < 1 }
-        let backoffInitial = try refresh.number("backoffInitialSeconds", default: defaults.backoffInitialSeconds,
-                                                "must be at least 0.1 seconds") { $0 >= 0.1 }
+        let refreshAt = try refresh.number(
+            "refreshAt",
+            default: defaults.refreshAt,
+            "must be a share of the token lifetime, more than 0 and less than 1 (0.8 refreshes after 80%)"
+        ) { $0 > 0 && $0 < 1 }
+        let backoffInitial = try refresh.number(
+            "backoffInitialSeconds",
+            default: defaults.backoffInitialSeconds,
+            "must be at least 0.1 seconds"
+        ) { $0 >= 0.1 }
         return Configuration.Refresh(
             refreshAt: refreshAt,
-            minRemainingSeconds: try refresh.number("minRemainingSeconds", default: defaults.minRemainingSeconds,
-                                                    "must be 0 or more seconds") { $0 >= 0 },
-            jitter: try refresh.number("jitter", default: defaults.jitter,
-                                       "must be 0 or more and less than refreshAt (\(refreshAt))") { $0 >= 0 && $0 < refreshAt },
+            minRemainingSeconds: try refresh.number(
+                "minRemainingSeconds",
+                default: defaults.minRemainingSeconds,
+                "must be 0 or more seconds"
+            ) { $0 >= 0 },
+            jitter: try refresh.number(
+                "jitter",
+                default: defaults.jitter,
+                "must be 0 or more and less than refreshAt (\(refreshAt))"
+            ) { $0 >= 0 && $0 < refreshAt },
             backoffInitialSeconds: backoffInitial,
-            backoffMaxSeconds: try refresh.number("backoffMaxSeconds", default: defaults.backoffMaxSeconds,
-                                                  "must be at least backoffInitialSeconds (\(backoffInitial)) and at most 86400") {
+            backoffMaxSeconds: try refresh.number(
+                "backoffMaxSeconds",
+                default: defaults.backoffMaxSeconds,
+                "must be at least backoffInitialSeconds (\(backoffInitial)) and at most 86400"
+            ) {
                 $0 >= backoffInitial && $0 <= 86_400
-            })
+            }
+        )
     }
 
     private func parseOutputs(_ outputs: ConfigurationObject) throws(ConfigurationError) -> Configuration.Outputs {
         let result = Configuration.Outputs(
-            tokenFile: try outputs.optionalObject("tokenFile") { (file) throws(ConfigurationError) in try outputFile(file) },
-            jsonFile: try outputs.optionalObject("jsonFile") { (file) throws(ConfigurationError) in try outputFile(file) },
+            tokenFile: try outputs.optionalObject("tokenFile") { (file) throws(ConfigurationError) in
+                try outputFile(file)
+            },
+            jsonFile: try outputs.optionalObject("jsonFile") { (file) throws(ConfigurationError) in try outputFile(file)
+            },
             headersFile: try outputs.optionalObject("headersFile") { (file) throws(ConfigurationError) in
                 Configuration.HeadersFile(file: try outputFile(file), authorizationScheme: try parseScheme(file))
             },
-            socket: try outputs.optionalObject("socket", parseSocket))
+            socket: try outputs.optionalObject("socket", parseSocket)
+        )
         guard !result.files.isEmpty || result.socket != nil else {
-            throw ConfigurationError(outputs.path(nil), "configure at least one of tokenFile, jsonFile, headersFile, socket")
+            throw ConfigurationError(
+                outputs.path(nil),
+                "configure at least one of tokenFile, jsonFile, headersFile, socket"
+            )
         }
         let paths = result.files.map(\.path) + (result.socket.map { [$0.path] } ?? [])
         if let duplicate = paths.first(where: { path in paths.filter { $0 == path }.count > 1 }) {
@@ -105,7 +139,10 @@ public struct ConfigurationParser {
     private func parseScheme(_ headers: ConfigurationObject) throws(ConfigurationError) -> String {
         let scheme = try headers.optionalString("authorizationScheme") ?? TokenOutputs.defaultScheme
         guard scheme.utf8.allSatisfy({ ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) }) else {
-            throw ConfigurationError(headers.path("authorizationScheme"), "must be letters only, such as \"Bearer\", or \"\" for the bare token")
+            throw ConfigurationError(
+                headers.path("authorizationScheme"),
+                "must be letters only, such as \"Bearer\", or \"\" for the bare token"
+            )
         }
         return scheme
     }
@@ -117,7 +154,10 @@ public struct ConfigurationParser {
         }
         let mode = try parseMode(file, default: 0o640)
         guard mode & 0o002 == 0 else {
-            throw ConfigurationError(file.path("mode"), "\(FileMode.format(mode)) lets anyone write the token; use \"0640\" or \"0600\"")
+            throw ConfigurationError(
+                file.path("mode"),
+                "\(FileMode.format(mode)) lets anyone write the token; use \"0640\" or \"0600\""
+            )
         }
         guard mode & 0o400 != 0 else {
             throw ConfigurationError(file.path("mode"), "\(FileMode.format(mode)) does not let the owner read the file")
@@ -125,7 +165,10 @@ public struct ConfigurationParser {
         return Configuration.OutputFile(path: path, mode: mode)
     }
 
-    private func parseMode(_ object: ConfigurationObject, default defaultMode: UInt32) throws(ConfigurationError) -> UInt32 {
+    private func parseMode(
+        _ object: ConfigurationObject,
+        default defaultMode: UInt32
+    ) throws(ConfigurationError) -> UInt32 {
         switch object.value("mode") {
         case nil:
             return defaultMode
@@ -135,9 +178,15 @@ public struct ConfigurationParser {
             }
             return parsed
         case .number(let number):
-            throw ConfigurationError(object.path("mode"), "must be an octal string such as \"0640\", not the number \(FileMode.formatNumber(number)) (JSON numbers are decimal: 640 would mean 0o1200)")
+            throw ConfigurationError(
+                object.path("mode"),
+                "must be an octal string such as \"0640\", not the number \(FileMode.formatNumber(number)) (JSON numbers are decimal: 640 would mean 0o1200)"
+            )
         case .some(let other):
-            throw ConfigurationError(object.path("mode"), "must be an octal string such as \"0640\", not \(other.typeName)")
+            throw ConfigurationError(
+                object.path("mode"),
+                "must be an octal string such as \"0640\", not \(other.typeName)"
+            )
         }
     }
 
@@ -150,17 +199,28 @@ public struct ConfigurationParser {
         // Connecting needs write permission on the socket file: "0660" lets the group in.
         let mode = try parseMode(socket, default: 0o660)
         guard mode & 0o002 == 0 else {
-            throw ConfigurationError(socket.path("mode"), "\(FileMode.format(mode)) lets every local user connect; use \"0660\" and a group, or allowUIDs/allowGIDs")
+            throw ConfigurationError(
+                socket.path("mode"),
+                "\(FileMode.format(mode)) lets every local user connect; use \"0660\" and a group, or allowUIDs/allowGIDs"
+            )
         }
-        let maxConnections = try socket.number("maxConnections", default: Double(Configuration.Socket.defaultMaxConnections),
-                                               "must be a whole number from 1 to 65536") { $0 >= 1 && $0 <= 65_536 && $0.rounded() == $0 }
+        let maxConnections = try socket.number(
+            "maxConnections",
+            default: Double(Configuration.Socket.defaultMaxConnections),
+            "must be a whole number from 1 to 65536"
+        ) { $0 >= 1 && $0 <= 65_536 && $0.rounded() == $0 }
         return Configuration.Socket(
-            path: path, mode: mode,
-            allowUIDs: try socket.optionalIDs("allowUIDs"), allowGIDs: try socket.optionalIDs("allowGIDs"),
-            maxConnections: Int(maxConnections))
+            path: path,
+            mode: mode,
+            allowUIDs: try socket.optionalIDs("allowUIDs"),
+            allowGIDs: try socket.optionalIDs("allowGIDs"),
+            maxConnections: Int(maxConnections)
+        )
     }
 
-    static let signalNames: [String: Int32] = ["HUP": SIGHUP, "INT": SIGINT, "TERM": SIGTERM, "USR1": SIGUSR1, "USR2": SIGUSR2]
+    static let signalNames: [String: Int32] = [
+        "HUP": SIGHUP, "INT": SIGINT, "TERM": SIGTERM, "USR1": SIGUSR1, "USR2": SIGUSR2,
+    ]
 
     private func parseRotateActions(_ root: ConfigurationObject) throws(ConfigurationError) -> [RotateAction] {
         guard let value = root.value("onRotate") else { return [] }
@@ -169,7 +229,9 @@ public struct ConfigurationParser {
         }
         var actions: [RotateAction] = []
         for (index, item) in items.enumerated() {
-            actions.append(try ConfigurationObject.read(item, path: root.path("onRotate") + "[\(index)]", parseRotateAction))
+            actions.append(
+                try ConfigurationObject.read(item, path: root.path("onRotate") + "[\(index)]", parseRotateAction)
+            )
         }
         return actions
     }
@@ -178,7 +240,10 @@ public struct ConfigurationParser {
         switch (action.value("exec"), action.value("signal")) {
         case (.some(let exec), nil):
             guard case .array(let words) = exec, !words.isEmpty else {
-                throw ConfigurationError(action.path("exec"), "must be a non-empty array of strings: the program and its arguments (no shell)")
+                throw ConfigurationError(
+                    action.path("exec"),
+                    "must be a non-empty array of strings: the program and its arguments (no shell)"
+                )
             }
             var argv: [String] = []
             for word in words {
@@ -188,13 +253,20 @@ public struct ConfigurationParser {
                 argv.append(text)
             }
             _ = try ConfigurationValues.absolutePath(argv[0], at: action.path("exec") + "[0]")
-            let timeout = try action.number("timeoutSeconds", default: 10, "must be more than 0 and at most 3600 seconds") { $0 > 0 && $0 <= 3600 }
+            let timeout = try action.number(
+                "timeoutSeconds",
+                default: 10,
+                "must be more than 0 and at most 3600 seconds"
+            ) { $0 > 0 && $0 <= 3600 }
             return .exec(argv: argv, timeoutSeconds: timeout)
         case (nil, .some):
             let text = try action.string("signal").uppercased()
             let name = text.hasPrefix("SIG") ? String(text.dropFirst(3)) : text
             guard let number = Self.signalNames[name] else {
-                throw ConfigurationError(action.path("signal"), "\"\(text)\" is not one of \(Self.signalNames.keys.sorted().joined(separator: ", "))")
+                throw ConfigurationError(
+                    action.path("signal"),
+                    "\"\(text)\" is not one of \(Self.signalNames.keys.sorted().joined(separator: ", "))"
+                )
             }
             let pidFile = try ConfigurationValues.absolutePath(try action.string("pidFile"), at: action.path("pidFile"))
             return .signal(number: number, name: name, pidFile: pidFile)
@@ -222,4 +294,3 @@ public struct ConfigurationParser {
         }
     }
 }
-

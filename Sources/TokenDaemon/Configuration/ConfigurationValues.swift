@@ -1,9 +1,10 @@
+import Glibc
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
 
 /// Checks of single configuration values that do not depend on where in the document they are:
 /// paths, the login URL, loopback hosts.
@@ -20,8 +21,12 @@ enum ConfigurationValues {
 
     /// HTTPS always; plain HTTP only to this host, where nothing on the wire can read the password.
     static func validateBaseURL(_ text: String, at keyPath: String) throws(ConfigurationError) {
-        guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host, !host.isEmpty else {
-            throw ConfigurationError(keyPath, "\"\(text)\" is not a URL such as \"https://global-api.fintechstudios.com\"")
+        guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host, !host.isEmpty
+        else {
+            throw ConfigurationError(
+                keyPath,
+                "\"\(text)\" is not a URL such as \"https://global-api.fintechstudios.com\""
+            )
         }
         guard url.query == nil, url.fragment == nil, url.user == nil, url.password == nil else {
             throw ConfigurationError(keyPath, "must not carry a query, fragment or user info")
@@ -31,7 +36,10 @@ enum ConfigurationValues {
             return
         case "http":
             guard Loopback.isLoopback(host: host) else {
-                throw ConfigurationError(keyPath, "plain http:// is allowed only to loopback (127.0.0.0/8, ::1, localhost); use https://")
+                throw ConfigurationError(
+                    keyPath,
+                    "plain http:// is allowed only to loopback (127.0.0.0/8, ::1, localhost); use https://"
+                )
             }
         default:
             throw ConfigurationError(keyPath, "scheme \"\(scheme)\" is not supported; use https://")
@@ -61,7 +69,8 @@ public enum Loopback {
 public enum FileMode {
     public static func parse(_ text: String) -> UInt32? {
         guard (3...4).contains(text.count), text.allSatisfy({ ("0"..."7").contains($0) }),
-              let value = UInt32(text, radix: 8), value <= 0o777 else { return nil }
+            let value = UInt32(text, radix: 8), value <= 0o777
+        else { return nil }
         return value
     }
 

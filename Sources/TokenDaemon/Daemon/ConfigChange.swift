@@ -35,10 +35,12 @@ public struct ConfigChange: Sendable, Equatable {
         let (was, now) = (old.configuration, new.configuration)
         account = old.identity != new.identity || old.secrets.apiKey != new.secrets.apiKey
         password = old.secrets.password != new.secrets.password
-        client = was.api.tokenURL != now.api.tokenURL || was.api.timeoutSeconds != now.api.timeoutSeconds
+        client =
+            was.api.tokenURL != now.api.tokenURL || was.api.timeoutSeconds != now.api.timeoutSeconds
             || was.api.caFile != now.api.caFile || now.api.caFile != nil
         policy = was.refresh != now.refresh
-        files = was.outputs.files != now.outputs.files
+        files =
+            was.outputs.files != now.outputs.files
             || was.outputs.headersFile?.authorizationScheme != now.outputs.headersFile?.authorizationScheme
         stateFile = now.stateFile != nil && was.stateFile != now.stateFile
 
@@ -53,21 +55,32 @@ public struct ConfigChange: Sendable, Equatable {
             if !socketActivated, before.path != after.path {
                 needsRestart = "outputs.socket.path changed from \(before.path) to \(after.path)"
             }
-            socketAccess = before.allowUIDs != after.allowUIDs || before.allowGIDs != after.allowGIDs
+            socketAccess =
+                before.allowUIDs != after.allowUIDs || before.allowGIDs != after.allowGIDs
                 || before.maxConnections != after.maxConnections || (!socketActivated && before.mode != after.mode)
         case (nil, let after?):
-            if socketActivated { socketAccess = true } else { needsRestart = "outputs.socket (\(after.path)) was added" }
+            if socketActivated {
+                socketAccess = true
+            } else {
+                needsRestart = "outputs.socket (\(after.path)) was added"
+            }
         case (let before?, nil):
-            if socketActivated { socketAccess = true } else { needsRestart = "outputs.socket (\(before.path)) was removed" }
+            if socketActivated {
+                socketAccess = true
+            } else {
+                needsRestart = "outputs.socket (\(before.path)) was removed"
+            }
         }
         other = was.onRotate != now.onRotate || was.metricsFile != now.metricsFile || was.logLevel != now.logLevel
     }
 
     /// What changed, for the reload's log line (`changed=account,files`); "nothing" when nothing did.
     public var summary: String {
-        let names = [(account, "account"), (password && !account, "password"), (client, "client"), (policy, "refresh"),
-                     (files, "files"), (!unconfiguredFiles.isEmpty, "removed_files"), (stateFile, "state_file"),
-                     (socketAccess, "socket_access"), (other, "other")]
+        let names = [
+            (account, "account"), (password && !account, "password"), (client, "client"), (policy, "refresh"),
+            (files, "files"), (!unconfiguredFiles.isEmpty, "removed_files"), (stateFile, "state_file"),
+            (socketAccess, "socket_access"), (other, "other"),
+        ]
         let changed = names.filter(\.0).map(\.1)
         return changed.isEmpty ? "nothing" : changed.joined(separator: ",")
     }

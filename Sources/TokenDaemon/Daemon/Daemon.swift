@@ -1,13 +1,14 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
 import Logging
 import NIOCore
 import NIOPosix
 import Systemd
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// The long-running daemon: performs what `DaemonCore` decides.
 ///
@@ -35,9 +36,15 @@ public final class Daemon {
         public var version: String
 
         /// The default clock never runs backwards (see `SteadyWallClock`).
-        public init(loader: ConfigurationLoader, notifier: BackgroundNotifier = BackgroundNotifier(),
-                    clock: @escaping @Sendable () -> Date = SteadyWallClock().now, seed: UInt64 = UInt64.random(in: 0...UInt64.max),
-                    watchdogInterval: Duration?, activatedSocket: Int32? = nil, version: String) {
+        public init(
+            loader: ConfigurationLoader,
+            notifier: BackgroundNotifier = BackgroundNotifier(),
+            clock: @escaping @Sendable () -> Date = SteadyWallClock().now,
+            seed: UInt64 = UInt64.random(in: 0...UInt64.max),
+            watchdogInterval: Duration?,
+            activatedSocket: Int32? = nil,
+            version: String
+        ) {
             self.loader = loader
             self.notifier = notifier
             self.clock = clock
@@ -65,8 +72,12 @@ public final class Daemon {
         self.deps = dependencies
         self.logger = logger
         self.logger.logLevel = loaded.configuration.logLevel
-        self.core = DaemonCore(configuration: loaded, watchdogInterval: dependencies.watchdogInterval,
-                               socketActivated: dependencies.activatedSocket != nil, seed: dependencies.seed)
+        self.core = DaemonCore(
+            configuration: loaded,
+            watchdogInterval: dependencies.watchdogInterval,
+            socketActivated: dependencies.activatedSocket != nil,
+            seed: dependencies.seed
+        )
         self.client = AuthClient(api: loaded.configuration.api, version: dependencies.version)
         self.metrics = DaemonMetrics(version: dependencies.version)
     }
@@ -97,8 +108,13 @@ public final class Daemon {
         if configuration.outputs.socket != nil || deps.activatedSocket != nil {
             do {
                 server = try await SocketServer.start(
-                    socket: configuration.outputs.socket, activatedFD: deps.activatedSocket,
-                    board: board, metrics: metrics, logger: logger, clock: deps.clock)
+                    socket: configuration.outputs.socket,
+                    activatedFD: deps.activatedSocket,
+                    board: board,
+                    metrics: metrics,
+                    logger: logger,
+                    clock: deps.clock
+                )
             } catch {
                 try? await signals.close()
                 return await failToStart("cannot listen on the socket: \(error)", event: "socket_failed")
@@ -169,7 +185,10 @@ public final class Daemon {
     }
 
     /// Performs one action; returns its outcome for the core, when it has one.
-    private func perform(_ action: DaemonCore.Action, sink: AsyncStream<DaemonCore.Event>.Continuation) -> DaemonCore.Event? {
+    private func perform(
+        _ action: DaemonCore.Action,
+        sink: AsyncStream<DaemonCore.Event>.Continuation
+    ) -> DaemonCore.Event? {
         switch action {
         case .removeStaleTemporaryFiles:
             TokenOutputs(configuration.outputs).removeStaleTemporaryFiles()
@@ -190,7 +209,10 @@ public final class Daemon {
             for path in paths {
                 do {
                     try AtomicFileWriter.remove(path)
-                    logger.info("removed \(path), which the configuration no longer names", metadata: ["event": "file_removed"])
+                    logger.info(
+                        "removed \(path), which the configuration no longer names",
+                        metadata: ["event": "file_removed"]
+                    )
                 } catch {
                     logger.error("cannot remove \(path): \(error)", metadata: ["event": "remove_failed"])
                 }
@@ -200,10 +222,17 @@ public final class Daemon {
             do {
                 try StateStore(path: path).save(grant, identity: core.configuration.identity)
             } catch {
-                logger.warning("cannot save state, a restart will log in again", metadata: ["event": "state_write_failed", "reason": "\(error)"])
+                logger.warning(
+                    "cannot save state, a restart will log in again",
+                    metadata: ["event": "state_write_failed", "reason": "\(error)"]
+                )
             }
         case .runRotateActions(let grant):
-            RotateActionRunner(logger: logger).run(configuration.onRotate, for: grant, tokenFile: configuration.outputs.tokenFile?.path)
+            RotateActionRunner(logger: logger).run(
+                configuration.onRotate,
+                for: grant,
+                tokenFile: configuration.outputs.tokenFile?.path
+            )
         case .loadConfiguration(let notify):
             if notify { deps.notifier.notify(.reloading(monotonicMicroseconds: Notifier.monotonicMicroseconds())) }
             do throws(ConfigurationError) {
@@ -221,7 +250,12 @@ public final class Daemon {
             deps.notifier.notify(.extendTimeout(microseconds: UInt64(seconds * 1_000_000)))
         case .writeMetricsFile(let path):
             do {
-                try AtomicFileWriter.write(metrics.render(now: deps.clock()), to: path, mode: 0o644, directoryMode: 0o755)
+                try AtomicFileWriter.write(
+                    metrics.render(now: deps.clock()),
+                    to: path,
+                    mode: 0o644,
+                    directoryMode: 0o755
+                )
                 return .metricsFileWritten(failure: nil)
             } catch {
                 return .metricsFileWritten(failure: error.description)
@@ -263,7 +297,8 @@ public final class Daemon {
         var metadata: Logger.Metadata = ["event": "token_written", "token_fp": "\(request.grant.fingerprint)"]
         if request.reason == .newToken {
             // From the login answer's arrival to every file renamed and fsynced.
-            metadata["write_ms"] = "\((deps.clock().timeIntervalSince(request.grant.obtainedAt) * 100_000).rounded() / 100)"
+            metadata["write_ms"] =
+                "\((deps.clock().timeIntervalSince(request.grant.obtainedAt) * 100_000).rounded() / 100)"
         }
         logger.info("token written", metadata: metadata)
         return nil
@@ -294,8 +329,12 @@ public final class Daemon {
     private func publish(_ snapshot: DaemonCore.Snapshot, notice: DaemonCore.ReadyNotice?) {
         let now = deps.clock()
         if let token = snapshot.servedToken {
-            board.post(token, apiKey: core.configuration.secrets.apiKey,
-                       authorizationScheme: configuration.outputs.headersFile?.authorizationScheme ?? TokenOutputs.defaultScheme)
+            board.post(
+                token,
+                apiKey: core.configuration.secrets.apiKey,
+                authorizationScheme: configuration.outputs.headersFile?.authorizationScheme
+                    ?? TokenOutputs.defaultScheme
+            )
             metrics.tokenAdopted(token)
         }
         board.update(health: snapshot.health(now: now), nextLogin: snapshot.nextLogin)
@@ -310,13 +349,20 @@ public final class Daemon {
     private func log(_ report: DaemonCore.Report) {
         switch report {
         case .tokenReused(let grant):
-            logger.info("reusing stored token", metadata: [
-                "event": "token_reused", "token_fp": "\(grant.fingerprint)", "expires_at": "\(FormatTime.iso8601(grant.localExpiry))",
-            ])
+            logger.info(
+                "reusing stored token",
+                metadata: [
+                    "event": "token_reused", "token_fp": "\(grant.fingerprint)",
+                    "expires_at": "\(FormatTime.iso8601(grant.localExpiry))",
+                ]
+            )
         case .storedTokenIgnored(let reason):
             logger.warning("ignoring stored token", metadata: ["event": "state_ignored", "reason": "\(reason)"])
         case .storedTokenTooOld(let grant):
-            logger.info("stored token too close to expiry, logging in", metadata: ["event": "state_ignored", "token_fp": "\(grant.fingerprint)"])
+            logger.info(
+                "stored token too close to expiry, logging in",
+                metadata: ["event": "state_ignored", "token_fp": "\(grant.fingerprint)"]
+            )
         case .loginStarted(let attempt):
             logger.debug("login started", metadata: ["event": "login_started", "attempt": "\(attempt)"])
         case .loginSucceeded(let grant, let warnings, let shorterThanMargin):
@@ -324,14 +370,23 @@ public final class Daemon {
                 logger.warning("\(warning)", metadata: ["event": "login_warning"])
             }
             if shorterThanMargin {
-                logger.warning("token lifetime \(FormatTime.duration(grant.lifetime)) is shorter than twice refresh.minRemainingSeconds; refreshing at half its lifetime", metadata: ["event": "login_warning"])
+                logger.warning(
+                    "token lifetime \(FormatTime.duration(grant.lifetime)) is shorter than twice refresh.minRemainingSeconds; refreshing at half its lifetime",
+                    metadata: ["event": "login_warning"]
+                )
             }
-            logger.info("login ok", metadata: [
-                "event": "login_ok", "token_fp": "\(grant.fingerprint)", "expires_at": "\(FormatTime.iso8601(grant.expiresAt))",
-                "lifetime": "\(FormatTime.duration(grant.lifetime))",
-            ])
+            logger.info(
+                "login ok",
+                metadata: [
+                    "event": "login_ok", "token_fp": "\(grant.fingerprint)",
+                    "expires_at": "\(FormatTime.iso8601(grant.expiresAt))",
+                    "lifetime": "\(FormatTime.duration(grant.lifetime))",
+                ]
+            )
         case .loginFailed(let error, let attempt, let retryAt):
-            var metadata: Logger.Metadata = ["event": "login_failed", "attempt": "\(attempt)", "next_refresh_at": "\(FormatTime.iso8601(retryAt))"]
+            var metadata: Logger.Metadata = [
+                "event": "login_failed", "attempt": "\(attempt)", "next_refresh_at": "\(FormatTime.iso8601(retryAt))",
+            ]
             if let status = error.httpStatus { metadata["http_status"] = "\(status)" }
             logger.error("login failed: \(error)", metadata: metadata)
         case .loginRejectedAtStart(let error):
@@ -339,13 +394,20 @@ public final class Daemon {
             if let status = error.httpStatus { metadata["http_status"] = "\(status)" }
             logger.critical("login rejected at start, giving up: \(error)", metadata: metadata)
         case .refreshScheduled(let at, let expiresAt):
-            logger.info("refresh scheduled", metadata: [
-                "event": "refresh_scheduled", "next_refresh_at": "\(FormatTime.iso8601(at))", "expires_at": "\(FormatTime.iso8601(expiresAt))",
-            ])
+            logger.info(
+                "refresh scheduled",
+                metadata: [
+                    "event": "refresh_scheduled", "next_refresh_at": "\(FormatTime.iso8601(at))",
+                    "expires_at": "\(FormatTime.iso8601(expiresAt))",
+                ]
+            )
         case .refreshRequested:
             logger.info("refresh requested (SIGUSR1)", metadata: ["event": "refresh_requested"])
         case .tokenExpired(let grant):
-            logger.error("token expired, files removed", metadata: ["event": "token_expired", "token_fp": "\(grant.fingerprint)"])
+            logger.error(
+                "token expired, files removed",
+                metadata: ["event": "token_expired", "token_fp": "\(grant.fingerprint)"]
+            )
         case .writeFailed(let reason, let first):
             if first {
                 logger.error("cannot write outputs: \(reason)", metadata: ["event": "write_failed"])
@@ -357,18 +419,29 @@ public final class Daemon {
         case .metricsFileFailed(let reason):
             logger.warning("cannot write the metrics file: \(reason)", metadata: ["event": "metrics_write_failed"])
         case .reloaded(let change):
-            logger.info("configuration reloaded", metadata: [
-                "event": "reload", "changed": "\(change.summary)", "account_changed": "\(change.account)",
-            ])
+            logger.info(
+                "configuration reloaded",
+                metadata: [
+                    "event": "reload", "changed": "\(change.summary)", "account_changed": "\(change.account)",
+                ]
+            )
         case .reloadFailed(let reason):
-            logger.error("reload failed, keeping the previous configuration: \(reason)", metadata: ["event": "reload_failed"])
+            logger.error(
+                "reload failed, keeping the previous configuration: \(reason)",
+                metadata: ["event": "reload_failed"]
+            )
         case .reloadRefused(let reason):
-            logger.error("reload refused: \(reason), which needs a restart; keeping the previous configuration",
-                         metadata: ["event": "reload_failed", "needs_restart": "true"])
+            logger.error(
+                "reload refused: \(reason), which needs a restart; keeping the previous configuration",
+                metadata: ["event": "reload_failed", "needs_restart": "true"]
+            )
         case .stopping(let signal):
             logger.info("stopping", metadata: ["event": "stopping", "signal": "\(signal)"])
         case .tokenRejected(let fingerprint, let outcome):
-            logger.notice("token reported rejected", metadata: ["event": "token_rejected", "token_fp": "\(fingerprint)", "outcome": "\(outcome)"])
+            logger.notice(
+                "token reported rejected",
+                metadata: ["event": "token_rejected", "token_fp": "\(fingerprint)", "outcome": "\(outcome)"]
+            )
         }
     }
 }

@@ -175,10 +175,13 @@ public struct DaemonCore: Sendable {
             default: status = lastError == nil && writeError == nil && reloadProblem == nil ? "ok" : "degraded"
             }
             return TokenBoard.Health(
-                status: status, expiresAt: token.map { FormatTime.iso8601($0.expiresAt) },
+                status: status,
+                expiresAt: token.map { FormatTime.iso8601($0.expiresAt) },
                 nextRefreshAt: nextLogin.map(FormatTime.iso8601),
-                lastError: lastError?.description ?? writeError.map { "writing outputs failed: \($0)" } ?? reloadProblem,
-                lastSuccessAt: token.map { FormatTime.iso8601($0.obtainedAt) })
+                lastError: lastError?.description ?? writeError.map { "writing outputs failed: \($0)" }
+                    ?? reloadProblem,
+                lastSuccessAt: token.map { FormatTime.iso8601($0.obtainedAt) }
+            )
         }
 
         /// The `STATUS=` line.
@@ -186,7 +189,13 @@ public struct DaemonCore: Sendable {
             if exitStatus == ExitStatus.configuration, let lastError {
                 return "login rejected: \(lastError); fix the credentials and start again"
             }
-            var line = StatusLine.describe(token: token, nextLogin: nextLogin, lastError: lastError, writeError: writeError, now: now)
+            var line = StatusLine.describe(
+                token: token,
+                nextLogin: nextLogin,
+                lastError: lastError,
+                writeError: writeError,
+                now: now
+            )
             if let reloadProblem { line += "; " + reloadProblem }
             return line
         }
@@ -257,7 +266,12 @@ public struct DaemonCore: Sendable {
     ///   - watchdogInterval: systemd's `WatchdogSec`, if enabled; pinged every half of it.
     ///   - socketActivated: the socket was passed by systemd (its path is not the config's).
     ///   - seed: for the refresh jitter and the backoff draws.
-    public init(configuration: LoadedConfiguration, watchdogInterval: Duration? = nil, socketActivated: Bool = false, seed: UInt64) {
+    public init(
+        configuration: LoadedConfiguration,
+        watchdogInterval: Duration? = nil,
+        socketActivated: Bool = false,
+        seed: UInt64
+    ) {
         self.configuration = configuration
         self.policy = RefreshPolicy(configuration.configuration.refresh)
         self.socketActivated = socketActivated
@@ -333,7 +347,11 @@ public struct DaemonCore: Sendable {
 
     // MARK: Transitions
 
-    private mutating func start(stored: Result<TokenGrant, StateStore.LoadProblem>?, now: Date, _ actions: inout [Action]) {
+    private mutating func start(
+        stored: Result<TokenGrant, StateStore.LoadProblem>?,
+        now: Date,
+        _ actions: inout [Action]
+    ) {
         actions.append(.removeStaleTemporaryFiles)
         if let watchdogInterval { nextWatchdog = now.addingTimeInterval(watchdogInterval / 2) }
         phase = .waiting(until: now)
@@ -371,14 +389,24 @@ public struct DaemonCore: Sendable {
     }
 
     /// Returns false when the daemon stops.
-    private mutating func loginFinished(_ result: Result<TokenResponseParser.Result, LoginError>, now: Date,
-                                        _ actions: inout [Action]) -> Bool {
+    private mutating func loginFinished(
+        _ result: Result<TokenResponseParser.Result, LoginError>,
+        now: Date,
+        _ actions: inout [Action]
+    ) -> Bool {
         switch result {
         case .success(let answer):
             failures = 0
             lastError = nil
-            actions.append(.report(.loginSucceeded(answer.grant, warnings: answer.warnings,
-                                                   shorterThanMargin: policy.isShorterThanMargin(answer.grant))))
+            actions.append(
+                .report(
+                    .loginSucceeded(
+                        answer.grant,
+                        warnings: answer.warnings,
+                        shorterThanMargin: policy.isShorterThanMargin(answer.grant)
+                    )
+                )
+            )
             adopt(answer.grant, reason: .newToken, now: now, &actions)
         case .failure(let error):
             failures += 1
@@ -387,10 +415,18 @@ public struct DaemonCore: Sendable {
             if error.kind == .rejected, !valid, !announced {
                 // Retrying would only risk an account lock-out: systemd does not restart on 78.
                 phase = .stopped(exitStatus: ExitStatus.configuration)
-                actions += [.report(.loginRejectedAtStart(error)), .publish(snapshot, nil), .exit(ExitStatus.configuration)]
+                actions += [
+                    .report(.loginRejectedAtStart(error)), .publish(snapshot, nil), .exit(ExitStatus.configuration),
+                ]
                 return false
             }
-            let delay = policy.retryDelay(after: error.kind, attempt: failures, current: holding.grant, now: now, random: random.unit())
+            let delay = policy.retryDelay(
+                after: error.kind,
+                attempt: failures,
+                current: holding.grant,
+                now: now,
+                random: random.unit()
+            )
             let retryAt = now.addingTimeInterval(delay)
             phase = .waiting(until: retryAt)
             actions.append(.report(.loginFailed(error, attempt: failures, retryAt: retryAt)))
@@ -411,8 +447,13 @@ public struct DaemonCore: Sendable {
     }
 
     /// Starts a write of the current token's files, or (with no files configured) lands it at once.
-    private mutating func write(_ grant: TokenGrant, reason: WriteReason, rotate: Bool, failedBefore: Bool = false,
-                                _ actions: inout [Action]) {
+    private mutating func write(
+        _ grant: TokenGrant,
+        reason: WriteReason,
+        rotate: Bool,
+        failedBefore: Bool = false,
+        _ actions: inout [Action]
+    ) {
         guard !configuration.configuration.outputs.files.isEmpty else {
             holding = .current(grant, .written)
             if rotate { pendingRotation = grant }
@@ -424,10 +465,19 @@ public struct DaemonCore: Sendable {
         actions.append(.writeFiles(WriteRequest(id: id, grant: grant, reason: reason)))
     }
 
-    private mutating func filesWritten(_ grant: TokenGrant, rotate: Bool, failedBefore: Bool, failure: String?, now: Date,
-                                       _ actions: inout [Action]) {
+    private mutating func filesWritten(
+        _ grant: TokenGrant,
+        rotate: Bool,
+        failedBefore: Bool,
+        failure: String?,
+        now: Date,
+        _ actions: inout [Action]
+    ) {
         if let failure {
-            holding = .current(grant, .failed(failure, retryAt: now.addingTimeInterval(Self.writeRetry), rotate: rotate))
+            holding = .current(
+                grant,
+                .failed(failure, retryAt: now.addingTimeInterval(Self.writeRetry), rotate: rotate)
+            )
             actions.append(.report(.writeFailed(failure, first: !failedBefore)))
             return
         }
@@ -437,8 +487,11 @@ public struct DaemonCore: Sendable {
         if rotate { pendingRotation = grant }
     }
 
-    private mutating func configurationLoaded(_ result: Result<LoadedConfiguration, ConfigurationError>, now: Date,
-                                              _ actions: inout [Action]) {
+    private mutating func configurationLoaded(
+        _ result: Result<LoadedConfiguration, ConfigurationError>,
+        now: Date,
+        _ actions: inout [Action]
+    ) {
         if announced { reloadNotice = true }
         let fresh: LoadedConfiguration
         switch result {
@@ -562,7 +615,9 @@ public struct DaemonCore: Sendable {
         if !announced {
             // Keep the start job alive until the first token is on disk: ticks come at least every
             // maxTick, and each extension outlasts the next tick plus a whole login.
-            actions.append(.extendStartTimeout(seconds: Self.maxTick + configuration.configuration.api.timeoutSeconds + 5))
+            actions.append(
+                .extendStartTimeout(seconds: Self.maxTick + configuration.configuration.api.timeoutSeconds + 5)
+            )
         }
     }
 
@@ -573,7 +628,14 @@ public struct DaemonCore: Sendable {
         if case .current(_, .failed(let reason, _, _)) = holding { writeError = reason }
         var withdrawn = false
         if case .withdrawn = holding { withdrawn = true }
-        return Snapshot(token: holding.grant, withdrawn: withdrawn, nextLogin: nextLogin, lastError: lastError,
-                        writeError: writeError, reloadProblem: reloadProblem, exitStatus: exitStatus)
+        return Snapshot(
+            token: holding.grant,
+            withdrawn: withdrawn,
+            nextLogin: nextLogin,
+            lastError: lastError,
+            writeError: writeError,
+            reloadProblem: reloadProblem,
+            exitStatus: exitStatus
+        )
     }
 }

@@ -39,9 +39,14 @@ public enum DaemonSignals {
             return try await NIOPipeBootstrap(group: loop)
                 // A signalfd read shorter than one record fails (EINVAL): never let NIO's adaptive
                 // allocator shrink the read below it.
-                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: 16 * SignalReader.recordSize))
+                .channelOption(
+                    .recvAllocator,
+                    value: FixedSizeRecvByteBufferAllocator(capacity: 16 * SignalReader.recordSize)
+                )
                 .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(SignalReader(deliver: deliver)) }
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(SignalReader(deliver: deliver))
+                    }
                 }
                 .takingOwnershipOfDescriptor(input: descriptor)
                 .get()

@@ -1,9 +1,10 @@
+import Glibc
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
 
 /// Human and machine forms of times for logs, STATUS= and output files. All UTC.
 public enum FormatTime {

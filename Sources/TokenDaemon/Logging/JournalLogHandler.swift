@@ -38,8 +38,17 @@ public struct JournalLogHandler: LogHandler {
         if !Journal.send(fields) {
             var fallback = self.fallback
             fallback.logLevel = logLevel
-            fallback.log(event: LogEvent(level: event.level, message: event.message, metadata: merged, source: event.source,
-                                         file: event.file, function: event.function, line: event.line))
+            fallback.log(
+                event: LogEvent(
+                    level: event.level,
+                    message: event.message,
+                    metadata: merged,
+                    source: event.source,
+                    file: event.file,
+                    function: event.function,
+                    line: event.line
+                )
+            )
         }
     }
 

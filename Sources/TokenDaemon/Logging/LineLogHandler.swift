@@ -1,10 +1,11 @@
+import Glibc
+import Logging
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
-import Logging
 
 /// swift-log backend writing one line per event to standard error.
 ///
@@ -29,7 +30,8 @@ public struct LineLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        var line = journalPrefixes
+        var line =
+            journalPrefixes
             ? "<\(Self.syslogPriority(event.level))>"
             : FormatTime.iso8601(Date()) + " " + event.level.rawValue + " "
         line += Self.text(event.message, metadata.merging(event.metadata ?? [:]) { _, new in new })

@@ -1,10 +1,11 @@
+import NIOConcurrencyHelpers
+import Prometheus
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import NIOConcurrencyHelpers
-import Prometheus
 
 /// The daemon's Prometheus metrics, served on `/metrics` and written to `metricsFile`.
 public final class DaemonMetrics: Sendable {
@@ -29,14 +30,38 @@ public final class DaemonMetrics: Sendable {
     private let currentExpiry = NIOLockedValueBox<Date?>(nil)
 
     public init(version: String) {
-        expiry = registry.makeGauge(descriptor: Self.name("token_expiry_timestamp", "seconds", "Expiry of the current token, Unix seconds (server clock)."))
-        validity = registry.makeGauge(descriptor: Self.name("token_validity", "seconds", "Seconds of validity the current token has left; 0 without a valid token."))
-        lastSuccess = registry.makeGauge(descriptor: Self.name("last_success_timestamp", "seconds", "When the current token was obtained, Unix seconds."))
+        expiry = registry.makeGauge(
+            descriptor: Self.name(
+                "token_expiry_timestamp",
+                "seconds",
+                "Expiry of the current token, Unix seconds (server clock)."
+            )
+        )
+        validity = registry.makeGauge(
+            descriptor: Self.name(
+                "token_validity",
+                "seconds",
+                "Seconds of validity the current token has left; 0 without a valid token."
+            )
+        )
+        lastSuccess = registry.makeGauge(
+            descriptor: Self.name(
+                "last_success_timestamp",
+                "seconds",
+                "When the current token was obtained, Unix seconds."
+            )
+        )
         loginDuration = registry.makeDurationHistogram(
             descriptor: Self.name("login_duration", "seconds", "Time from sending a login to its outcome."),
-            buckets: [.milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500),
-                      .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30)])
-        registry.makeGauge(descriptor: Self.name("build", "info", "Build information; always 1."), labels: [("version", version)]).set(Double(1))
+            buckets: [
+                .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500),
+                .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30),
+            ]
+        )
+        registry.makeGauge(
+            descriptor: Self.name("build", "info", "Build information; always 1."),
+            labels: [("version", version)]
+        ).set(Double(1))
     }
 
     /// `fts_tokend_<metric>_<unit>`.
@@ -47,8 +72,10 @@ public final class DaemonMetrics: Sendable {
     /// A login ended: `status` is the HTTP status when the server answered.
     public func loginFinished(ok: Bool, status: Int?, duration: Duration) {
         let statusClass = status.map { "\($0 / 100)xx" } ?? "none"
-        counter(Self.name("logins", "total", "Logins by outcome and HTTP status class."),
-                [("result", ok ? "ok" : "failed"), ("status_class", ok ? "2xx" : statusClass)]).increment()
+        counter(
+            Self.name("logins", "total", "Logins by outcome and HTTP status class."),
+            [("result", ok ? "ok" : "failed"), ("status_class", ok ? "2xx" : statusClass)]
+        ).increment()
         loginDuration.record(duration)
     }
 
@@ -65,7 +92,8 @@ public final class DaemonMetrics: Sendable {
             if let counter = cache[key] { return counter }
             let counter = registry.makeCounter(
                 descriptor: Self.name("socket_requests", "total", "Socket requests by path and HTTP status."),
-                labels: [("path", key.path), ("code", String(key.status))])
+                labels: [("path", key.path), ("code", String(key.status))]
+            )
             cache[key] = counter
             return counter
         }.increment()
@@ -74,8 +102,14 @@ public final class DaemonMetrics: Sendable {
     /// A socket connection was closed on accept (`refused`: every slot in a long poll) or to make
     /// room for a new one (`evicted`).
     public func socketConnectionDropped(_ reason: String) {
-        counter(Self.name("socket_connections_dropped", "total", "Socket connections closed at the connection limit, by reason."),
-                [("reason", reason)]).increment()
+        counter(
+            Self.name(
+                "socket_connections_dropped",
+                "total",
+                "Socket connections closed at the connection limit, by reason."
+            ),
+            [("reason", reason)]
+        ).increment()
     }
 
     /// The Prometheus text exposition as of `now`.

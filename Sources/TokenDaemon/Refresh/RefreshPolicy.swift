@@ -41,8 +41,10 @@ public struct RefreshPolicy: Sendable, Equatable {
         let lifetime = max(0, grant.lifetime)
         let spread = coldStart && settings.jitter > 0 ? settings.refreshAt - settings.jitter / 2 : settings.jitter
         let planned = grant.obtainedAt.addingTimeInterval((settings.refreshAt - random * spread) * lifetime)
-        let latest = max(grant.localExpiry.addingTimeInterval(-max(settings.minRemainingSeconds, Self.latestLead)),
-                         grant.obtainedAt.addingTimeInterval(lifetime / 2))
+        let latest = max(
+            grant.localExpiry.addingTimeInterval(-max(settings.minRemainingSeconds, Self.latestLead)),
+            grant.obtainedAt.addingTimeInterval(lifetime / 2)
+        )
         return max(min(planned, latest), now.addingTimeInterval(1))
     }
 
@@ -50,7 +52,13 @@ public struct RefreshPolicy: Sendable, Equatable {
     /// - Parameters:
     ///   - current: the token still held, if any; its remaining validity bounds transient waits.
     ///   - random: uniform in [0, 1).
-    public func retryDelay(after failure: LoginError.Kind, attempt: Int, current: TokenGrant?, now: Date, random: Double) -> TimeInterval {
+    public func retryDelay(
+        after failure: LoginError.Kind,
+        attempt: Int,
+        current: TokenGrant?,
+        now: Date,
+        random: Double
+    ) -> TimeInterval {
         switch failure {
         case .rejected:
             return settings.backoffMaxSeconds

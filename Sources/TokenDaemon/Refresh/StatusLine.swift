@@ -11,7 +11,13 @@ public enum StatusLine {
     ///   - nextLogin: when the next login starts; nil while one is in flight.
     ///   - lastError: the last login's failure, nil after a success.
     ///   - writeError: why the output files could not be written, if they could not.
-    public static func describe(token: TokenGrant?, nextLogin: Date?, lastError: LoginError?, writeError: String?, now: Date) -> String {
+    public static func describe(
+        token: TokenGrant?,
+        nextLogin: Date?,
+        lastError: LoginError?,
+        writeError: String?,
+        now: Date
+    ) -> String {
         var parts: [String] = []
         if let lastError {
             var failure = lastError.description
@@ -20,12 +26,14 @@ public enum StatusLine {
         }
         switch token {
         case let token? where token.isValid(at: now):
-            let validity = lastError == nil
+            let validity =
+                lastError == nil
                 ? "token valid until \(FormatTime.timeOfDay(token.localExpiry)) (\(FormatTime.duration(token.remaining(at: now))) left)"
                 : "token still valid \(FormatTime.duration(token.remaining(at: now)))"
             parts.append(validity)
             if lastError == nil {
-                parts[parts.count - 1] += nextLogin.map { ", next refresh \(FormatTime.timeOfDay($0))" } ?? ", refreshing"
+                parts[parts.count - 1] +=
+                    nextLogin.map { ", next refresh \(FormatTime.timeOfDay($0))" } ?? ", refreshing"
             }
         case let token?:
             parts.append("token expired at \(FormatTime.timeOfDay(token.localExpiry)), files removed")

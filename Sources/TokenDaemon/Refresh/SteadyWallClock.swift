@@ -1,9 +1,10 @@
+import NIOConcurrencyHelpers
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import NIOConcurrencyHelpers
 
 /// Wall-clock time that never runs backwards: it follows the system clock forward (a step ahead,
 /// or a resume from suspend, is seen at once) but, when the system clock steps back, keeps

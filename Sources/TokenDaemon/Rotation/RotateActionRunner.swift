@@ -1,12 +1,13 @@
+import Glibc
+import Logging
+import NIOCore
+import NIOPosix
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
-import Logging
-import NIOCore
-import NIOPosix
 
 /// Runs the `onRotate` actions after a new token is on disk. Each runs in its own task: a slow or
 /// failing action delays neither the others nor the daemon, and its failure is only logged.
@@ -58,11 +59,15 @@ public struct RotateActionRunner: Sendable {
                 // The child leads its own process group: take everything it started with it.
                 kill(-pid, SIGKILL)
                 waitpid(pid, &status, 0)
-                logger.error("onRotate: \(argv[0]) killed after \(FormatTime.seconds(timeout))", metadata: ["event": "rotate_action_failed"])
+                logger.error(
+                    "onRotate: \(argv[0]) killed after \(FormatTime.seconds(timeout))",
+                    metadata: ["event": "rotate_action_failed"]
+                )
                 return
             }
             // An event-loop timer, not Task.sleep (README "Threads and idle cost").
-            try? await MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: .milliseconds(20)) {}.futureResult.get()
+            try? await MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: .milliseconds(20)) {}.futureResult
+                .get()
         }
         let elapsed = started.duration(to: .now)
         if status & 0x7f == 0, (status >> 8) & 0xff == 0 {
@@ -93,13 +98,16 @@ public struct RotateActionRunner: Sendable {
         var unblocked = sigset_t()
         sigemptyset(&unblocked)
         posix_spawnattr_setsigmask(&attributes, &unblocked)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        posix_spawnattr_setflags(
+            &attributes,
+            Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK)
+        )
 
         let arguments = argv.map { strdup($0) } + [nil]
         let variables = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer {
-            arguments.forEach { free($0) }
-            variables.forEach { free($0) }
+            for argument in arguments { free(argument) }
+            for variable in variables { free(variable) }
         }
         var pid: pid_t = 0
         let result = posix_spawn(&pid, argv[0], &actions, &attributes, arguments, variables)
@@ -120,7 +128,10 @@ public struct RotateActionRunner: Sendable {
             return
         }
         guard kill(pid, number) == 0 else {
-            logger.error("onRotate: SIG\(name) to \(pid) failed: \(SystemError("kill", errno: errno))", metadata: ["event": "rotate_action_failed"])
+            logger.error(
+                "onRotate: SIG\(name) to \(pid) failed: \(SystemError("kill", errno: errno))",
+                metadata: ["event": "rotate_action_failed"]
+            )
             return
         }
         logger.info("onRotate: sent SIG\(name) to \(pid)", metadata: ["event": "rotate_action_ok"])

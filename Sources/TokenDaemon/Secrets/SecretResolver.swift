@@ -18,21 +18,32 @@ public struct SecretResolver: Sendable {
         LoginSecrets(
             email: try value(api.email, key: "api.email", configFileMode: nil),
             password: try value(api.password, key: "api.password", configFileMode: configFileMode),
-            apiKey: try value(api.apiKey, key: "api.apiKey", configFileMode: configFileMode))
+            apiKey: try value(api.apiKey, key: "api.apiKey", configFileMode: configFileMode)
+        )
     }
 
-    private func value(_ source: SecretSource, key: String, configFileMode: UInt32?) throws(ConfigurationError) -> String {
+    private func value(
+        _ source: SecretSource,
+        key: String,
+        configFileMode: UInt32?
+    ) throws(ConfigurationError) -> String {
         switch source {
         case .inline(let value):
             if let mode = configFileMode, mode & 0o077 != 0 {
-                throw ConfigurationError(key, "inline secret in a config file readable by group or others (mode \(FileMode.format(mode))): run `chmod 600` on the config file, or move the value to \(key)File or the systemd credential")
+                throw ConfigurationError(
+                    key,
+                    "inline secret in a config file readable by group or others (mode \(FileMode.format(mode))): run `chmod 600` on the config file, or move the value to \(key)File or the systemd credential"
+                )
             }
             return value
         case .file(let path):
             return try read(path, key: key + "File", refuseWorldReadable: true)
         case .credential(let name):
             guard let directory = Credentials.directory(environment: environment) else {
-                throw ConfigurationError(key, "not set: give \(key) or \(key)File in the config, or the systemd credential \"\(name)\" (LoadCredential=\(name):/etc/fts-tokend/credentials/\(name))")
+                throw ConfigurationError(
+                    key,
+                    "not set: give \(key) or \(key)File in the config, or the systemd credential \"\(name)\" (LoadCredential=\(name):/etc/fts-tokend/credentials/\(name))"
+                )
             }
             return try read(directory + "/" + name, key: "credential \"\(name)\"", refuseWorldReadable: false)
         }
@@ -46,7 +57,10 @@ public struct SecretResolver: Sendable {
             throw ConfigurationError(key, "cannot read \(path): \(error)")
         }
         if refuseWorldReadable, contents.mode & 0o004 != 0 {
-            throw ConfigurationError(key, "\(path) is readable by everyone (mode \(FileMode.format(contents.mode))): run `chmod o-rwx \(path)`")
+            throw ConfigurationError(
+                key,
+                "\(path) is readable by everyone (mode \(FileMode.format(contents.mode))): run `chmod o-rwx \(path)`"
+            )
         }
         var text = String(decoding: contents.bytes, as: UTF8.self)
         while let last = text.last, last.isNewline { text.removeLast() }

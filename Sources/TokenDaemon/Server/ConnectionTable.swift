@@ -53,8 +53,12 @@ final class ConnectionTable: Sendable {
         let (admission, evicted) = state.withLockedValue { state -> (Admission, [any Channel]) in
             var evicted: [any Channel] = []
             while state.entries.count >= state.capacity {
-                guard let oldest = state.entries.lazy.filter({ !$0.value.waiting }).min(by: { $0.value.lastActive < $1.value.lastActive }),
-                      let closed = state.entries.removeValue(forKey: oldest.key)?.channel else {
+                guard
+                    let oldest = state.entries.lazy.filter({ !$0.value.waiting }).min(by: {
+                        $0.value.lastActive < $1.value.lastActive
+                    }),
+                    let closed = state.entries.removeValue(forKey: oldest.key)?.channel
+                else {
                     return (.refused, evicted)
                 }
                 evicted.append(closed)
@@ -63,7 +67,7 @@ final class ConnectionTable: Sendable {
             state.peak = max(state.peak, state.entries.count)
             return (evicted.isEmpty ? .admitted : .admittedByEvicting, evicted)
         }
-        evicted.forEach { $0.close(promise: nil) }
+        for channel in evicted { channel.close(promise: nil) }
         return admission
     }
 

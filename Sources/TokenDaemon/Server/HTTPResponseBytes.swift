@@ -11,8 +11,14 @@ import NIOHTTP1
 /// pipeline (encoder, header validation, pipelining handler) as the largest part of its user time.
 enum HTTPResponseBytes {
     /// A whole response. `body` is left out (its length kept) for HEAD.
-    static func encode(_ status: HTTPResponseStatus, contentType: String, body: ByteBuffer, headers extra: [(String, String)] = [],
-                       keepAlive: Bool, includeBody: Bool = true) -> ByteBuffer {
+    static func encode(
+        _ status: HTTPResponseStatus,
+        contentType: String,
+        body: ByteBuffer,
+        headers extra: [(String, String)] = [],
+        keepAlive: Bool,
+        includeBody: Bool = true
+    ) -> ByteBuffer {
         var head = "HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\n"
         head += "Content-Type: \(contentType)\r\nContent-Length: \(body.readableBytes)\r\nCache-Control: no-store\r\n"
         for (name, value) in extra { head += "\(name): \(value)\r\n" }

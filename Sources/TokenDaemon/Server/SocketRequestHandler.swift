@@ -1,12 +1,13 @@
+import Glibc
+import Logging
+import NIOCore
+import NIOHTTP1
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Glibc
-import Logging
-import NIOCore
-import NIOHTTP1
 
 /// The identity of a connected peer (SO_PEERCRED), read once per connection.
 struct PeerCredentials: Sendable, Equatable {
@@ -57,8 +58,14 @@ final class SocketRequestHandler: ChannelInboundHandler {
     /// Requests that arrived while a long poll was pending, answered after it.
     private var queued: [HTTPRequestHead] = []
 
-    init(board: TokenBoard, connections: ConnectionTable, metrics: DaemonMetrics, access: SocketAccess, logger: Logger,
-         clock: @escaping @Sendable () -> Date) {
+    init(
+        board: TokenBoard,
+        connections: ConnectionTable,
+        metrics: DaemonMetrics,
+        access: SocketAccess,
+        logger: Logger,
+        clock: @escaping @Sendable () -> Date
+    ) {
         self.board = board
         self.connections = connections
         self.metrics = metrics
@@ -71,7 +78,9 @@ final class SocketRequestHandler: ChannelInboundHandler {
         if let provider = context.channel as? any SocketOptionProvider {
             // On the channel's loop the option is read at once; the callback runs before any request.
             let credentials: EventLoopFuture<RawPeerCredentials> = provider.unsafeGetSocketOption(
-                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+                level: SocketOptionLevel(SOL_SOCKET),
+                name: SocketOptionName(SO_PEERCRED)
+            )
             credentials.assumeIsolated().whenSuccess { raw in
                 self.peer = PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid)
             }
@@ -89,9 +98,15 @@ final class SocketRequestHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         guard context.channel.isActive else { return }
         metrics.socketRequest(path: "other", status: 400)
-        let answer = HTTPResponseBytes.encode(.badRequest, contentType: "application/json",
-                                              body: ByteBuffer(string: #"{"error":"malformed request"}"# + "\n"), keepAlive: false)
-        context.writeAndFlush(wrapOutboundOut(answer)).whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
+        let answer = HTTPResponseBytes.encode(
+            .badRequest,
+            contentType: "application/json",
+            body: ByteBuffer(string: #"{"error":"malformed request"}"# + "\n"),
+            keepAlive: false
+        )
+        context.writeAndFlush(wrapOutboundOut(answer)).whenComplete { [channel = context.channel] _ in
+            channel.close(promise: nil)
+        }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -129,22 +144,50 @@ final class SocketRequestHandler: ChannelInboundHandler {
         }
         let (path, query) = Self.split(head.uri)
         guard head.uri.utf8.count <= Self.maxTargetLength else {
-            return respond(.uriTooLong, path: "other", json: #"{"error":"request target too long"}"#, head: head, context: context)
+            return respond(
+                .uriTooLong,
+                path: "other",
+                json: #"{"error":"request target too long"}"#,
+                head: head,
+                context: context
+            )
         }
         guard head.method == .GET || head.method == .HEAD else {
-            return respond(.methodNotAllowed, path: path, json: #"{"error":"only GET"}"#, head: head, context: context, extra: [("Allow", "GET, HEAD")])
+            return respond(
+                .methodNotAllowed,
+                path: path,
+                json: #"{"error":"only GET"}"#,
+                head: head,
+                context: context,
+                extra: [("Allow", "GET, HEAD")]
+            )
         }
         guard isAllowed() else {
-            logger.warning("socket peer refused", metadata: [
-                "event": "peer_refused", "uid": "\(peer.map { "\($0.uid)" } ?? "?")",
-                "gid": "\(peer.map { "\($0.gid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
-            ])
-            return respond(.forbidden, path: path, json: #"{"error":"this user may not read the token"}"#, head: head, context: context)
+            logger.warning(
+                "socket peer refused",
+                metadata: [
+                    "event": "peer_refused", "uid": "\(peer.map { "\($0.uid)" } ?? "?")",
+                    "gid": "\(peer.map { "\($0.gid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
+                ]
+            )
+            return respond(
+                .forbidden,
+                path: path,
+                json: #"{"error":"this user may not read the token"}"#,
+                head: head,
+                context: context
+            )
         }
         let now = clock()
         if let resource = TokenBoard.Resource(path: path) {
             if let wait = query["wait"].flatMap(Double.init), wait > 0 {
-                return longPoll(head, resource: resource, wait: min(wait, Self.maxWait), after: query["after"], context: context)
+                return longPoll(
+                    head,
+                    resource: resource,
+                    wait: min(wait, Self.maxWait),
+                    after: query["after"],
+                    context: context
+                )
             }
             return serveToken(head, resource: resource, now: now, context: context)
         }
@@ -152,30 +195,66 @@ final class SocketRequestHandler: ChannelInboundHandler {
         case .healthz:
             let health = board.health
             let body = (try? JSONEncoder().encode(health)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
-            respond(board.validEntry(at: now) != nil ? .ok : .serviceUnavailable, path: path, json: body, head: head, context: context)
+            respond(
+                board.validEntry(at: now) != nil ? .ok : .serviceUnavailable,
+                path: path,
+                json: body,
+                head: head,
+                context: context
+            )
         case .metrics:
-            respond(.ok, path: path, body: ByteBuffer(bytes: metrics.render(now: now)), contentType: "text/plain; version=0.0.4; charset=utf-8",
-                    head: head, context: context)
+            respond(
+                .ok,
+                path: path,
+                body: ByteBuffer(bytes: metrics.render(now: now)),
+                contentType: "text/plain; version=0.0.4; charset=utf-8",
+                head: head,
+                context: context
+            )
         default:
             respond(.notFound, path: "other", json: SocketRoute.notFoundBody, head: head, context: context)
         }
     }
 
-    private func serveToken(_ head: HTTPRequestHead, resource: TokenBoard.Resource, now: Date, context: ChannelHandlerContext) {
+    private func serveToken(
+        _ head: HTTPRequestHead,
+        resource: TokenBoard.Resource,
+        now: Date,
+        context: ChannelHandlerContext
+    ) {
         guard let entry = board.validEntry(at: now) else {
-            return respond(.serviceUnavailable, path: resource.path, json: #"{"error":"no valid token","status":"\#(board.health.status)"}"#,
-                           head: head, context: context, extra: [("Retry-After", String(board.retryAfter(at: now)))])
+            return respond(
+                .serviceUnavailable,
+                path: resource.path,
+                json: #"{"error":"no valid token","status":"\#(board.health.status)"}"#,
+                head: head,
+                context: context,
+                extra: [("Retry-After", String(board.retryAfter(at: now)))]
+            )
         }
         if head.method == .GET, head.version == .http1_1, head.isKeepAlive {
             metrics.socketRequest(path: resource.path, status: 200)
             context.writeAndFlush(wrapOutboundOut(entry.keepAliveResponse(resource)), promise: nil)
             return
         }
-        respond(.ok, path: resource.path, body: entry.body(resource), contentType: resource.contentType, head: head, context: context,
-                extra: [("X-Token-Fingerprint", entry.fingerprint)])
+        respond(
+            .ok,
+            path: resource.path,
+            body: entry.body(resource),
+            contentType: resource.contentType,
+            head: head,
+            context: context,
+            extra: [("X-Token-Fingerprint", entry.fingerprint)]
+        )
     }
 
-    private func longPoll(_ head: HTTPRequestHead, resource: TokenBoard.Resource, wait: TimeInterval, after: String?, context: ChannelHandlerContext) {
+    private func longPoll(
+        _ head: HTTPRequestHead,
+        resource: TokenBoard.Resource,
+        wait: TimeInterval,
+        after: String?,
+        context: ChannelHandlerContext
+    ) {
         let loop = context.eventLoop
         let bound = NIOLoopBound((self, context), eventLoop: loop)
         let answer: @Sendable () -> Void = {
@@ -214,20 +293,49 @@ final class SocketRequestHandler: ChannelInboundHandler {
         access.allows(peer)
     }
 
-    private func respond(_ status: HTTPResponseStatus, path: String, json: String, head: HTTPRequestHead, context: ChannelHandlerContext,
-                         extra: [(String, String)] = []) {
-        respond(status, path: path, body: ByteBuffer(string: json + "\n"), contentType: "application/json", head: head, context: context, extra: extra)
+    private func respond(
+        _ status: HTTPResponseStatus,
+        path: String,
+        json: String,
+        head: HTTPRequestHead,
+        context: ChannelHandlerContext,
+        extra: [(String, String)] = []
+    ) {
+        respond(
+            status,
+            path: path,
+            body: ByteBuffer(string: json + "\n"),
+            contentType: "application/json",
+            head: head,
+            context: context,
+            extra: extra
+        )
     }
 
-    private func respond(_ status: HTTPResponseStatus, path: String, body: ByteBuffer, contentType: String, head: HTTPRequestHead,
-                         context: ChannelHandlerContext, extra: [(String, String)] = []) {
+    private func respond(
+        _ status: HTTPResponseStatus,
+        path: String,
+        body: ByteBuffer,
+        contentType: String,
+        head: HTTPRequestHead,
+        context: ChannelHandlerContext,
+        extra: [(String, String)] = []
+    ) {
         let keepAlive = head.isKeepAlive && status != .uriTooLong
         var extra = extra
         // An HTTP/1.0 client keeps the connection only when told so.
-        if keepAlive && head.version.major == 1 && head.version.minor == 0 { extra.append(("Connection", "keep-alive")) }
+        if keepAlive && head.version.major == 1 && head.version.minor == 0 {
+            extra.append(("Connection", "keep-alive"))
+        }
         metrics.socketRequest(path: path, status: Int(status.code))
-        let answer = HTTPResponseBytes.encode(status, contentType: contentType, body: body, headers: extra, keepAlive: keepAlive,
-                                              includeBody: head.method != .HEAD)
+        let answer = HTTPResponseBytes.encode(
+            status,
+            contentType: contentType,
+            body: body,
+            headers: extra,
+            keepAlive: keepAlive,
+            includeBody: head.method != .HEAD
+        )
         let done = context.writeAndFlush(wrapOutboundOut(answer))
         if !keepAlive {
             done.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }

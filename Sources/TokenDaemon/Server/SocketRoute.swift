@@ -13,5 +13,6 @@ public enum SocketRoute: String, CaseIterable, Sendable {
     public var path: String { rawValue }
 
     /// The answer to a path not listed here.
-    static let notFoundBody = #"{"error":"not found","paths":["# + allCases.map { "\"\($0.path)\"" }.joined(separator: ",") + "]}"
+    static let notFoundBody =
+        #"{"error":"not found","paths":["# + allCases.map { "\"\($0.path)\"" }.joined(separator: ",") + "]}"
 }

@@ -1,8 +1,3 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import CLinux
 import Glibc
 import Logging
@@ -10,6 +5,12 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// HTTP/1.1 on a Unix socket (README "Socket API"), on one event loop: this load needs no more.
 ///
@@ -47,16 +48,26 @@ public final class SocketServer: Sendable {
         defer { close(descriptor) }
         var info = stat()
         guard fstat(descriptor, &info) == 0 else { throw SystemError("fstat \(ownedPath)", errno: errno) }
-        guard info.st_mode & S_IFMT == S_IFSOCK else { throw SystemError("\(ownedPath) is no longer a socket", errno: nil) }
+        guard info.st_mode & S_IFMT == S_IFSOCK else {
+            throw SystemError("\(ownedPath) is no longer a socket", errno: nil)
+        }
         guard chmod("/proc/self/fd/\(descriptor)", mode_t(socket.mode)) == 0 else {
             throw SystemError("chmod \(ownedPath)", errno: errno)
         }
     }
 
     /// Starts serving `board`, on the socket systemd passed (`activatedFD`) or on `socket.path`.
-    public static func start(socket: Configuration.Socket?, activatedFD: Int32?, board: TokenBoard, metrics: DaemonMetrics,
-                             logger: Logger, clock: @escaping @Sendable () -> Date) async throws -> SocketServer {
-        let connections = ConnectionTable(capacity: socket?.maxConnections ?? Configuration.Socket.defaultMaxConnections)
+    public static func start(
+        socket: Configuration.Socket?,
+        activatedFD: Int32?,
+        board: TokenBoard,
+        metrics: DaemonMetrics,
+        logger: Logger,
+        clock: @escaping @Sendable () -> Date
+    ) async throws -> SocketServer {
+        let connections = ConnectionTable(
+            capacity: socket?.maxConnections ?? Configuration.Socket.defaultMaxConnections
+        )
         let access = SocketAccess(socket)
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderFieldSize = headLimit
@@ -67,7 +78,9 @@ public final class SocketServer: Sendable {
             .serverChannelOption(.backlog, value: 256)
             .childChannelInitializer { channel in
                 let admission = connections.admit(channel)
-                if admission != .admitted { metrics.socketConnectionDropped(admission == .refused ? "refused" : "evicted") }
+                if admission != .admitted {
+                    metrics.socketConnectionDropped(admission == .refused ? "refused" : "evicted")
+                }
                 guard admission != .refused else {
                     return channel.close()
                 }
@@ -85,18 +98,37 @@ public final class SocketServer: Sendable {
                     try sync.addHandler(IdleStateHandler(readTimeout: idleTimeout))
                     // NIO's request decoder only: the handler writes its answers as bytes and keeps
                     // them in request order itself (see SocketRequestHandler).
-                    try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits)))
-                    try sync.addHandler(SocketRequestHandler(board: board, connections: connections, metrics: metrics, access: access, logger: logger, clock: clock))
+                    try sync.addHandler(
+                        ByteToMessageHandler(
+                            HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits)
+                        )
+                    )
+                    try sync.addHandler(
+                        SocketRequestHandler(
+                            board: board,
+                            connections: connections,
+                            metrics: metrics,
+                            access: access,
+                            logger: logger,
+                            clock: clock
+                        )
+                    )
                 }
             }
         if let fd = activatedFD {
             let channel = try await bootstrap.withBoundSocket(fd).get()
-            logger.info("serving on the socket passed by systemd", metadata: ["event": "socket_listening", "fd": "\(fd)"])
+            logger.info(
+                "serving on the socket passed by systemd",
+                metadata: ["event": "socket_listening", "fd": "\(fd)"]
+            )
             return SocketServer(channel: channel, ownedPath: nil, access: access, connections: connections)
         }
         guard let socket else { throw SystemError("no socket configured", errno: nil) }
         let channel = try await bind(bootstrap, socket: socket)
-        logger.info("serving on \(socket.path)", metadata: ["event": "socket_listening", "mode": "\(FileMode.format(socket.mode))"])
+        logger.info(
+            "serving on \(socket.path)",
+            metadata: ["event": "socket_listening", "mode": "\(FileMode.format(socket.mode))"]
+        )
         return SocketServer(channel: channel, ownedPath: socket.path, access: access, connections: connections)
     }
 
@@ -124,9 +156,13 @@ public final class SocketServer: Sendable {
         }
         do {
             // 2.
-            guard chmod(temporary, mode_t(socket.mode)) == 0 else { throw SystemError("chmod \(temporary)", errno: errno) }
+            guard chmod(temporary, mode_t(socket.mode)) == 0 else {
+                throw SystemError("chmod \(temporary)", errno: errno)
+            }
             // 3.
-            guard rename(temporary, socket.path) == 0 else { throw SystemError("rename to \(socket.path)", errno: errno) }
+            guard rename(temporary, socket.path) == 0 else {
+                throw SystemError("rename to \(socket.path)", errno: errno)
+            }
         } catch {
             unlink(temporary)
             try? await bound.close()

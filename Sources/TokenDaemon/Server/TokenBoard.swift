@@ -1,11 +1,12 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import NIOConcurrencyHelpers
-import NIOCore
-import NIOHTTP1
 
 /// What the socket serves: the daemon's loop posts every change here, connections read it.
 ///
@@ -15,7 +16,13 @@ import NIOHTTP1
 public final class TokenBoard: Sendable {
     /// The daemon's view, as `/healthz` reports it.
     public struct Health: Sendable, Equatable, Codable {
-        public init(status: String, expiresAt: String? = nil, nextRefreshAt: String? = nil, lastError: String? = nil, lastSuccessAt: String? = nil) {
+        public init(
+            status: String,
+            expiresAt: String? = nil,
+            nextRefreshAt: String? = nil,
+            lastError: String? = nil,
+            lastSuccessAt: String? = nil
+        ) {
             self.status = status
             self.expiresAt = expiresAt
             self.nextRefreshAt = nextRefreshAt
@@ -81,8 +88,13 @@ public final class TokenBoard: Sendable {
             let bodies = [token, json, headers]
             self.bodies = bodies
             keepAliveResponses = Resource.allCases.map { resource in
-                HTTPResponseBytes.encode(.ok, contentType: resource.contentType, body: bodies[resource.index],
-                                         headers: [("X-Token-Fingerprint", fingerprint)], keepAlive: true)
+                HTTPResponseBytes.encode(
+                    .ok,
+                    contentType: resource.contentType,
+                    body: bodies[resource.index],
+                    headers: [("X-Token-Fingerprint", fingerprint)],
+                    keepAlive: true
+                )
             }
         }
 
@@ -117,16 +129,18 @@ public final class TokenBoard: Sendable {
             let previous = state.entry
             guard previous?.fingerprint != fingerprint || previous?.body(.headers) != headers else { return [] }
             state.entry = Entry(
-                grant: grant, fingerprint: fingerprint,
+                grant: grant,
+                fingerprint: fingerprint,
                 token: ByteBuffer(string: grant.token),
                 json: ByteBuffer(bytes: TokenOutputs.jsonDocument(grant)),
-                headers: headers)
+                headers: headers
+            )
             guard previous?.fingerprint != fingerprint else { return [] }
             let woken = state.waiters.values.filter { $0.after != fingerprint }
             state.waiters = state.waiters.filter { $0.value.after == fingerprint }
             return Array(woken)
         }
-        woken.forEach { $0.wake() }
+        for waiter in woken { waiter.wake() }
     }
 
     /// Updates what `/healthz` says and when the next login is due.

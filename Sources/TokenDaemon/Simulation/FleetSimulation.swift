@@ -65,12 +65,22 @@ public struct FleetSimulation: Sendable {
         let epoch = Date(timeIntervalSince1970: 1_800_000_000)
         let configuration = LoadedConfiguration(
             configuration: Configuration(
-                api: .init(baseURL: "https://auth.example", tokenPath: "/auth/token", email: .inline("svc@example.com"),
-                           password: .inline("-"), apiKey: .inline("-"), timeoutSeconds: 30, caFile: nil),
+                api: .init(
+                    baseURL: "https://auth.example",
+                    tokenPath: "/auth/token",
+                    email: .inline("svc@example.com"),
+                    password: .inline("-"),
+                    apiKey: .inline("-"),
+                    timeoutSeconds: 30,
+                    caFile: nil
+                ),
                 refresh: options.refresh,
                 outputs: .init(tokenFile: .init(path: "/run/fts-tokend/token", mode: 0o640)),
-                stateFile: "/var/lib/fts-tokend/state.json", logLevel: .info),
-            secrets: LoginSecrets(email: "svc@example.com", password: "-", apiKey: "-"))
+                stateFile: "/var/lib/fts-tokend/state.json",
+                logLevel: .info
+            ),
+            secrets: LoginSecrets(email: "svc@example.com", password: "-", apiKey: "-")
+        )
 
         var cores: [DaemonCore?] = Array(repeating: nil, count: options.hosts)
         var stored = [TokenGrant?](repeating: nil, count: options.hosts)
@@ -99,7 +109,10 @@ public struct FleetSimulation: Sendable {
                         let bucket = Int(time / options.bucketSeconds)
                         if bucket < bucketCount { buckets[bucket] += 1 }
                         if restarting { restartLogins += 1 }
-                        queue.push(time + options.loginDelaySeconds, (host, process[host], .answer(generation: generation)))
+                        queue.push(
+                            time + options.loginDelaySeconds,
+                            (host, process[host], .answer(generation: generation))
+                        )
                     case .writeFiles(let request):
                         inputs.append(.filesWritten(id: request.id, failure: nil))
                     case .saveState(let grant):
@@ -157,8 +170,14 @@ public struct FleetSimulation: Sendable {
                 if options.loginFailureRate > 0, random.unit() < options.loginFailureRate {
                     result = .failure(.httpStatus(503, retryAfter: nil))
                 } else {
-                    let grant = TokenGrant(token: "t", expiresAt: now.addingTimeInterval(options.tokenLifetimeSeconds), obtainedAt: now,
-                                           userId: nil, tenantId: nil, clockSkew: 0)
+                    let grant = TokenGrant(
+                        token: "t",
+                        expiresAt: now.addingTimeInterval(options.tokenLifetimeSeconds),
+                        obtainedAt: now,
+                        userId: nil,
+                        tenantId: nil,
+                        clockSkew: 0
+                    )
                     result = .success(.init(grant: grant, warnings: []))
                 }
                 deliver(.loginFinished(generation: generation, result), to: host, at: time)
@@ -174,7 +193,9 @@ public struct FleetSimulation: Sendable {
             meanPerSecond: measuredSeconds > 0 ? Double(total) / measuredSeconds : 0,
             peakPerSecond: Double(measured.max() ?? 0) / options.bucketSeconds,
             loginsCausedByRestart: restartLogins,
-            loginsPerHostPerHour: measuredSeconds > 0 ? Double(total) / Double(options.hosts) / (measuredSeconds / 3600) : 0)
+            loginsPerHostPerHour: measuredSeconds > 0
+                ? Double(total) / Double(options.hosts) / (measuredSeconds / 3600) : 0
+        )
     }
 }
 

@@ -15,7 +15,12 @@ import Glibc
 /// Temporary files are named `.<name>.tmp-<random>` in the target's directory (rename(2) cannot cross
 /// file systems); a crash can leave one behind, which `removeStaleTemporaryFiles(for:)` deletes.
 public enum AtomicFileWriter {
-    public static func write(_ bytes: [UInt8], to path: String, mode: UInt32, directoryMode: UInt32 = 0o750) throws(SystemError) {
+    public static func write(
+        _ bytes: [UInt8],
+        to path: String,
+        mode: UInt32,
+        directoryMode: UInt32 = 0o750
+    ) throws(SystemError) {
         let (directory, name) = split(path)
         // 1. The parent directory exists, created with `directoryMode` when missing.
         try ensureDirectory(directory, mode: directoryMode)
@@ -73,7 +78,9 @@ public enum AtomicFileWriter {
     static func ensureDirectory(_ directory: String, mode: UInt32) throws(SystemError) {
         var info = stat()
         if stat(directory, &info) == 0 {
-            guard info.st_mode & S_IFMT == S_IFDIR else { throw SystemError("\(directory) is not a directory", errno: nil) }
+            guard info.st_mode & S_IFMT == S_IFDIR else {
+                throw SystemError("\(directory) is not a directory", errno: nil)
+            }
             return
         }
         guard errno == ENOENT else { throw SystemError("stat \(directory)", errno: errno) }

@@ -26,4 +26,3 @@ public enum SmallFile {
         return Contents(bytes: bytes, mode: UInt32(info.st_mode) & 0o7777)
     }
 }
-

@@ -1,10 +1,11 @@
+import Crypto
+import Glibc
+
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-import Crypto
-import Glibc
 
 /// Keeps the last token on disk (mode 0600) so that a restart reuses it instead of logging in.
 public struct StateStore: Sendable {
@@ -65,7 +66,8 @@ public struct StateStore: Sendable {
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .secondsSince1970
         guard let document = try? decoder.decode(Document.self, from: Data(contents.bytes)),
-              document.version == Self.version else {
+            document.version == Self.version
+        else {
             throw LoadProblem.unreadable("not a version \(Self.version) state document")
         }
         guard document.identity == identity else { throw LoadProblem.otherAccount }

@@ -10,10 +10,12 @@ public enum TokenFileInspector {
     /// nil when neither can be found (an opaque token: the caller cannot judge it).
     public static func expiry(of text: String) -> Date? {
         if case .object(let fields)? = try? JSONValue.parse(Array(text.utf8)),
-           case .number(let expires)? = fields["expires"] {
+            case .number(let expires)? = fields["expires"]
+        {
             return Date(timeIntervalSince1970: expires)
         }
-        let token = text.split(separator: "\n").first { $0.hasPrefix("Authorization:") }
+        let token =
+            text.split(separator: "\n").first { $0.hasPrefix("Authorization:") }
             .map { $0.split(separator: " ").last.map(String.init) ?? "" } ?? text
         return JWT.expiry(of: token)
     }

@@ -62,8 +62,10 @@ public struct TokenOutputs: Sendable, Equatable {
             token: grant.token,
             expires: Int64(grant.expiresAt.timeIntervalSince1970.rounded(.down)),
             expiresAt: FormatTime.iso8601(grant.expiresAt),
-            userId: grant.userId, tenantId: grant.tenantId,
-            obtainedAt: FormatTime.iso8601(grant.obtainedAt))
+            userId: grant.userId,
+            tenantId: grant.tenantId,
+            obtainedAt: FormatTime.iso8601(grant.obtainedAt)
+        )
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         // Encoding plain strings and integers cannot fail.

@@ -33,7 +33,11 @@ enum POSIX {
     }
 
     /// One read(2) into `buffer`, retrying EINTR: the count read (0 at the end).
-    static func read(_ fd: Int32, into buffer: inout [UInt8], operation: @autoclosure () -> String) throws(SystemError) -> Int {
+    static func read(
+        _ fd: Int32,
+        into buffer: inout [UInt8],
+        operation: @autoclosure () -> String
+    ) throws(SystemError) -> Int {
         while true {
             let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
             if count >= 0 { return count }

@@ -16,15 +16,25 @@ import Testing
         let recoveryStart = Date()
         let ready = await run.harness.waitUntilReady(timeout: 30) != nil
         let recovery = Date().timeIntervalSince(recoveryStart)
-        await run.finish(ready && attempts <= bound, String(
-            format: "auth server down at start for %.0f s: %d login requests (backoff bound %d), READY %.2f s after it came back",
-            outage, attempts, bound, recovery))
+        await run.finish(
+            ready && attempts <= bound,
+            String(
+                format:
+                    "auth server down at start for %.0f s: %d login requests (backoff bound %d), READY %.2f s after it came back",
+                outage,
+                attempts,
+                bound,
+                recovery
+            )
+        )
     }
 
     @Test func anOutageOfThreeLifetimesRemovesTheTokenAtExpiryAndRecovers() async throws {
         let ttl = 4.0
         let run = try await ChaosRun.start(ttl: ttl)
-        var attempts = 0, bound = 0, recoveries: [TimeInterval] = []
+        var attempts = 0
+        var bound = 0
+        var recoveries: [TimeInterval] = []
         for _ in 0..<ChaosMode.lifetimes(1, long: 10) {
             let before = run.logins
             let token = run.harness.token
@@ -37,9 +47,18 @@ import Testing
             #expect(await run.waitForFreshToken(after: token, timeout: 30))
             recoveries.append(Date().timeIntervalSince(back))
         }
-        await run.finish(attempts <= bound, String(
-            format: "%d outage(s) of 3 lifetimes (%.0f s tokens): %d login requests (backoff bound %d), new token %.2f s after recovery at worst",
-            recoveries.count, ttl, attempts, bound, recoveries.max() ?? -1))
+        await run.finish(
+            attempts <= bound,
+            String(
+                format:
+                    "%d outage(s) of 3 lifetimes (%.0f s tokens): %d login requests (backoff bound %d), new token %.2f s after recovery at worst",
+                recoveries.count,
+                ttl,
+                attempts,
+                bound,
+                recoveries.max() ?? -1
+            )
+        )
     }
 
     @Test func aFlappingServerNeverLeavesAnExpiredTokenToReaders() async throws {
@@ -52,9 +71,19 @@ import Testing
         let after = run.mock.stats
         let requests = after.loginRequests - before.loginRequests
         let issued = after.tokensIssued - before.tokensIssued
-        await run.finish(issued >= lifetimes, String(
-            format: "random 50%% 5xx for %d lifetimes of %.0f s: %d login requests, %d tokens (%.2f per lifetime, %.2f requests per token)",
-            lifetimes, ttl, requests, issued, Double(issued) / Double(lifetimes), Double(requests) / Double(max(issued, 1))))
+        await run.finish(
+            issued >= lifetimes,
+            String(
+                format:
+                    "random 50%% 5xx for %d lifetimes of %.0f s: %d login requests, %d tokens (%.2f per lifetime, %.2f requests per token)",
+                lifetimes,
+                ttl,
+                requests,
+                issued,
+                Double(issued) / Double(lifetimes),
+                Double(requests) / Double(max(issued, 1))
+            )
+        )
     }
 
     @Test func hangingConnectionsTimeOutAndAreRetriedWithinTheBound() async throws {
@@ -73,9 +102,17 @@ import Testing
         run.mock.always(nil)
         let back = Date()
         let recovered = await run.waitForFreshToken(after: token, timeout: 30)
-        await run.finish(recovered && attempts <= bound, String(
-            format: "connections hang for %.0f s (1 s login timeout): %d login requests (bound %d), new token %.2f s after recovery",
-            outage, attempts, bound, Date().timeIntervalSince(back)))
+        await run.finish(
+            recovered && attempts <= bound,
+            String(
+                format:
+                    "connections hang for %.0f s (1 s login timeout): %d login requests (bound %d), new token %.2f s after recovery",
+                outage,
+                attempts,
+                bound,
+                Date().timeIntervalSince(back)
+            )
+        )
     }
 
     @Test func slowAnswersWithinTheTimeoutAreWaitedForNotRepeated() async throws {
@@ -86,9 +123,18 @@ import Testing
         let run = try await ChaosRun.start(ttl: ttl, refresh: refresh, fault: .delay(10))
         try await Task.sleep(for: .seconds(Double(lifetimes) * ttl))
         let stats = run.mock.stats
-        await run.finish(stats.loginRequests == stats.tokensIssued && stats.tokensIssued >= lifetimes, String(
-            format: "every answer 10 s late for %d lifetimes of %.0f s (15 s timeout): %d login requests, %d tokens (%.2f requests per token)",
-            lifetimes, ttl, stats.loginRequests, stats.tokensIssued, Double(stats.loginRequests) / Double(max(stats.tokensIssued, 1))))
+        await run.finish(
+            stats.loginRequests == stats.tokensIssued && stats.tokensIssued >= lifetimes,
+            String(
+                format:
+                    "every answer 10 s late for %d lifetimes of %.0f s (15 s timeout): %d login requests, %d tokens (%.2f requests per token)",
+                lifetimes,
+                ttl,
+                stats.loginRequests,
+                stats.tokensIssued,
+                Double(stats.loginRequests) / Double(max(stats.tokensIssued, 1))
+            )
+        )
     }
 
     @Test func retryAfterIsHonouredInSecondsAndAsAnHTTPDate() async throws {
@@ -105,9 +151,16 @@ import Testing
         let firstWait = times.count > 1 ? times[1] - times[0] : -1
         let notBefore = date.timeIntervalSince1970.rounded(.down)
         let secondEarly = times.count > 2 ? notBefore - times[2] : .infinity
-        await run.finish(ready && times.count == 3 && firstWait >= 1.95 && secondEarly <= 0.05, String(
-            format: "429 with Retry-After: 2 then with an HTTP date: next requests %.2f s later and %.2f s after the date (goal: not before), %d requests",
-            firstWait, -secondEarly, times.count))
+        await run.finish(
+            ready && times.count == 3 && firstWait >= 1.95 && secondEarly <= 0.05,
+            String(
+                format:
+                    "429 with Retry-After: 2 then with an HTTP date: next requests %.2f s later and %.2f s after the date (goal: not before), %d requests",
+                firstWait,
+                -secondEarly,
+                times.count
+            )
+        )
     }
 
     @Test func aPasswordRotatedMidRunIsPickedUpOnSIGHUP() async throws {
@@ -118,7 +171,8 @@ import Testing
         run.mock.update { $0.password = rotated }
         let before = run.logins
         run.child.signal(SIGUSR1)
-        let rejected = await run.harness.notify.waitFor(timeout: 10) { $0.contains("STATUS=") && $0.contains("401") } != nil
+        let rejected =
+            await run.harness.notify.waitFor(timeout: 10) { $0.contains("STATUS=") && $0.contains("401") } != nil
         let window = 3.0
         try await Task.sleep(for: .seconds(window))
         let attempts = run.logins - before
@@ -129,9 +183,19 @@ import Testing
         let reload = Date()
         run.child.signal(SIGHUP)
         let recovered = await run.waitForFreshToken(after: token, timeout: 30)
-        await run.finish(rejected && oldTokenKept && recovered && attempts <= bound, String(
-            format: "password rotated mid-run: 401 in STATUS %@, %d login requests in %.0f s (bound %d), valid token kept %@, new token %.2f s after SIGHUP",
-            rejected ? "yes" : "no", attempts, window, bound, oldTokenKept ? "yes" : "no", Date().timeIntervalSince(reload)))
+        await run.finish(
+            rejected && oldTokenKept && recovered && attempts <= bound,
+            String(
+                format:
+                    "password rotated mid-run: 401 in STATUS %@, %d login requests in %.0f s (bound %d), valid token kept %@, new token %.2f s after SIGHUP",
+                rejected ? "yes" : "no",
+                attempts,
+                window,
+                bound,
+                oldTokenKept ? "yes" : "no",
+                Date().timeIntervalSince(reload)
+            )
+        )
         #expect(!run.harness.child!.allOutput.contains(rotated), "the new password leaked")
     }
 
@@ -146,9 +210,16 @@ import Testing
         let rejectedInLog = run.child.standardError.contains("returned a token that expired")
         run.mock.always(nil)
         let recovered = await run.waitForFreshToken(after: token, timeout: 30)
-        await run.finish(expiredIssued > 0 && recovered, String(
-            format: "the server answers with expired tokens: %d refused (in the log: %@), never written; a good token %@ once it stops",
-            expiredIssued, rejectedInLog ? "yes" : "no", recovered ? "adopted" : "NOT adopted"))
+        await run.finish(
+            expiredIssued > 0 && recovered,
+            String(
+                format:
+                    "the server answers with expired tokens: %d refused (in the log: %@), never written; a good token %@ once it stops",
+                expiredIssued,
+                rejectedInLog ? "yes" : "no",
+                recovered ? "adopted" : "NOT adopted"
+            )
+        )
     }
 
     @Test func anExpiresFieldLaterThanTheJWTExpIsNotBelieved() async throws {
@@ -157,8 +228,15 @@ import Testing
         let run = try await ChaosRun.start(ttl: ttl, fault: MockFault(expiresSkewSeconds: 600))
         try await Task.sleep(for: .seconds(Double(lifetimes) * ttl))
         let issued = run.mock.stats.tokensIssued
-        await run.finish(issued >= lifetimes, String(
-            format: "`expires` 10 min later than the JWT exp, %.0f s tokens for %d lifetimes: %d tokens, rotated by exp",
-            ttl, lifetimes, issued))
+        await run.finish(
+            issued >= lifetimes,
+            String(
+                format:
+                    "`expires` 10 min later than the JWT exp, %.0f s tokens for %d lifetimes: %d tokens, rotated by exp",
+                ttl,
+                lifetimes,
+                issued
+            )
+        )
     }
 }

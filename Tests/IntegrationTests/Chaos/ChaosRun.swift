@@ -23,8 +23,12 @@ struct ChaosRun {
 
     /// Starts the daemon with `fault` applied to every login from the first one (nil: none), and
     /// waits for READY=1 unless `waitUntilReady` is false.
-    static func start(ttl: TimeInterval, refresh: DaemonHarness.Refresh = .chaos, fault: MockFault? = nil,
-                      waitUntilReady: Bool = true) async throws -> ChaosRun {
+    static func start(
+        ttl: TimeInterval,
+        refresh: DaemonHarness.Refresh = .chaos,
+        fault: MockFault? = nil,
+        waitUntilReady: Bool = true
+    ) async throws -> ChaosRun {
         let harness = try await DaemonHarness(ttl: ttl, refresh: refresh)
         harness.mock.always(fault)
         let watcher = TokenWatcher(harness, interval: 0.002)
@@ -52,16 +56,35 @@ struct ChaosRun {
         let seen = watcher.stop()
         let alive = child.isRunning
         let all = held && alive && seen.bad == 0 && seen.expiredReads == 0
-        Scenario.report(all, figures + String(format: "; readers: %d reads, %d bad, %d expired (%.3f s), %d tokens, no token for %.1f s; daemon running: %@",
-                                                  seen.reads, seen.bad, seen.expiredReads, seen.expiredSeconds, seen.tokens,
-                                                  seen.absentSeconds, alive ? "yes" : "no"))
+        Scenario.report(
+            all,
+            figures
+                + String(
+                    format:
+                        "; readers: %d reads, %d bad, %d expired (%.3f s), %d tokens, no token for %.1f s; daemon running: %@",
+                    seen.reads,
+                    seen.bad,
+                    seen.expiredReads,
+                    seen.expiredSeconds,
+                    seen.tokens,
+                    seen.absentSeconds,
+                    alive ? "yes" : "no"
+                )
+        )
         #expect(held, sourceLocation: sourceLocation)
         // The daemon's own account of its end (its log holds no secret: every test checks that).
         let lastLines = child.standardError.split(separator: "\n").suffix(15).joined(separator: "\n")
-        #expect(alive, "the daemon survived; exit \(child.exitStatus.map(String.init) ?? "?"), last log lines:\n\(lastLines)",
-                sourceLocation: sourceLocation)
+        #expect(
+            alive,
+            "the daemon survived; exit \(child.exitStatus.map(String.init) ?? "?"), last log lines:\n\(lastLines)",
+            sourceLocation: sourceLocation
+        )
         #expect(seen.bad == 0, "partial or foreign reads: \(seen.examples)", sourceLocation: sourceLocation)
-        #expect(seen.expiredReads == 0, "a reader held an expired token for \(seen.expiredSeconds) s", sourceLocation: sourceLocation)
+        #expect(
+            seen.expiredReads == 0,
+            "a reader held an expired token for \(seen.expiredSeconds) s",
+            sourceLocation: sourceLocation
+        )
         #expect(seen.reads > 0, "the watcher read the files", sourceLocation: sourceLocation)
         harness.expectNoSecretsInOutput(sourceLocation: sourceLocation)
         await harness.stop()
@@ -70,8 +93,13 @@ struct ChaosRun {
 
 extension DaemonHarness.Refresh {
     /// Refresh at half the lifetime, so that several retries fit before a short test token expires.
-    static let chaos = DaemonHarness.Refresh(refreshAt: 0.5, minRemainingSeconds: 1, jitter: 0.05,
-                                             backoffInitialSeconds: 0.2, backoffMaxSeconds: 1)
+    static let chaos = DaemonHarness.Refresh(
+        refreshAt: 0.5,
+        minRemainingSeconds: 1,
+        jitter: 0.05,
+        backoffInitialSeconds: 0.2,
+        backoffMaxSeconds: 1
+    )
 
     /// The most login attempts the refresh policy allows in `window` seconds of failures: each wait is
     /// at least half its backoff ceiling and never under backoffInitialSeconds; while a valid token
@@ -97,7 +125,8 @@ struct ProcessFigures {
 
     init?(pid: Int32) {
         guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
-              let fds = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd") else { return nil }
+            let fds = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")
+        else { return nil }
         func kiB(_ field: String) -> Int? {
             status.split(separator: "\n").first { $0.hasPrefix(field + ":") }
                 .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") }

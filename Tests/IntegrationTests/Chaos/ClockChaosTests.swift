@@ -24,10 +24,16 @@ import TokenDaemon
     private func runDaemon(_ harness: DaemonHarness, clock: SteppedClock) throws -> Task<Int32, Never> {
         let loader = ConfigurationLoader(environment: [:])
         let daemon = try Daemon(
-            configPath: harness.configPath, loaded: try loader.load(path: harness.configPath),
-            dependencies: .init(loader: loader, clock: SteadyWallClock(wall: { clock.wall() }).now,
-                                watchdogInterval: .seconds(1), version: "test"),
-            logger: Logger(label: "fts-tokend", factory: { _ in SwiftLogNoOpLogHandler() }))
+            configPath: harness.configPath,
+            loaded: try loader.load(path: harness.configPath),
+            dependencies: .init(
+                loader: loader,
+                clock: SteadyWallClock(wall: { clock.wall() }).now,
+                watchdogInterval: .seconds(1),
+                version: "test"
+            ),
+            logger: Logger(label: "fts-tokend", factory: { _ in SwiftLogNoOpLogHandler() })
+        )
         return Task { await daemon.run() }
     }
 
@@ -54,9 +60,19 @@ import TokenDaemon
         #expect(await daemon.value == 0)
         let seen = watcher.stop()
         let held = replaced && removedAfter < 2 && renewed && kept && seen.bad == 0 && seen.expiredReads == 0
-        Scenario.report(held, String(format: "clock stepped 1 h forward, past expiry: old token gone after %.2f s, new token after %.2f s, "
-                                         + "then kept (%d tokens issued); readers: %d reads, %d bad, %d expired",
-                                     removedAfter, renewedAfter, harness.mock.stats.tokensIssued, seen.reads, seen.bad, seen.expiredReads))
+        Scenario.report(
+            held,
+            String(
+                format: "clock stepped 1 h forward, past expiry: old token gone after %.2f s, new token after %.2f s, "
+                    + "then kept (%d tokens issued); readers: %d reads, %d bad, %d expired",
+                removedAfter,
+                renewedAfter,
+                harness.mock.stats.tokensIssued,
+                seen.reads,
+                seen.bad,
+                seen.expiredReads
+            )
+        )
         #expect(held)
         await harness.stop()
     }
@@ -80,9 +96,20 @@ import TokenDaemon
         #expect(await daemon.value == 0)
         let seen = watcher.stop()
         let held = issued >= lifetimes && seen.bad == 0 && seen.expiredReads == 0
-        Scenario.report(held, String(format: "clock stepped 1 h back: %d tokens in %d lifetimes of %.0f s (refreshes kept their pace); "
-                                         + "readers: %d reads, %d bad, %d expired (%.3f s)",
-                                     issued, lifetimes, ttl, seen.reads, seen.bad, seen.expiredReads, seen.expiredSeconds))
+        Scenario.report(
+            held,
+            String(
+                format: "clock stepped 1 h back: %d tokens in %d lifetimes of %.0f s (refreshes kept their pace); "
+                    + "readers: %d reads, %d bad, %d expired (%.3f s)",
+                issued,
+                lifetimes,
+                ttl,
+                seen.reads,
+                seen.bad,
+                seen.expiredReads,
+                seen.expiredSeconds
+            )
+        )
         #expect(held)
         await harness.stop()
     }
@@ -107,9 +134,21 @@ import TokenDaemon
         let renewedAfter = Date().timeIntervalSince(resumed)
         let seen = watcher.stop()
         let held = gone && goneAfter < 1 && renewed && seen.bad == 0 && child.isRunning
-        Scenario.report(held, String(format: "stopped %.0f s (past expiry) then resumed: expired token gone %.3f s after resume, new token after %.2f s; "
-                                         + "readers after resume: %d reads, %d bad, %d expired for %.3f s",
-                                     ttl + 2, goneAfter, renewedAfter, seen.reads, seen.bad, seen.expiredReads, seen.expiredSeconds))
+        Scenario.report(
+            held,
+            String(
+                format:
+                    "stopped %.0f s (past expiry) then resumed: expired token gone %.3f s after resume, new token after %.2f s; "
+                    + "readers after resume: %d reads, %d bad, %d expired for %.3f s",
+                ttl + 2,
+                goneAfter,
+                renewedAfter,
+                seen.reads,
+                seen.bad,
+                seen.expiredReads,
+                seen.expiredSeconds
+            )
+        )
         #expect(held)
         harness.expectNoSecretsInOutput()
         await harness.stop()

@@ -35,10 +35,15 @@ import Testing
         _ = await last.waitForExit(timeout: 10)
         let result = reader.stop()
 
-        let held = result.bad == 0 && result.expiredReads == 0 && leftovers == 0 && loginsCausedByRestarts == 0 && result.reads > 1000
-        Scenario.report(held, "kill -9 ×\(Self.kills) during rotations: \(result.reads) reads, "
-              + "\(result.bad + result.expiredReads) partial/empty/mixed/invalid, \(leftovers) temporary files after the next start, "
-              + "\(loginsCausedByRestarts) logins caused by restarts with a valid state file")
+        let held =
+            result.bad == 0 && result.expiredReads == 0 && leftovers == 0 && loginsCausedByRestarts == 0
+            && result.reads > 1000
+        Scenario.report(
+            held,
+            "kill -9 ×\(Self.kills) during rotations: \(result.reads) reads, "
+                + "\(result.bad + result.expiredReads) partial/empty/mixed/invalid, \(leftovers) temporary files after the next start, "
+                + "\(loginsCausedByRestarts) logins caused by restarts with a valid state file"
+        )
         #expect(result.bad == 0, "\(result.examples)")
         #expect(result.expiredReads == 0)
         #expect(leftovers == 0)

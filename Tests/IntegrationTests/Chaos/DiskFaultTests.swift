@@ -16,7 +16,10 @@ import Testing
         let harness = try await DaemonHarness(ttl: 600)
         let run = harness.folder.file("run")
         try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
-        #expect(try await Command.run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", run]).status == 0)
+        #expect(
+            try await Command.run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", run]).status
+                == 0
+        )
         defer { _ = umount2(run, Int32(MNT_DETACH)) }
 
         let child = try harness.start()
@@ -45,11 +48,16 @@ import Testing
         case .full: try FileManager.default.removeItem(atPath: harness.folder.file("run/filler"))
         case .readOnly: #expect(try await Command.run("/usr/bin/mount", ["-o", "remount,rw", run]).status == 0)
         }
-        let recovered = await eventually(timeout: 30) { harness.token != old && harness.token.map(harness.mock.accepts) == true }
+        let recovered = await eventually(timeout: 30) {
+            harness.token != old && harness.token.map(harness.mock.accepts) == true
+        }
         #expect(recovered)
         #expect(child.standardError.contains("event=write_recovered"))
-        Scenario.report(status != nil && oldIntact && recovered, "outputs on a \(fault.rawValue): "
-              + "old token intact \(oldIntact), failure in STATUS \(status != nil), new token written after recovery \(recovered)")
+        Scenario.report(
+            status != nil && oldIntact && recovered,
+            "outputs on a \(fault.rawValue): "
+                + "old token intact \(oldIntact), failure in STATUS \(status != nil), new token written after recovery \(recovered)"
+        )
         await harness.stop()
     }
 }

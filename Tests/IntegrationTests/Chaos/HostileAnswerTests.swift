@@ -19,21 +19,59 @@ import Testing
 
     static let expires = Int(Date().timeIntervalSince1970) + 3600
     static let cases: [Hostile] = [
-        Hostile(name: "not JSON", body: "token=abc", contentType: "text/plain", error: "answer is not JSON (Content-Type: text/plain)"),
-        Hostile(name: "an HTML page", body: "<html><body>EVIL maintenance</body></html>", contentType: "text/html",
-                error: "answer is not JSON (Content-Type: text/html)"),
+        Hostile(
+            name: "not JSON",
+            body: "token=abc",
+            contentType: "text/plain",
+            error: "answer is not JSON (Content-Type: text/plain)"
+        ),
+        Hostile(
+            name: "an HTML page",
+            body: "<html><body>EVIL maintenance</body></html>",
+            contentType: "text/html",
+            error: "answer is not JSON (Content-Type: text/html)"
+        ),
         Hostile(name: "truncated JSON", body: #"{"token":"EVIL.b.c","expi"#, error: "answer is not JSON"),
-        Hostile(name: "20 MB", body: #"{"token":""# + String(repeating: "E", count: 20 << 20) + #""}"#, error: "answer body larger than 64 KiB"),
-        Hostile(name: "JSON nested 30,000 deep", body: String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000),
-                error: "answer is not JSON"),
-        Hostile(name: "wrong types", body: #"{"token":12345,"expires":"soon"}"#, error: #"answer has no "token" string"#),
-        Hostile(name: "an empty token", body: #"{"token":"","expires":\#(expires)}"#, error: "answer has an unusable token: empty"),
-        Hostile(name: "a token with a newline (header injection)", body: #"{"token":"a.b.c\nX-EVIL: 1","expires":\#(expires)}"#,
-                error: "answer has an unusable token: contains whitespace, control or non-ASCII characters"),
-        Hostile(name: "a token with control characters", body: #"{"token":"a.b\u0007EVIL","expires":\#(expires)}"#,
-                error: "answer has an unusable token: contains whitespace, control or non-ASCII characters"),
-        Hostile(name: "a huge expires", body: #"{"token":"EVIL.b.c","expires":1e300}"#, error: #"answer has an unusable "expires": "#),
-        Hostile(name: "a negative expires", body: #"{"token":"EVIL.b.c","expires":-5}"#, error: #"answer has an unusable "expires": "#),
+        Hostile(
+            name: "20 MB",
+            body: #"{"token":""# + String(repeating: "E", count: 20 << 20) + #""}"#,
+            error: "answer body larger than 64 KiB"
+        ),
+        Hostile(
+            name: "JSON nested 30,000 deep",
+            body: String(repeating: "[", count: 30_000) + String(repeating: "]", count: 30_000),
+            error: "answer is not JSON"
+        ),
+        Hostile(
+            name: "wrong types",
+            body: #"{"token":12345,"expires":"soon"}"#,
+            error: #"answer has no "token" string"#
+        ),
+        Hostile(
+            name: "an empty token",
+            body: #"{"token":"","expires":\#(expires)}"#,
+            error: "answer has an unusable token: empty"
+        ),
+        Hostile(
+            name: "a token with a newline (header injection)",
+            body: #"{"token":"a.b.c\nX-EVIL: 1","expires":\#(expires)}"#,
+            error: "answer has an unusable token: contains whitespace, control or non-ASCII characters"
+        ),
+        Hostile(
+            name: "a token with control characters",
+            body: #"{"token":"a.b\u0007EVIL","expires":\#(expires)}"#,
+            error: "answer has an unusable token: contains whitespace, control or non-ASCII characters"
+        ),
+        Hostile(
+            name: "a huge expires",
+            body: #"{"token":"EVIL.b.c","expires":1e300}"#,
+            error: #"answer has an unusable "expires": "#
+        ),
+        Hostile(
+            name: "a negative expires",
+            body: #"{"token":"EVIL.b.c","expires":-5}"#,
+            error: #"answer has an unusable "expires": "#
+        ),
     ]
 
     @Test(arguments: cases)
@@ -55,8 +93,11 @@ import Testing
         let whole = seen.bad == 0 && seen.expiredReads == 0 && seen.reads > 0
         let echoed = child.allOutput.contains("EVIL")
         let fine = logged && whole && recovered && !echoed && child.isRunning
-        Scenario.report(fine, "auth answer with \(hostile.name): error \"\(hostile.error)\" logged \(logged), token held whole \(whole), "
-                        + "answer echoed \(echoed), next good answer adopted \(recovered)")
+        Scenario.report(
+            fine,
+            "auth answer with \(hostile.name): error \"\(hostile.error)\" logged \(logged), token held whole \(whole), "
+                + "answer echoed \(echoed), next good answer adopted \(recovered)"
+        )
         #expect(logged, "log: \(child.standardError.suffix(600))")
         #expect(whole, "\(seen.bad) bad and \(seen.expiredReads) expired of \(seen.reads) reads: \(seen.examples)")
         #expect(recovered)

@@ -28,10 +28,12 @@ import Testing
         switch setup {
         case .tokenFolderOthersCanWrite:
             chmod(harness.folder.file("run"), 0o777)
-            expected = "outputs.tokenFile.path: the folder \(harness.folder.file("run")) (mode 0777) is writable by other users"
+            expected =
+                "outputs.tokenFile.path: the folder \(harness.folder.file("run")) (mode 0777) is writable by other users"
         case .tokenFolderOfAnotherUser:
             chown(harness.folder.file("run"), 65534, 65534)
-            expected = "outputs.tokenFile.path: the folder \(harness.folder.file("run")) belongs to uid 65534, another user"
+            expected =
+                "outputs.tokenFile.path: the folder \(harness.folder.file("run")) belongs to uid 65534, another user"
         case .worldReadablePasswordFile:
             chmod(harness.folder.file("secrets/password"), 0o644)
             expected = "api.passwordFile: "
@@ -42,11 +44,15 @@ import Testing
         let child = try harness.start()
         let status = await child.waitForExit(timeout: 30)
         let said = child.standardError.contains(expected)
-        let untouched = harness.folder.read("run/token") == "previous-token" && harness.folder.entries("run") == ["token"]
+        let untouched =
+            harness.folder.read("run/token") == "previous-token" && harness.folder.entries("run") == ["token"]
         let logins = harness.mock.stats.loginRequests
         let held = status == 78 && said && untouched && logins == 0
-        Scenario.report(held, "\(setup.rawValue): exit \(status.map(String.init) ?? "none"), message names the problem \(said), "
-                        + "existing token file untouched \(untouched), logins \(logins)")
+        Scenario.report(
+            held,
+            "\(setup.rawValue): exit \(status.map(String.init) ?? "none"), message names the problem \(said), "
+                + "existing token file untouched \(untouched), logins \(logins)"
+        )
         #expect(status == 78)
         #expect(said, "stderr: \(child.standardError.suffix(400)); previous at \(previous)")
         #expect(untouched)
@@ -66,14 +72,19 @@ import Testing
         }
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
-        let untouched = harness.folder.read("victim/passwd") == "root:x:0:0:root:/root:/bin/bash\n" && harness.folder.mode("victim/passwd") == 0o644
+        let untouched =
+            harness.folder.read("victim/passwd") == "root:x:0:0:root:/root:/bin/bash\n"
+            && harness.folder.mode("victim/passwd") == 0o644
         let replaced = ["token", "token.json", "headers"].allSatisfy { name in
             var info = stat()
             return lstat(harness.folder.file("run/" + name), &info) == 0 && info.st_mode & S_IFMT == S_IFREG
         }
         let valid = harness.token.map(harness.mock.accepts) == true
-        Scenario.report(untouched && replaced && valid, "symlinks to a passwd file planted at the three output paths: target untouched \(untouched), "
-                        + "symlinks replaced by regular files \(replaced), token valid \(valid)")
+        Scenario.report(
+            untouched && replaced && valid,
+            "symlinks to a passwd file planted at the three output paths: target untouched \(untouched), "
+                + "symlinks replaced by regular files \(replaced), token valid \(valid)"
+        )
         #expect(untouched)
         #expect(replaced)
         #expect(valid)

@@ -79,13 +79,33 @@ import TokenDaemon
         let fdsBack = end != nil && end?.fds ?? .max <= (baseline?.fds ?? 0) + 1
         let held = alive && seen.bad == 0 && seen.expiredReads == 0 && growth < 1024 && fdsBack
         let faults = Fault.allCases.map { "\($0) ×\(phases[$0] ?? 0)" }.joined(separator: ", ")
-        Scenario.report(held, String(
-            format: "soak %.0f s, %.0f s tokens, seed %llu, faults %@: %d login requests, %d tokens; readers (files and socket): "
-                + "%d reads, %d bad, %d expired, no token for %.1f s; RSS %d KiB after %.0f s warm-up, %d KiB at the end (growth %d KiB); "
-                + "fds %d then %d (peak %d); daemon running: %@",
-            Self.seconds, ttl, seed, faults, stats.loginRequests, stats.tokensIssued, seen.reads, seen.bad, seen.expiredReads,
-            seen.absentSeconds, baseline?.rssKiB ?? -1, warmUp, end?.rssKiB ?? -1, growth, baseline?.fds ?? -1, end?.fds ?? -1,
-            peakFDs, alive ? "yes" : "no"))
+        Scenario.report(
+            held,
+            String(
+                format:
+                    "soak %.0f s, %.0f s tokens, seed %llu, faults %@: %d login requests, %d tokens; readers (files and socket): "
+                    + "%d reads, %d bad, %d expired, no token for %.1f s; RSS %d KiB after %.0f s warm-up, %d KiB at the end (growth %d KiB); "
+                    + "fds %d then %d (peak %d); daemon running: %@",
+                Self.seconds,
+                ttl,
+                seed,
+                faults,
+                stats.loginRequests,
+                stats.tokensIssued,
+                seen.reads,
+                seen.bad,
+                seen.expiredReads,
+                seen.absentSeconds,
+                baseline?.rssKiB ?? -1,
+                warmUp,
+                end?.rssKiB ?? -1,
+                growth,
+                baseline?.fds ?? -1,
+                end?.fds ?? -1,
+                peakFDs,
+                alive ? "yes" : "no"
+            )
+        )
         #expect(alive)
         #expect(seen.bad == 0, "\(seen.examples)")
         #expect(seen.expiredReads == 0)

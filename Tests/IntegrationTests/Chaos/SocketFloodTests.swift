@@ -33,13 +33,16 @@ import Testing
         for _ in 0..<100 {
             let answer = (try? UnixSocketClient.exchange(Self.request, socket: path)) ?? ""
             if answer.hasPrefix("HTTP/1.1 200"), let body = answer.range(of: "\r\n\r\n"),
-               harness.mock.accepts(String(answer[body.upperBound...])) {
+                harness.mock.accepts(String(answer[body.upperBound...]))
+            {
                 served += 1
             }
         }
         // 3. Heads of 1 MB: answered 400 and closed after the first 8 KiB (the rest of the send fails).
         var oversizedRefused = 0
-        let huge = Array(("GET /token HTTP/1.1\r\nHost: x\r\nX-Fill: " + String(repeating: "a", count: 1 << 20) + "\r\n\r\n").utf8)
+        let huge = Array(
+            ("GET /token HTTP/1.1\r\nHost: x\r\nX-Fill: " + String(repeating: "a", count: 1 << 20) + "\r\n\r\n").utf8
+        )
         for _ in 0..<10 {
             let client = try UnixSocketClient(socket: path)
             try? client.send(huge)
@@ -50,16 +53,23 @@ import Testing
         #expect(await eventually { (ProcessFigures(pid: child.pid)?.fds ?? .max) <= baseline.fds })
         for _ in 0..<200 { _ = try UnixSocketClient.exchange(Self.request, socket: path) }
         // The daemon hands the storm's memory back a second after it calmed down.
-        _ = await eventually(timeout: 10) { (ProcessFigures(pid: child.pid)?.anonymousKiB ?? .max) < baseline.anonymousKiB + 256 }
+        _ = await eventually(timeout: 10) {
+            (ProcessFigures(pid: child.pid)?.anonymousKiB ?? .max) < baseline.anonymousKiB + 256
+        }
         let after = try #require(ProcessFigures(pid: child.pid))
 
         let growth = after.rssKiB - baseline.rssKiB
         let anonymousGrowth = after.anonymousKiB - baseline.anonymousKiB
-        let held = served == 100 && oversizedRefused == 10 && after.fds <= baseline.fds && growth < 1024 && anonymousGrowth < 1024 && child.isRunning
-        Scenario.report(held, "1000 slowloris connections at once: \(served)/100 other clients served meanwhile, "
-                        + "\(oversizedRefused)/10 heads of 1 MB refused; RSS \(baseline.rssKiB) KiB before, \(during?.rssKiB ?? -1) KiB during, "
-                        + "\(after.rssKiB) KiB after (growth \(growth) KiB, anonymous \(anonymousGrowth) KiB); "
-                        + "fds \(baseline.fds) before, \(during?.fds ?? -1) during, \(after.fds) after")
+        let held =
+            served == 100 && oversizedRefused == 10 && after.fds <= baseline.fds && growth < 1024
+            && anonymousGrowth < 1024 && child.isRunning
+        Scenario.report(
+            held,
+            "1000 slowloris connections at once: \(served)/100 other clients served meanwhile, "
+                + "\(oversizedRefused)/10 heads of 1 MB refused; RSS \(baseline.rssKiB) KiB before, \(during?.rssKiB ?? -1) KiB during, "
+                + "\(after.rssKiB) KiB after (growth \(growth) KiB, anonymous \(anonymousGrowth) KiB); "
+                + "fds \(baseline.fds) before, \(during?.fds ?? -1) during, \(after.fds) after"
+        )
         #expect(served == 100)
         #expect(oversizedRefused == 10)
         #expect(after.fds <= baseline.fds)

@@ -48,27 +48,44 @@ final class TokenWatcher: @unchecked Sendable {
         }
         var sources: [(name: String, fetch: () -> Data?, extract: (Data) -> String?)] = [
             ("token", file("token"), { String(decoding: $0, as: UTF8.self) }),
-            ("headers", file("headers"), { data in
-                let text = String(decoding: data, as: UTF8.self)
-                guard text.hasSuffix("\n"), let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Authorization: ") }) else { return nil }
-                return line.split(separator: " ").last.map(String.init)
-            }),
-            ("token.json", file("token.json"), { data in
-                (try? JSONSerialization.jsonObject(with: data) as? [String: Any])?["token"] as? String
-            }),
+            (
+                "headers", file("headers"),
+                { data in
+                    let text = String(decoding: data, as: UTF8.self)
+                    guard text.hasSuffix("\n"),
+                        let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Authorization: ") })
+                    else { return nil }
+                    return line.split(separator: " ").last.map(String.init)
+                }
+            ),
+            (
+                "token.json", file("token.json"),
+                { data in
+                    (try? JSONSerialization.jsonObject(with: data) as? [String: Any])?["token"] as? String
+                }
+            ),
         ]
         if socket {
             let path = harness.socketPath
             // 503 while the daemon holds no valid token: absent, like the files.
-            sources.append(("socket /token", {
-                let answer = try? UnixSocketClient.exchange(Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8), socket: path)
-                guard let answer, !answer.hasPrefix("HTTP/1.1 503") else { return nil }
-                return Data(answer.utf8)
-            }, { data in
-                let text = String(decoding: data, as: UTF8.self)
-                guard text.hasPrefix("HTTP/1.1 200"), let body = text.range(of: "\r\n\r\n") else { return nil }
-                return String(text[body.upperBound...])
-            }))
+            sources.append(
+                (
+                    "socket /token",
+                    {
+                        let answer = try? UnixSocketClient.exchange(
+                            Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
+                            socket: path
+                        )
+                        guard let answer, !answer.hasPrefix("HTTP/1.1 503") else { return nil }
+                        return Data(answer.utf8)
+                    },
+                    { data in
+                        let text = String(decoding: data, as: UTF8.self)
+                        guard text.hasPrefix("HTTP/1.1 200"), let body = text.range(of: "\r\n\r\n") else { return nil }
+                        return String(text[body.upperBound...])
+                    }
+                )
+            )
         }
         self.sources = sources
         Thread { [self] in watch() }.start()
@@ -84,7 +101,8 @@ final class TokenWatcher: @unchecked Sendable {
                     if index == 0 { record(&previous, at: instant, expired: false, absent: started) }
                     continue
                 }
-                let verdict: MockFTSServer.TokenVerdict = source.extract(data).map { self.verdict(on: $0, at: instant) } ?? .unknown
+                let verdict: MockFTSServer.TokenVerdict =
+                    source.extract(data).map { self.verdict(on: $0, at: instant) } ?? .unknown
                 lock.withLock {
                     result.reads += 1
                     if verdict == .unknown {
@@ -107,7 +125,12 @@ final class TokenWatcher: @unchecked Sendable {
     }
 
     /// Adds the time since the previous token-file read to the state that read saw.
-    private func record(_ previous: inout (instant: Date, expired: Bool, absent: Bool)?, at instant: Date, expired: Bool, absent: Bool) {
+    private func record(
+        _ previous: inout (instant: Date, expired: Bool, absent: Bool)?,
+        at instant: Date,
+        expired: Bool,
+        absent: Bool
+    ) {
         if let last = previous {
             let elapsed = instant.timeIntervalSince(last.instant)
             lock.withLock {
