@@ -230,23 +230,70 @@ import TokenDaemon
         await harness.stop()
     }
 
-    @Test func whenEverySlotHoldsALongPollANewConnectionIsRefused() async throws {
-        let harness = try await DaemonHarness(socket: #""maxConnections": 2"#)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
+    /// Long polls by `users` (uid = gid), each in its own curl; returns the tasks, whose value is the
+    /// answer's status.
+    static func longPolls(
+        _ harness: DaemonHarness,
+        after fingerprint: Substring,
+        users: [UInt32]
+    ) -> [Task<Int, any Error>] {
+        // Let the other users reach the socket file; the daemon's own rules are what is tested.
+        chmod(harness.folder.path, 0o711)
+        chmod(harness.folder.file("run"), 0o711)
+        chmod(harness.socketPath, 0o666)
+        return users.map { uid in
+            Task {
+                try await Command.curl(
+                    "/token?wait=60&after=\(fingerprint)",
+                    socket: harness.socketPath,
+                    as: (uid, uid)
+                ).status
+            }
+        }
+    }
+
+    static func fingerprint(_ harness: DaemonHarness) async throws -> Substring {
         let headers = try await Command.curl("/token", socket: harness.socketPath).headers
-        let fingerprint = try #require(
+        return try #require(
             headers.split(whereSeparator: \.isNewline)
                 .first { $0.lowercased().hasPrefix("x-token-fingerprint:") }?.split(separator: " ").last
         )
-        let waiting = try (0..<2).map { _ in try UnixSocketClient(socket: harness.socketPath) }
-        for client in waiting {
-            try client.send(Array("GET /token?wait=60&after=\(fingerprint) HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
-        }
-        try await Task.sleep(for: .milliseconds(300))
+    }
+
+    @Test func whenEverySlotHoldsALongPollANewConnectionIsRefused() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: #""maxConnections": 2"#)
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        // Two users, one long poll each (a user may hold a quarter of the slots, at least one).
+        let polls = Self.longPolls(harness, after: try await Self.fingerprint(harness), users: [65534, 65533])
+        #expect(await eventually { child.standardError.components(separatedBy: "event=long_poll").count == 3 })
         let extra = try UnixSocketClient(socket: harness.socketPath)
         #expect(extra.waitForClose(timeout: 10), "refused: no slot is idle")
-        #expect(waiting.allSatisfy { !$0.waitForClose(timeout: 0.2) }, "the long polls go on")
+        // The long polls go on: a new token answers both.
+        child.signal(SIGUSR1)
+        for poll in polls { #expect(try await poll.value == 200) }
+        await harness.stop()
+    }
+
+    @Test func oneUserCannotHoldMoreThanAQuarterOfTheSlotsInLongPolls() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: #""maxConnections": 8"#)
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let fingerprint = try await Self.fingerprint(harness)
+        let polls = Self.longPolls(harness, after: fingerprint, users: [65534, 65534])
+        #expect(await eventually { child.standardError.components(separatedBy: "event=long_poll").count == 3 })
+        // A third wait by the same user is refused at once; another user's is not.
+        let third = try await Command.curl(
+            "/token?wait=60&after=\(fingerprint)",
+            socket: harness.socketPath,
+            as: (65534, 65534)
+        )
+        #expect(third.status == 429)
+        #expect(third.headers.lowercased().contains("retry-after: 5"))
+        let other = Self.longPolls(harness, after: fingerprint, users: [65533])
+        #expect(await eventually { child.standardError.components(separatedBy: "event=long_poll").count == 4 })
+        child.signal(SIGUSR1)
+        for poll in polls + other { #expect(try await poll.value == 200) }
         await harness.stop()
     }
 

@@ -24,6 +24,45 @@ public final class UnixSocketClient {
         }
     }
 
+    /// How `flood` ended.
+    public enum FloodEnd: Equatable, Sendable {
+        /// Everything was sent.
+        case sent
+        /// The server closed the connection (EPIPE or ECONNRESET).
+        case closedByServer
+        /// The server took nothing for `stallTimeout`.
+        case stalled
+    }
+
+    /// Sends `chunk` again and again without ever reading, up to `total` bytes; calls `between`
+    /// after each chunk. Returns how it ended and how many bytes the server took.
+    public func flood(
+        _ chunk: [UInt8],
+        total: Int,
+        stallTimeout: TimeInterval,
+        between: () -> Void = {}
+    ) -> (FloodEnd, sent: Int) {
+        var sent = 0
+        while sent < total {
+            var offset = 0
+            while offset < chunk.count {
+                var poller = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                guard poll(&poller, 1, Int32(stallTimeout * 1000)) > 0 else { return (.stalled, sent) }
+                let count = chunk[offset...].withUnsafeBytes {
+                    Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+                }
+                if count < 0 {
+                    if errno == EAGAIN || errno == EINTR { continue }
+                    return (errno == EPIPE || errno == ECONNRESET ? .closedByServer : .stalled, sent)
+                }
+                offset += count
+                sent += count
+            }
+            between()
+        }
+        return (.sent, sent)
+    }
+
     public func shutdownWrite() {
         Glibc.shutdown(fd, Int32(SHUT_WR))
     }

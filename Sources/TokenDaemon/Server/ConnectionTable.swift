@@ -19,7 +19,8 @@ final class ConnectionTable: Sendable {
         let channel: any Channel
         /// Last request head seen (or the accept).
         var lastActive: NIODeadline
-        var waiting = false
+        /// In a long poll, for this peer uid (nil: unknown).
+        var waiting: UInt32?? = nil
     }
 
     private struct State {
@@ -27,6 +28,13 @@ final class ConnectionTable: Sendable {
         var entries: [ObjectIdentifier: Entry] = [:]
         /// Most connections open at once since the table was last nearly empty.
         var peak = 0
+        /// Long polls per peer uid (the key nil: peers whose uid could not be read).
+        var waitsByUID: [UInt32?: Int] = [:]
+
+        mutating func release(_ uid: UInt32?) {
+            let remaining = waitsByUID[uid, default: 1] - 1
+            waitsByUID[uid] = remaining > 0 ? remaining : nil
+        }
     }
 
     /// A burst that opened at least this many connections counts as a storm (see `remove`).
@@ -54,7 +62,7 @@ final class ConnectionTable: Sendable {
             var evicted: [any Channel] = []
             while state.entries.count >= state.capacity {
                 guard
-                    let oldest = state.entries.lazy.filter({ !$0.value.waiting }).min(by: {
+                    let oldest = state.entries.lazy.filter({ $0.value.waiting == nil }).min(by: {
                         $0.value.lastActive < $1.value.lastActive
                     }),
                     let closed = state.entries.removeValue(forKey: oldest.key)?.channel
@@ -76,9 +84,30 @@ final class ConnectionTable: Sendable {
         state.withLockedValue { $0.entries[ObjectIdentifier(channel)]?.lastActive = now }
     }
 
-    /// `channel` started (true) or ended (false) a long poll.
-    func setWaiting(_ channel: any Channel, _ waiting: Bool) {
-        state.withLockedValue { $0.entries[ObjectIdentifier(channel)]?.waiting = waiting }
+    /// Most long polls one peer uid may hold: a quarter of the table, so that one user cannot make
+    /// every slot a wait, which is never evicted.
+    static func waitsPerUID(capacity: Int) -> Int { max(1, capacity / 4) }
+
+    /// `channel` starts a long poll for peer `uid`; false when that uid holds `waitsPerUID` already.
+    func beginWait(_ channel: any Channel, uid: UInt32?) -> Bool {
+        state.withLockedValue { state in
+            let id = ObjectIdentifier(channel)
+            guard state.entries[id] != nil, state.entries[id]?.waiting == nil else { return true }
+            guard state.waitsByUID[uid, default: 0] < Self.waitsPerUID(capacity: state.capacity) else { return false }
+            state.waitsByUID[uid, default: 0] += 1
+            state.entries[id]?.waiting = .some(uid)
+            return true
+        }
+    }
+
+    /// `channel`'s long poll ended.
+    func endWait(_ channel: any Channel) {
+        state.withLockedValue { state in
+            let id = ObjectIdentifier(channel)
+            guard case .some(let uid) = state.entries[id]?.waiting else { return }
+            state.entries[id]?.waiting = nil
+            state.release(uid)
+        }
     }
 
     /// `channel` closed. Checks identity: an evicted channel's slot may already belong to another.
@@ -88,7 +117,11 @@ final class ConnectionTable: Sendable {
     func remove(_ channel: any Channel) -> Bool {
         state.withLockedValue { state in
             let id = ObjectIdentifier(channel)
-            if state.entries[id]?.channel === channel { state.entries.removeValue(forKey: id) }
+            if state.entries[id]?.channel === channel, let removed = state.entries.removeValue(forKey: id),
+                case .some(let uid) = removed.waiting
+            {
+                state.release(uid)
+            }
             guard state.entries.count <= Self.calmSize else { return false }
             defer { state.peak = state.entries.count }
             return state.peak >= Self.stormSize

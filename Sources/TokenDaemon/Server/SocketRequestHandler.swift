@@ -32,8 +32,16 @@ struct RawPeerCredentials: Sendable {
 /// (`HTTPResponseBytes`): a token from the board's pre-encoded response, in one write. Answers go
 /// out in request order: a request pipelined behind a long poll waits for it (up to
 /// `maxQueued`, then the connection is closed).
-final class SocketRequestHandler: ChannelInboundHandler {
+///
+/// A client that sends requests without reading the answers cannot make the daemon hold them:
+/// 1. while the channel is not writable (more than the high watermark, 64 KiB, waits for the
+///    kernel), no more is read from the connection, as NIO's pipelining handler does;
+/// 2. requests already read and decoded still get answers; once more than `maxUnwritable` of them
+///    were written while the channel was not writable, the connection is closed and its answers
+///    dropped. A connection thus holds at most the watermark plus that many answers.
+final class SocketRequestHandler: ChannelDuplexHandler {
     typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     /// Longest long poll a client may ask for.
@@ -42,6 +50,8 @@ final class SocketRequestHandler: ChannelInboundHandler {
     static let maxTargetLength = 2048
     /// Requests a client may pipeline behind a long poll.
     static let maxQueued = 8
+    /// Answers written while the channel could take no more before the connection is closed.
+    static let maxUnwritable = 16
 
     private let board: TokenBoard
     private let connections: ConnectionTable
@@ -57,6 +67,10 @@ final class SocketRequestHandler: ChannelInboundHandler {
     private var pending: (id: Int, timeout: Scheduled<Void>)?
     /// Requests that arrived while a long poll was pending, answered after it.
     private var queued: [HTTPRequestHead] = []
+    /// A read was asked for while the channel was not writable; it is passed on once it is.
+    private var readHeld = false
+    /// Answers written since the channel stopped being writable.
+    private var writtenUnwritable = 0
 
     init(
         board: TokenBoard,
@@ -93,6 +107,46 @@ final class SocketRequestHandler: ChannelInboundHandler {
         context.fireChannelInactive()
     }
 
+    // MARK: Backpressure (see the type's comment)
+
+    func read(context: ChannelHandlerContext) {
+        guard context.channel.isWritable else {
+            readHeld = true
+            return
+        }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            writtenUnwritable = 0
+            if readHeld {
+                readHeld = false
+                context.read()
+            }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Every answer goes out here. `thenClose`: the connection closes once it is written.
+    private func send(_ answer: ByteBuffer, context: ChannelHandlerContext, thenClose: Bool = false) {
+        if !context.channel.isWritable {
+            writtenUnwritable += 1
+            guard writtenUnwritable <= Self.maxUnwritable else {
+                metrics.socketConnectionDropped("unread")
+                context.close(promise: nil)
+                return
+            }
+        }
+        guard thenClose else {
+            context.writeAndFlush(wrapOutboundOut(answer), promise: nil)
+            return
+        }
+        context.writeAndFlush(wrapOutboundOut(answer)).whenComplete { [channel = context.channel] _ in
+            channel.close(promise: nil)
+        }
+    }
+
     /// A malformed or oversized request (the decoder's error): answered 400 and closed, as nothing
     /// after it on this connection can be trusted to line up.
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -104,9 +158,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
             body: ByteBuffer(string: #"{"error":"malformed request"}"# + "\n"),
             keepAlive: false
         )
-        context.writeAndFlush(wrapOutboundOut(answer)).whenComplete { [channel = context.channel] _ in
-            channel.close(promise: nil)
-        }
+        send(answer, context: context, thenClose: true)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -234,7 +286,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
         }
         if head.method == .GET, head.version == .http1_1, head.isKeepAlive {
             metrics.socketRequest(path: resource.path, status: 200)
-            context.writeAndFlush(wrapOutboundOut(entry.keepAliveResponse(resource)), promise: nil)
+            send(entry.keepAliveResponse(resource), context: context)
             return
         }
         respond(
@@ -266,12 +318,23 @@ final class SocketRequestHandler: ChannelInboundHandler {
                 handler.answerQueued(context: context)
             }
         }
+        guard connections.beginWait(context.channel, uid: peer?.uid) else {
+            return respond(
+                .tooManyRequests,
+                path: resource.path,
+                json: #"{"error":"too many long polls by this user"}"#,
+                head: head,
+                context: context,
+                extra: [("Retry-After", "5")]
+            )
+        }
         guard let id = board.wait(after: after, now: clock(), wake: answer) else {
+            connections.endWait(context.channel)
             return serveToken(head, resource: resource, now: clock(), context: context)
         }
         let timeout = loop.scheduleTask(in: .milliseconds(Int64(wait * 1000))) { answer() }
         pending = (id, timeout)
-        connections.setWaiting(context.channel, true)
+        logger.debug("long poll", metadata: ["event": "long_poll", "uid": "\(peer.map { "\($0.uid)" } ?? "?")"])
     }
 
     /// Answers what was pipelined behind a long poll, until another long poll is pending.
@@ -286,7 +349,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
         self.pending = nil
         pending.timeout.cancel()
         board.cancelWait(pending.id)
-        connections.setWaiting(context.channel, false)
+        connections.endWait(context.channel)
     }
 
     private func isAllowed() -> Bool {
@@ -336,10 +399,7 @@ final class SocketRequestHandler: ChannelInboundHandler {
             keepAlive: keepAlive,
             includeBody: head.method != .HEAD
         )
-        let done = context.writeAndFlush(wrapOutboundOut(answer))
-        if !keepAlive {
-            done.whenComplete { [channel = context.channel] _ in channel.close(promise: nil) }
-        }
+        send(answer, context: context, thenClose: !keepAlive)
     }
 
     static func split(_ uri: String) -> (path: String, query: [String: String]) {

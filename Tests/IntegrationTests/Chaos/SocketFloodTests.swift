@@ -8,6 +8,48 @@ import Testing
 @Suite struct SocketFloodTests {
     static let request = Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8)
 
+    /// A client pipelines `GET /metrics` (the largest answer) and never reads: the daemon must not
+    /// hold the answers (before the fix: 15 MB of requests grew it by 1.8 GiB, then the OOM killer).
+    @Test func aClientThatPipelinesWithoutReadingIsCutOffAndCostsNoMemory() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let path = harness.socketPath
+        for _ in 0..<200 { _ = try UnixSocketClient.exchange(Self.request, socket: path) }
+        let baseline = try #require(ProcessFigures(pid: child.pid))
+
+        let flooder = try UnixSocketClient(socket: path)
+        let requests = Array(String(repeating: "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", count: 2048).utf8)
+        var peakKiB = baseline.rssKiB
+        var served = 0
+        func serveAnother() {
+            if (try? UnixSocketClient.exchange(Self.request, socket: path))?.hasPrefix("HTTP/1.1 200") == true {
+                served += 1
+            }
+        }
+        let (end, sent) = flooder.flood(requests, total: 50 << 20, stallTimeout: 10) {
+            peakKiB = max(peakKiB, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
+            serveAnother()  // meanwhile another process asks for the token
+        }
+        serveAnother()
+        // However the flood ended, the daemon closes that connection (at once when it stops
+        // reading with answers piling up, else at the idle timeout) and serves the others.
+        let closed = end == .closedByServer || flooder.waitForClose(timeout: 60)
+        peakKiB = max(peakKiB, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
+        let after = (try? UnixSocketClient.exchange(Self.request, socket: path))?.hasPrefix("HTTP/1.1 200") == true
+        let growthKiB = peakKiB - baseline.rssKiB
+        let metrics = try await Command.curl("/metrics", socket: path).body
+        let held = closed && growthKiB < 5 * 1024 && served > 0 && after && child.isRunning
+        Scenario.report(
+            held,
+            "a client pipelined GET /metrics without reading: the daemon took \(sent / 1024) KiB of requests (\(end)), "
+                + "peak RSS +\(growthKiB) KiB, connection closed: \(closed), \(served) other requests served meanwhile, "
+                + "dropped as unread: \(metrics.contains(#"reason="unread""#))"
+        )
+        #expect(held)
+        await harness.stop()
+    }
+
     @Test func aThousandHostileConnectionsLeaveOthersServedAndNothingBehind() async throws {
         let harness = try await DaemonHarness(ttl: 600, socket: "")
         let child = try harness.start()
