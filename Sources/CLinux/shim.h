@@ -4,11 +4,16 @@
 // glibc headers and constants that Swift's Glibc module leaves out.
 #include <malloc.h>        // malloc_trim(3), for the socket server
 #include <sys/signalfd.h>  // signalfd(2), for the daemon's signals
+#include <sys/pidfd.h>     // pidfd_open(2), pidfd_send_signal(2) (glibc 2.36), for onRotate signals
 
 // O_PATH (open(2)) is defined by <fcntl.h> only under _GNU_SOURCE; its value is the kernel's ABI.
 #ifndef O_PATH
 #define O_PATH 010000000
 #endif
 static const int clinux_O_PATH = O_PATH;
+
+// A process named by a descriptor, so that a signal cannot reach a process that took its pid since.
+static inline int clinux_pidfd_open(pid_t pid) { return pidfd_open(pid, 0); }
+static inline int clinux_pidfd_send_signal(int pidfd, int sig) { return pidfd_send_signal(pidfd, sig, 0, 0); }
 
 #endif

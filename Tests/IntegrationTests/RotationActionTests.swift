@@ -75,6 +75,62 @@ import Testing
         await harness.stop()
     }
 
+    /// Whoever can write or replace a signal action's pidFile chooses what the daemon signals, and a
+    /// FIFO there froze the event loop in open(2) (socket and watchdog silent). Each hostile pidFile
+    /// is refused with its reason; nothing is signalled; the daemon keeps answering.
+    @Test func hostilePidFilesAreRefusedAndNothingIsSignalled() async throws {
+        let folder = try TemporaryDirectory()
+        let sibling = try await DaemonHarness(ttl: 600)
+        let siblingChild = try sibling.start()
+        #expect(await sibling.waitUntilReady() != nil)
+        // A bystander that must not receive the TERM: its pid behind a symlink and in files others may write.
+        let bystander = try Spawned(
+            "/bin/sleep",
+            ["600"],
+            environment: [:],
+            standardOutput: "/dev/null",
+            standardError: "/dev/null"
+        )
+        try folder.write("bystander.pid", "\(bystander.pid)\n", mode: 0o644)
+        symlink(folder.file("bystander.pid"), folder.file("link.pid"))
+        try folder.write("writable.pid", "\(bystander.pid)\n", mode: 0o666)
+        try folder.write("grouped.pid", "\(bystander.pid)\n", mode: 0o664)
+        try folder.write("foreign.pid", "\(bystander.pid)\n", mode: 0o644)
+        chown(folder.file("foreign.pid"), 65534, 65534)
+        try folder.write("sibling.pid", "\(siblingChild.pid)\n", mode: 0o644)
+        mkfifo(folder.file("fifo.pid"), 0o600)
+        let cases = ["fifo", "link", "writable", "grouped", "foreign", "sibling", "self"]
+        let actions = cases.map { name in "{ \"signal\": \"TERM\", \"pidFile\": \"\(folder.file(name + ".pid"))\" }" }
+        let harness = try await DaemonHarness(
+            ttl: 600,
+            socket: "",
+            extraConfig: #""onRotate": [\#(actions.joined(separator: ", "))]"#
+        )
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        try folder.write("self.pid", "\(child.pid)\n", mode: 0o644)
+        child.signal(SIGUSR1)  // a second rotation, now that self.pid names the daemon
+        #expect(
+            await eventually {
+                child.standardError.components(separatedBy: "event=rotate_action_failed").count > 2 * cases.count
+            }
+        )
+        let log = child.standardError
+        for reason in [
+            "fifo.pid is not a regular file", "link.pid: Too many levels of symbolic links",
+            "writable.pid is writable by group or others", "grouped.pid is writable by group or others",
+            "foreign.pid belongs to uid 65534", "another fts-tokend", "self.pid names the daemon itself",
+        ] {
+            #expect(log.contains(reason), "\(reason)")
+        }
+        #expect(!log.contains("event=rotate_action_ok"))
+        #expect(try await Command.curl("/healthz", socket: harness.socketPath).status == 200, "the loop still answers")
+        #expect(child.isRunning && siblingChild.isRunning)
+        #expect(kill(bystander.pid, 0) == 0, "the bystander got no signal")
+        await harness.stop()
+        await sibling.stop()
+    }
+
     @Test func aTokenReusedAtStartRunsNoActions() async throws {
         let folder = try TemporaryDirectory()
         let harness = try await DaemonHarness(

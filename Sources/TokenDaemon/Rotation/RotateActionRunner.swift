@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import Logging
 import NIOCore
@@ -116,24 +117,70 @@ public struct RotateActionRunner: Sendable {
     }
 
     static func signal(_ number: Int32, name: String, pidFile: String, logger: Logger) {
-        let pid: Int32
         do {
-            let text = String(decoding: try SmallFile.read(pidFile, limit: 64).bytes, as: UTF8.self)
-            guard let parsed = Int32(text.filter { !$0.isWhitespace }), parsed > 1 else {
-                throw SystemError("\(pidFile) does not hold a process ID", errno: nil)
+            let pid = try signalTarget(pidFile: pidFile)
+            // 4. The process is pinned by a descriptor before it is checked: if it ends and its
+            // pid is taken by another, the signal fails instead of reaching that one.
+            let pidfd = clinux_pidfd_open(pid)
+            guard pidfd >= 0 else { throw SystemError("process \(pid) from \(pidFile)", errno: errno) }
+            defer { close(pidfd) }
+            try checkIsNotADaemon(pid, pidFile: pidFile)
+            guard clinux_pidfd_send_signal(pidfd, number) == 0 else {
+                throw SystemError("SIG\(name) to \(pid)", errno: errno)
             }
-            pid = parsed
+            logger.info("onRotate: sent SIG\(name) to \(pid)", metadata: ["event": "rotate_action_ok"])
         } catch {
             logger.error("onRotate: cannot send SIG\(name): \(error)", metadata: ["event": "rotate_action_failed"])
-            return
         }
-        guard kill(pid, number) == 0 else {
-            logger.error(
-                "onRotate: SIG\(name) to \(pid) failed: \(SystemError("kill", errno: errno))",
-                metadata: ["event": "rotate_action_failed"]
+    }
+
+    /// The process ID in a `pidFile`, read as nobody else can have arranged it:
+    /// 1. opened with O_NOFOLLOW (a symlink is refused) and O_NONBLOCK (a FIFO cannot hold the
+    ///    event loop in open(2)), then fstat'ed: it must be a regular file;
+    /// 2. owned by root or the daemon's user and writable by neither group nor others: whoever can
+    ///    write it chooses which process the daemon signals;
+    /// 3. a whole number above 1, and not the daemon's own pid.
+    static func signalTarget(pidFile: String) throws(SystemError) -> pid_t {
+        let fd = open(pidFile, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError("open \(pidFile)", errno: errno) }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw SystemError("fstat \(pidFile)", errno: errno) }
+        guard info.st_mode & S_IFMT == S_IFREG else {
+            throw SystemError("\(pidFile) is not a regular file", errno: nil)
+        }
+        guard info.st_uid == 0 || info.st_uid == geteuid() else {
+            throw SystemError(
+                "\(pidFile) belongs to uid \(info.st_uid): only root or this user (uid \(geteuid())) may name the process to signal",
+                errno: nil
             )
-            return
         }
-        logger.info("onRotate: sent SIG\(name) to \(pid)", metadata: ["event": "rotate_action_ok"])
+        guard info.st_mode & 0o022 == 0 else {
+            throw SystemError(
+                "\(pidFile) is writable by group or others (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))), "
+                    + "who could name any process: remove their write permission",
+                errno: nil
+            )
+        }
+        var bytes = [UInt8](repeating: 0, count: 64)
+        let count = try POSIX.read(fd, into: &bytes, operation: "read \(pidFile)")
+        let text = String(decoding: bytes[0..<count], as: UTF8.self).filter { !$0.isWhitespace }
+        guard let pid = Int32(text), pid > 1 else {
+            throw SystemError("\(pidFile) does not hold a process ID", errno: nil)
+        }
+        guard pid != getpid() else { throw SystemError("\(pidFile) names the daemon itself", errno: nil) }
+        return pid
+    }
+
+    /// Refuses another fts-tokend (a sibling instance): the same executable as this process.
+    static func checkIsNotADaemon(_ pid: pid_t, pidFile: String) throws(SystemError) {
+        func executable(_ process: String) -> String? {
+            var buffer = [CChar](repeating: 0, count: Int(PATH_MAX))
+            let count = readlink("/proc/\(process)/exe", &buffer, buffer.count - 1)
+            return count > 0 ? String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : nil
+        }
+        if let own = executable("self"), executable(String(pid)) == own {
+            throw SystemError("\(pidFile) names \(pid), another fts-tokend", errno: nil)
+        }
     }
 }
