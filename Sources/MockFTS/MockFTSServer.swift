@@ -84,10 +84,13 @@ public final class MockFTSServer: Sendable {
     public struct TLSFiles: Sendable {
         public var certificateChain: String
         public var privateKey: String
+        /// The newest protocol the mock offers (an outdated server, for the client's minimum).
+        public var maximumVersion: TLSVersion?
 
-        public init(certificateChain: String, privateKey: String) {
+        public init(certificateChain: String, privateKey: String, maximumVersion: TLSVersion? = nil) {
             self.certificateChain = certificateChain
             self.privateKey = privateKey
+            self.maximumVersion = maximumVersion
         }
     }
 
@@ -95,14 +98,15 @@ public final class MockFTSServer: Sendable {
     /// speaks HTTPS.
     public func start(host: String = "127.0.0.1", port: Int = 0, tls: TLSFiles? = nil) async throws -> Int {
         let context = try tls.map { files in
-            try NIOSSLContext(
-                configuration: .makeServerConfiguration(
-                    certificateChain: try NIOSSLCertificate.fromPEMFile(files.certificateChain).map {
-                        .certificate($0)
-                    },
-                    privateKey: .privateKey(try NIOSSLPrivateKey(file: files.privateKey, format: .pem))
-                )
+            var configuration = TLSConfiguration.makeServerConfiguration(
+                certificateChain: try NIOSSLCertificate.fromPEMFile(files.certificateChain).map { .certificate($0) },
+                privateKey: .privateKey(try NIOSSLPrivateKey(file: files.privateKey, format: .pem))
             )
+            if let maximum = files.maximumVersion {
+                configuration.maximumTLSVersion = maximum
+                configuration.minimumTLSVersion = .tlsv1
+            }
+            return try NIOSSLContext(configuration: configuration)
         }
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.backlog, value: 64)

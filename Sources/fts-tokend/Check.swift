@@ -31,6 +31,7 @@ struct Check: AsyncParsableCommand {
         }
         let configuration = loaded.configuration
         Console.out("configuration OK: \(options.config)")
+        for warning in loaded.warnings { Console.out("warning: \(warning)") }
         Console.out("  login:   POST \(configuration.api.tokenURL)")
         Console.out(
             "  outputs: \(configuration.outputs.files.map { "\($0.path) (\(FileMode.format($0.mode)))" }.joined(separator: ", "))"

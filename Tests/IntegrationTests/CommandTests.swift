@@ -15,6 +15,23 @@ import Testing
         await harness.stop()
     }
 
+    @Test func aWorldReadableTokenFileIsAWarningNotAnError() async throws {
+        let harness = try await DaemonHarness()
+        harness.outputFiles = #""headersFile": { "path": "{folder}/run/headers", "mode": "0644" }"#
+        try harness.writeConfig()
+        let check = try harness.start(["check", "--config", harness.configPath])
+        #expect(await check.waitForExit(timeout: 30) == 0)
+        #expect(
+            check.standardOutput.contains(
+                "warning: outputs.headersFile.mode 0644 lets every local user read the token and the API key"
+            )
+        )
+        let daemon = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        #expect(daemon.standardError.contains("event=config_warning"))
+        await harness.stop()
+    }
+
     @Test func checkReportsRejectedCredentialsWith78() async throws {
         let harness = try await DaemonHarness()
         harness.mock.always(.status(403))

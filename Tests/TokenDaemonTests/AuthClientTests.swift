@@ -243,4 +243,33 @@ import Testing
         #expect(mock.stats.loginRequests == 1)
         await mock.stop()
     }
+    @Test func aServerOfferingOnlyTLS11GetsNoCredentials() async throws {
+        let folder = try TemporaryDirectory()
+        var (ca, tls) = try await Self.makeCertificates(in: folder)
+        tls.maximumVersion = .tlsv11
+        let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1"))
+        let port = try await mock.start(tls: tls)
+        let client = AuthClient(
+            api: Configuration.API(
+                baseURL: "https://127.0.0.1:\(port)",
+                tokenPath: "/auth/token",
+                email: .inline(""),
+                password: .inline(""),
+                apiKey: .inline(""),
+                timeoutSeconds: 5,
+                caFile: ca
+            ),
+            version: "1"
+        )
+        let error = await failure(client)
+        await client.shutdown()
+        await mock.stop()
+        guard case .transport(let reason) = error else {
+            Issue.record("expected a TLS failure, got \(String(describing: error))")
+            return
+        }
+        // BoringSSL's 1000042e is SSL_R_TLSV1_ALERT_PROTOCOL_VERSION: refused for its version.
+        #expect(reason.contains("1000042e"), "\(reason)")
+        #expect(mock.stats.loginRequests == 0)
+    }
 }

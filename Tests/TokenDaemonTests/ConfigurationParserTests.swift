@@ -375,6 +375,13 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
             keyPath: "outputs.jsonFile.mode",
             message: "lets anyone write"
         ),
+        // A consumer in the group could rewrite the token or headers file every other consumer reads.
+        BadInput(
+            name: "mode group-writable",
+            bytes: config { set(&$0, "outputs.headersFile.mode", "0660") },
+            keyPath: "outputs.headersFile.mode",
+            message: "lets the group write"
+        ),
         BadInput(
             name: "mode owner cannot read",
             bytes: config { set(&$0, "outputs.headersFile.mode", "0040") },

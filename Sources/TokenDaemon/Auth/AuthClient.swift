@@ -27,6 +27,8 @@ public final class AuthClient: Sendable {
     /// Creates the client; call `shutdown()` before dropping it.
     public init(api: Configuration.API, version: String) {
         var tls = TLSConfiguration.makeClientConfiguration()
+        // The password goes over this connection: nothing older than TLS 1.2 (NIOSSL allows 1.0).
+        tls.minimumTLSVersion = .tlsv12
         if let caFile = api.caFile {
             tls.additionalTrustRoots = [.file(caFile)]
         }

@@ -6,6 +6,22 @@ public struct LoadedConfiguration: Sendable, Equatable {
     public var configuration: Configuration
     public var secrets: LoginSecrets
 
+    /// Settings that work but that an operator should hear about: logged at start and at every
+    /// reload, printed by `check`.
+    public var warnings: [String] {
+        let outputs = configuration.outputs
+        let files = [
+            ("tokenFile", outputs.tokenFile), ("jsonFile", outputs.jsonFile),
+            ("headersFile", outputs.headersFile?.file),
+        ]
+        return files.compactMap { key, file in
+            guard let file, file.mode & 0o004 != 0 else { return nil }
+            return "outputs.\(key).mode \(FileMode.format(file.mode)) lets every local user read the token"
+                + (key == "headersFile" ? " and the API key" : "")
+                + "; \"0640\" and the reader group keep it to consumers"
+        }
+    }
+
     /// The account this configuration logs in as (see `StateStore.identity`).
     public var identity: String {
         StateStore.identity(baseURL: configuration.api.baseURL, email: secrets.email)

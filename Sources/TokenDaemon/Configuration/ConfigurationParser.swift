@@ -153,10 +153,13 @@ public struct ConfigurationParser {
             throw ConfigurationError(file.path("path"), "must name a file, not a folder")
         }
         let mode = try parseMode(file, default: 0o640)
-        guard mode & 0o002 == 0 else {
+        // Every consumer trusts what these files say: a reader who could also write could hand
+        // the others a token (or a header line) of their own.
+        guard mode & 0o022 == 0 else {
             throw ConfigurationError(
                 file.path("mode"),
-                "\(FileMode.format(mode)) lets anyone write the token; use \"0640\" or \"0600\""
+                "\(FileMode.format(mode)) lets \(mode & 0o002 != 0 ? "anyone" : "the group") write the token, which every "
+                    + "consumer trusts; use \"0640\" or \"0600\""
             )
         }
         guard mode & 0o400 != 0 else {

@@ -104,6 +104,7 @@ public final class Daemon {
         if let interval = deps.watchdogInterval {
             logger.info("watchdog enabled", metadata: ["event": "watchdog_enabled", "interval": "\(interval)"])
         }
+        logWarnings()
         // The socket listens before READY=1 can go out.
         if configuration.outputs.socket != nil || deps.activatedSocket != nil {
             do {
@@ -304,8 +305,15 @@ public final class Daemon {
         return nil
     }
 
+    private func logWarnings() {
+        for warning in core.configuration.warnings {
+            logger.warning("\(warning)", metadata: ["event": "config_warning"])
+        }
+    }
+
     private func apply(_ change: ConfigChange) {
         logger.logLevel = configuration.logLevel
+        logWarnings()
         if change.client {
             // The login in flight, if any, finishes on the old client, which closes after it.
             let (previous, inFlight, logger) = (client, login, logger)
