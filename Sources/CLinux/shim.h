@@ -12,6 +12,11 @@
 #endif
 static const int clinux_O_PATH = O_PATH;
 
+// prctl(2) is variadic, which Swift cannot call: no core dump of the daemon, and its /proc files
+// (memory, environment) are root's, not its user's.
+#include <sys/prctl.h>
+static inline int clinux_set_undumpable(void) { return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0); }
+
 // A process named by a descriptor, so that a signal cannot reach a process that took its pid since.
 static inline int clinux_pidfd_open(pid_t pid) { return pidfd_open(pid, 0); }
 static inline int clinux_pidfd_send_signal(int pidfd, int sig) { return pidfd_send_signal(pidfd, sig, 0, 0); }

@@ -169,6 +169,29 @@ import Testing
         await harness.stop()
     }
 
+    /// `/headers` carries the API key: served only with a headers file or when the socket asks.
+    @Test func headersAreServedOnlyWhereConfiguredAndAReloadCanTurnThemOn() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        harness.outputFiles = #""tokenFile": { "path": "{folder}/run/token", "mode": "0640" }"#
+        try harness.writeConfig()
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let refused = try await Command.curl("/headers", socket: harness.socketPath)
+        #expect(refused.status == 404)
+        #expect(!refused.body.contains(harness.apiKey))
+        #expect(try await Command.curl("/headers?wait=30&after=x", socket: harness.socketPath).status == 404)
+
+        harness.socket = #"{ "path": "\#(harness.socketPath)", "serveHeaders": true }"#
+        try harness.writeConfig()
+        harness.notify.reset()
+        child.signal(SIGHUP)
+        #expect(await harness.notify.waitFor { $0.contains("READY=1") } != nil)
+        let served = try await Command.curl("/headers", socket: harness.socketPath)
+        #expect(served.status == 200)
+        #expect(served.body.contains("x-api-key: \(harness.apiKey)"))
+        await harness.stop()
+    }
+
     @Test func aMovedSocketIsRefusedLoudlyAndTheOldOneKeepsServing() async throws {
         let harness = try await DaemonHarness(ttl: 600, socket: "")
         let child = try harness.start()

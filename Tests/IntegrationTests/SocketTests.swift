@@ -297,6 +297,26 @@ import TokenDaemon
         await harness.stop()
     }
 
+    /// With fewer descriptors than maxConnections needs, accept(2) would fail with EMFILE for every
+    /// client; the limit is lowered at start instead, and the longest-idle connection gives way.
+    @Test func maxConnectionsIsClampedBelowTheDescriptorLimit() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        let child = try harness.start(
+            ["prlimit", "--nofile=100:100", ChildProcess.binary, "run", "--config", harness.configPath],
+            executable: "/usr/bin/prlimit"
+        )
+        #expect(await harness.waitUntilReady() != nil)
+        #expect(
+            child.standardError.contains(
+                "maxConnections 512 is more than the descriptor limit (100) allows: serving at most 36"
+            )
+        )
+        let idle = try (0..<60).map { _ in try UnixSocketClient(socket: harness.socketPath) }
+        #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200)
+        withExtendedLifetime(idle) {}
+        await harness.stop()
+    }
+
     @Test func socketActivationServesThePassedSocket() async throws {
         let harness = try await DaemonHarness(socket: "")
         let socket = harness.folder.file("activated.sock")

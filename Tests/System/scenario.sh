@@ -68,6 +68,9 @@ check "config file holds no secret" sh -c "! grep -qF '$password' /etc/fts-token
 check "environment holds no secret, only CREDENTIALS_DIRECTORY" sh -c "tr '\0' '\n' < /proc/$pid/environ | grep -q ^CREDENTIALS_DIRECTORY= && ! tr '\0' '\n' < /proc/$pid/environ | grep -qF '$password'"
 check "unit properties hold no secret" sh -c "! systemctl show fts-tokend | grep -qF '$password'"
 
+check "not dumpable: the daemon's /proc files are root's, not its user's" sh -c "[ \"\$(stat -c %U /proc/$pid/environ)\" = root ]"
+check "no core file, bounded memory, tasks and descriptors" sh -c '[ "$(systemctl show -p LimitCORE --value fts-tokend)" = 0 ] && [ "$(systemctl show -p MemoryMax --value fts-tokend)" = 201326592 ] && [ "$(systemctl show -p MemorySwapMax --value fts-tokend)" = 0 ] && [ "$(systemctl show -p TasksMax --value fts-tokend)" = 64 ] && [ "$(systemctl show -p LimitNOFILE --value fts-tokend)" = 1024 ]'
+
 # --- 3. reload: reloading → active; a broken config keeps the old one
 systemctl reload fts-tokend
 check "reload returns to active" sh -c '[ "$(systemctl is-active fts-tokend)" = active ]'

@@ -25,6 +25,18 @@ public enum LoginError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The server handed out a token that is already expired (by its own clock).
     case alreadyExpired(expiresAt: Date)
 
+    /// Text the server chose (a `Content-Type`, an `expires` value), as it may appear in a log
+    /// line, `STATUS=` or `/healthz`: printable ASCII only (anything else becomes `?`) and at most
+    /// 64 characters, so that a hostile answer cannot forge a log field, a line or a document.
+    public static func serverText(_ text: some StringProtocol) -> String {
+        var result = ""
+        for scalar in text.unicodeScalars {
+            guard result.unicodeScalars.count < 64 else { return result + "…" }
+            result.unicodeScalars.append(scalar.value >= 0x20 && scalar.value < 0x7F ? scalar : "?")
+        }
+        return result
+    }
+
     /// How the refresh policy treats this failure.
     public enum Kind: Sendable, Equatable {
         /// Worth retrying soon, with backoff.

@@ -39,7 +39,7 @@ public struct TokenResponseParser: Sendable {
         now: Date
     ) throws(LoginError) -> Result {
         guard case .object(let fields)? = try? JSONValue.parse(body) else {
-            throw LoginError.notJSON(contentType: contentType)
+            throw LoginError.notJSON(contentType: contentType.map(LoginError.serverText))
         }
         guard case .string(let token)? = fields["token"] else { throw LoginError.missingToken }
         try Self.validate(token: token)
@@ -115,7 +115,7 @@ public struct TokenResponseParser: Sendable {
             number = n
         case .string(let text)?:
             guard let n = Double(text.trimmedSpaces), !text.isEmpty else {
-                throw LoginError.invalidExpires("\"\(text.prefix(32))\" is not a number")
+                throw LoginError.invalidExpires("\"\(LoginError.serverText(text.prefix(32)))\" is not a number")
             }
             number = n
         case nil, .null?:

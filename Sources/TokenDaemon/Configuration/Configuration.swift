@@ -73,6 +73,8 @@ public struct Configuration: Sendable, Equatable {
         public var allowUIDs: [UInt32]
         public var allowGIDs: [UInt32]
         public var maxConnections: Int
+        /// Serve `/headers` (which carries the API key) even without `outputs.headersFile`.
+        public var serveHeaders = false
 
         public static let defaultMaxConnections = 512
 
@@ -84,6 +86,10 @@ public struct Configuration: Sendable, Equatable {
         public var jsonFile: OutputFile?
         public var headersFile: HeadersFile?
         public var socket: Socket?
+
+        /// Whether the socket serves `/headers`: the API key goes out only where the operator put it
+        /// in a file already, or asked for it (`outputs.socket.serveHeaders`).
+        public var servesHeaders: Bool { headersFile != nil || socket?.serveHeaders == true }
 
         /// Every configured file, in the order they are written.
         public var files: [OutputFile] {

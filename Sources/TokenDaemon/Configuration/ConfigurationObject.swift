@@ -87,6 +87,14 @@ final class ConfigurationObject {
         return try ConfigurationValues.absolutePath(text, at: path(key))
     }
 
+    func optionalBool(_ key: String) throws(ConfigurationError) -> Bool? {
+        switch value(key) {
+        case nil: return nil
+        case .bool(let flag): return flag
+        case .some(let other): throw ConfigurationError(path(key), "must be true or false, not \(other.typeName)")
+        }
+    }
+
     func optionalNumber(_ key: String) throws(ConfigurationError) -> Double? {
         switch value(key) {
         case nil: return nil

@@ -217,7 +217,8 @@ public struct ConfigurationParser {
             mode: mode,
             allowUIDs: try socket.optionalIDs("allowUIDs"),
             allowGIDs: try socket.optionalIDs("allowGIDs"),
-            maxConnections: Int(maxConnections)
+            maxConnections: Int(maxConnections),
+            serveHeaders: try socket.optionalBool("serveHeaders") ?? false
         )
     }
 

@@ -24,7 +24,8 @@ public struct ConfigChange: Sendable, Equatable {
     public var unconfiguredFiles: [String] = []
     /// The state file moved (or is new): the current token is saved there.
     public var stateFile = false
-    /// The socket's mode, allow lists or connection limit: applied to the listening socket.
+    /// The socket's mode, allow lists, connection limit or whether it serves `/headers`: applied to
+    /// the listening socket.
     public var socketAccess = false
     /// Why the reload cannot be applied without a restart; nil when it can.
     public var needsRestart: String?
@@ -71,6 +72,7 @@ public struct ConfigChange: Sendable, Equatable {
                 needsRestart = "outputs.socket (\(before.path)) was removed"
             }
         }
+        if was.outputs.servesHeaders != now.outputs.servesHeaders { socketAccess = true }
         other = was.onRotate != now.onRotate || was.metricsFile != now.metricsFile || was.logLevel != now.logLevel
     }
 

@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import Logging
 import NIOCore
@@ -89,6 +90,9 @@ public final class Daemon {
     /// the daemon in its own process stops it). The signals are read only where the caller has
     /// blocked them (`DaemonSignals.blockInEveryThread`).
     public func run() async -> Int32 {
+        // The password and the API key are in this process's memory: no core file, and /proc's
+        // views of it (mem, environ) stay root's (README "Hardening").
+        _ = clinux_set_undumpable()
         let (events, sink) = AsyncStream<DaemonCore.Event>.makeStream()
         // Timer and signals live on NIO's event loop, as the socket and the logins do (README
         // "Threads and idle cost").
@@ -109,7 +113,7 @@ public final class Daemon {
         if configuration.outputs.socket != nil || deps.activatedSocket != nil {
             do {
                 server = try await SocketServer.start(
-                    socket: configuration.outputs.socket,
+                    outputs: configuration.outputs,
                     activatedFD: deps.activatedSocket,
                     board: board,
                     metrics: metrics,
@@ -324,9 +328,9 @@ public final class Daemon {
                 logger.debug("previous auth client closed", metadata: ["event": "auth_client_closed"])
             }
         }
-        if change.socketAccess, let socket = configuration.outputs.socket {
+        if change.socketAccess {
             do {
-                try server?.apply(socket)
+                try server?.apply(configuration.outputs)
             } catch {
                 logger.error("cannot apply the socket's new mode: \(error)", metadata: ["event": "reload_failed"])
             }

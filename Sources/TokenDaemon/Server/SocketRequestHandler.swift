@@ -232,7 +232,7 @@ final class SocketRequestHandler: ChannelDuplexHandler {
         }
         let now = clock()
         if let resource = TokenBoard.Resource(path: path) {
-            if let wait = query["wait"].flatMap(Double.init), wait > 0 {
+            if let wait = query["wait"].flatMap(Double.init), wait > 0, resource != .headers || access.servesHeaders {
                 return longPoll(
                     head,
                     resource: resource,
@@ -274,6 +274,16 @@ final class SocketRequestHandler: ChannelDuplexHandler {
         now: Date,
         context: ChannelHandlerContext
     ) {
+        guard resource != .headers || access.servesHeaders else {
+            return respond(
+                .notFound,
+                path: resource.path,
+                json:
+                    #"{"error":"/headers is not served: it carries the API key; configure outputs.headersFile or outputs.socket.serveHeaders"}"#,
+                head: head,
+                context: context
+            )
+        }
         guard let entry = board.validEntry(at: now) else {
             return respond(
                 .serviceUnavailable,

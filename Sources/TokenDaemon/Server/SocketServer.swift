@@ -26,20 +26,30 @@ public final class SocketServer: Sendable {
     private let ownedPath: String?
     private let access: SocketAccess
     private let connections: ConnectionTable
+    private let logger: Logger
 
-    private init(channel: any Channel, ownedPath: String?, access: SocketAccess, connections: ConnectionTable) {
+    private init(
+        channel: any Channel,
+        ownedPath: String?,
+        access: SocketAccess,
+        connections: ConnectionTable,
+        logger: Logger
+    ) {
         self.channel = channel
         self.ownedPath = ownedPath
         self.access = access
         self.connections = connections
+        self.logger = logger
     }
 
-    /// A reload's socket settings, applied live: the allow lists from the next request on (open
-    /// connections included), the connection limit from the next accept, and the mode of a socket
-    /// file we bound (a socket passed by systemd keeps the socket unit's `SocketMode=`).
-    public func apply(_ socket: Configuration.Socket) throws(SystemError) {
-        access.update(socket)
-        connections.setCapacity(socket.maxConnections)
+    /// A reload's socket settings, applied live: the allow lists and `/headers` from the next
+    /// request on (open connections included), the connection limit from the next accept, and the
+    /// mode of a socket file we bound (a socket passed by systemd keeps the socket unit's
+    /// `SocketMode=`).
+    public func apply(_ outputs: Configuration.Outputs) throws(SystemError) {
+        access.update(outputs)
+        guard let socket = outputs.socket else { return }
+        connections.setCapacity(Self.connectionCapacity(socket.maxConnections, logger: logger))
         guard let ownedPath else { return }
         // Through an O_PATH descriptor of what is at the path, checked to be a socket, so that
         // nothing else that might have been put there is chmod'ed (chmod would follow a symlink).
@@ -56,19 +66,44 @@ public final class SocketServer: Sendable {
         }
     }
 
+    /// Descriptors kept for everything but connections: the listener, the signalfd, NIO's epoll and
+    /// eventfd, logins, files being written, onRotate programs.
+    static let reservedDescriptors = 64
+
+    /// `configured`, or fewer when the descriptor limit (the unit's `LimitNOFILE=`) cannot hold that
+    /// many connections besides `reservedDescriptors`: accept(2) failing with EMFILE would refuse
+    /// every client, where a lower limit only makes the longest-idle connection give way.
+    static func connectionCapacity(_ configured: Int, logger: Logger) -> Int {
+        var limit = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else {
+            return configured
+        }
+        let allowed = max(1, Int(clamping: limit.rlim_cur) - reservedDescriptors)
+        guard configured > allowed else { return configured }
+        logger.warning(
+            "outputs.socket.maxConnections \(configured) is more than the descriptor limit (\(limit.rlim_cur)) allows: serving at most \(allowed)",
+            metadata: ["event": "config_warning"]
+        )
+        return allowed
+    }
+
     /// Starts serving `board`, on the socket systemd passed (`activatedFD`) or on `socket.path`.
     public static func start(
-        socket: Configuration.Socket?,
+        outputs: Configuration.Outputs,
         activatedFD: Int32?,
         board: TokenBoard,
         metrics: DaemonMetrics,
         logger: Logger,
         clock: @escaping @Sendable () -> Date
     ) async throws -> SocketServer {
+        let socket = outputs.socket
         let connections = ConnectionTable(
-            capacity: socket?.maxConnections ?? Configuration.Socket.defaultMaxConnections
+            capacity: connectionCapacity(
+                socket?.maxConnections ?? Configuration.Socket.defaultMaxConnections,
+                logger: logger
+            )
         )
-        let access = SocketAccess(socket)
+        let access = SocketAccess(outputs)
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderFieldSize = headLimit
         limits.maxHeaderListSize = headLimit
@@ -121,7 +156,13 @@ public final class SocketServer: Sendable {
                 "serving on the socket passed by systemd",
                 metadata: ["event": "socket_listening", "fd": "\(fd)"]
             )
-            return SocketServer(channel: channel, ownedPath: nil, access: access, connections: connections)
+            return SocketServer(
+                channel: channel,
+                ownedPath: nil,
+                access: access,
+                connections: connections,
+                logger: logger
+            )
         }
         guard let socket else { throw SystemError("no socket configured", errno: nil) }
         let channel = try await bind(bootstrap, socket: socket)
@@ -129,7 +170,13 @@ public final class SocketServer: Sendable {
             "serving on \(socket.path)",
             metadata: ["event": "socket_listening", "mode": "\(FileMode.format(socket.mode))"]
         )
-        return SocketServer(channel: channel, ownedPath: socket.path, access: access, connections: connections)
+        return SocketServer(
+            channel: channel,
+            ownedPath: socket.path,
+            access: access,
+            connections: connections,
+            logger: logger
+        )
     }
 
     /// Binds so that the socket never exists with wider permissions than configured:
@@ -180,23 +227,31 @@ public final class SocketServer: Sendable {
 
 /// The socket's allow lists as currently configured, shared by every connection.
 final class SocketAccess: Sendable {
-    private let socket: NIOLockedValueBox<Configuration.Socket?>
-
-    init(_ socket: Configuration.Socket?) {
-        self.socket = NIOLockedValueBox(socket)
+    private struct Rules {
+        var socket: Configuration.Socket?
+        var servesHeaders: Bool
     }
 
-    func update(_ socket: Configuration.Socket) {
-        self.socket.withLockedValue { $0 = socket }
+    private let rules: NIOLockedValueBox<Rules>
+
+    init(_ outputs: Configuration.Outputs) {
+        rules = NIOLockedValueBox(Rules(socket: outputs.socket, servesHeaders: outputs.servesHeaders))
+    }
+
+    func update(_ outputs: Configuration.Outputs) {
+        rules.withLockedValue { $0 = Rules(socket: outputs.socket, servesHeaders: outputs.servesHeaders) }
     }
 
     /// Whether `peer` may be served: always when no allow list is set; otherwise only a peer whose
     /// uid or gid is listed (an unknown peer never).
     func allows(_ peer: PeerCredentials?) -> Bool {
-        socket.withLockedValue { socket in
-            guard let socket, socket.restrictsPeers else { return true }
+        rules.withLockedValue { rules in
+            guard let socket = rules.socket, socket.restrictsPeers else { return true }
             guard let peer else { return false }
             return socket.allowUIDs.contains(peer.uid) || socket.allowGIDs.contains(peer.gid)
         }
     }
+
+    /// Whether `/headers` (with the API key) is served (`Configuration.Outputs.servesHeaders`).
+    var servesHeaders: Bool { rules.withLockedValue { $0.servesHeaders } }
 }
