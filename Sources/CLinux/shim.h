@@ -12,6 +12,16 @@
 #endif
 static const int clinux_O_PATH = O_PATH;
 
+// SO_PEERGROUPS (Linux 4.13): the supplementary groups of a Unix socket's peer, sorted ascending,
+// as the kernel holds them; up to 256 are read.
+#include <sys/socket.h>
+#include <stdint.h>
+#ifndef SO_PEERGROUPS
+#define SO_PEERGROUPS 59
+#endif
+static const int clinux_SO_PEERGROUPS = SO_PEERGROUPS;
+struct clinux_peer_groups { uint32_t gids[256]; };
+
 // prctl(2) is variadic, which Swift cannot call: no core dump of the daemon, and its /proc files
 // (memory, environment) are root's, not its user's.
 #include <sys/prctl.h>

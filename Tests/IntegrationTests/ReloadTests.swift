@@ -73,14 +73,14 @@ import Testing
     }
 
     @Test func aReloadAppliesTheSocketsAllowListsAndModeLive() async throws {
-        let harness = try await DaemonHarness(ttl: 600, socket: #""allowUIDs": [0, 65534]"#)
+        let harness = try await DaemonHarness(ttl: 600, socket: #""allowUIDs": [0, 65533]"#)
         let child = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
-        // Let uid 65534 reach the socket file, so that only the peer check can refuse it.
+        // Let uid 65533 (group 65534) reach the socket file, so that only the peer check can refuse it.
         chmod(harness.folder.path, 0o711)
         chown(harness.folder.file("run"), 0, 65534)
         chown(harness.socketPath, 0, 65534)
-        #expect(try await Command.curl("/token", socket: harness.socketPath, as: (65534, 65534)).status == 200)
+        #expect(try await Command.curl("/token", socket: harness.socketPath, as: (65533, 65534)).status == 200)
 
         harness.socket = #"{ "path": "\#(harness.socketPath)", "allowUIDs": [0], "mode": "0600" }"#
         try harness.writeConfig()
@@ -89,8 +89,9 @@ import Testing
         #expect(await harness.notify.waitFor { $0.contains("READY=1") } != nil)
         #expect(harness.child?.standardError.contains("changed=socket_access") == true)
         #expect(harness.folder.mode("run/tokend.sock") == 0o600)
-        chmod(harness.socketPath, 0o660)  // the socket file lets 65534 in again: only the allow list refuses it now
-        let removed = try await Command.curl("/token", socket: harness.socketPath, as: (65534, 65534))
+        // The socket file lets group 65534 in again: only the allow list refuses it now.
+        chmod(harness.socketPath, 0o660)
+        let removed = try await Command.curl("/token", socket: harness.socketPath, as: (65533, 65534))
         #expect(removed.status == 403)
         #expect(!removed.body.contains("eyJ"))
         #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200, "uid 0 is still listed")

@@ -135,6 +135,17 @@ import TokenDaemon
         let byGroup = try await Command.curl("/token", socket: harness.socketPath, as: (65534, 4242), groups: [65534])
         #expect(byGroup.status == 200)
         #expect(harness.mock.accepts(byGroup.body))
+        // A supplementary member of a listed group (SO_PEERGROUPS), as `usermod -aG` makes one.
+        let bySupplementaryGroup = try await Command.curl(
+            "/token",
+            socket: harness.socketPath,
+            as: (65534, 65534),
+            groups: [4242, 65534]
+        )
+        #expect(bySupplementaryGroup.status == 200)
+        // Refused again and again, the same peer is logged once (per minute).
+        for _ in 0..<5 { _ = try await Command.curl("/token", socket: harness.socketPath, as: (65534, 65534)) }
+        #expect(harness.child?.standardError.components(separatedBy: "event=peer_refused").count == 2)
         #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200, "uid 0 is listed")
         harness.expectNoSecretsInOutput()
         await harness.stop()

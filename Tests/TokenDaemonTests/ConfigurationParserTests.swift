@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 
 @testable import TokenDaemon
@@ -375,6 +376,19 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
             keyPath: "outputs.jsonFile.mode",
             message: "lets anyone write"
         ),
+        // Under a user namespace every unmapped peer appears as 65534: listing it would admit all.
+        BadInput(
+            name: "allow list naming the overflow uid",
+            bytes: config { set(&$0, "outputs.socket", ["path": "/run/s.sock", "allowUIDs": [1001, 65534]]) },
+            keyPath: "outputs.socket.allowUIDs",
+            message: "overflow id"
+        ),
+        BadInput(
+            name: "allow list naming the overflow gid",
+            bytes: config { set(&$0, "outputs.socket", ["path": "/run/s.sock", "allowGIDs": [65534]]) },
+            keyPath: "outputs.socket.allowGIDs",
+            message: "overflow id"
+        ),
         // A consumer in the group could rewrite the token or headers file every other consumer reads.
         BadInput(
             name: "mode group-writable",
@@ -559,5 +573,21 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         #expect(FileMode.parse("01640") == nil)
         #expect(FileMode.parse("64") == nil)
         #expect(FileMode.format(0o600) == "0600")
+    }
+
+    @Test func anAllowedIDOutsideTheUserNamespaceIsRefusedAtLoad() throws {
+        let folder = try TemporaryDirectory()
+        // As under PrivateUsers=: root and the daemon's own uid mapped, nobody else.
+        let map = try folder.write("uid_map", "         0          0          1\n       998        998          1\n")
+        #expect(throws: ConfigurationError.self) {
+            try ConfigurationLoader.checkVisible([998, 1001], key: "outputs.socket.allowUIDs", map: map)
+        }
+        try ConfigurationLoader.checkVisible([0, 998], key: "outputs.socket.allowUIDs", map: map)
+        // The initial namespace sees every id.
+        try ConfigurationLoader.checkVisible(
+            [1001, 4_000_000_000],
+            key: "outputs.socket.allowUIDs",
+            map: "/proc/self/uid_map"
+        )
     }
 }

@@ -1,4 +1,6 @@
+import CLinux
 import Foundation
+import NIOCore
 import Synchronization
 import Testing
 
@@ -68,6 +70,36 @@ import Testing
         board.update(health: .init(status: "starting"), nextLogin: now.addingTimeInterval(12.2))
         #expect(board.retryAfter(at: now) == 13)
         #expect(board.health.status == "starting")
+    }
+
+    @Test func peerGroupsAreReadFromTheZeroPaddedBuffer() {
+        // The kernel writes the groups sorted ascending and leaves the rest of the buffer zero.
+        #expect(PeerCredentials.groups(from: [998, 1001, 0, 0]) == [998, 1001])
+        #expect(PeerCredentials.groups(from: [0, 27, 998, 0]) == [0, 27, 998])
+        // Zeros alone: "no groups" and "group 0 only" look the same; read as none (fails closed).
+        #expect(PeerCredentials.groups(from: [0, 0, 0]) == [])
+        #expect(MemoryLayout<clinux_peer_groups>.size == 256 * 4)
+    }
+
+    @Test func aSupplementaryGroupOnTheAllowListAdmitsThePeer() {
+        var outputs = Configuration.Outputs()
+        outputs.socket = .init(path: "/run/s.sock", mode: 0o660, allowUIDs: [1001], allowGIDs: [998], maxConnections: 8)
+        let access = SocketAccess(outputs)
+        #expect(access.allows(PeerCredentials(pid: 1, uid: 1001, gid: 1001)))
+        #expect(access.allows(PeerCredentials(pid: 1, uid: 1002, gid: 998)))
+        #expect(access.allows(PeerCredentials(pid: 1, uid: 1002, gid: 1002, groups: [27, 998])))
+        #expect(!access.allows(PeerCredentials(pid: 1, uid: 1002, gid: 1002, groups: [27])))
+        #expect(!access.allows(PeerCredentials(pid: 1, uid: 1002, gid: 1002, groups: nil)))
+        #expect(!access.allows(nil))
+    }
+
+    @Test func aRefusedPeerIsLoggedOncePerMinute() {
+        let access = SocketAccess(Configuration.Outputs())
+        let start = NIODeadline.uptimeNanoseconds(1_000_000_000_000)
+        #expect(access.shouldLogRefusal(of: 1002, now: start))
+        #expect(!access.shouldLogRefusal(of: 1002, now: start + .seconds(59)))
+        #expect(access.shouldLogRefusal(of: 1003, now: start + .seconds(59)))
+        #expect(access.shouldLogRefusal(of: 1002, now: start + .seconds(60)))
     }
 
     @Test func peerCredentialsMirrorGlibcUcred() {

@@ -76,7 +76,32 @@ public struct ConfigurationLoader: Sendable {
         for case let (key, path?) in secretBearing {
             try Self.checkFolder(of: path, key: key)
         }
+        if let socket = outputs.socket {
+            try Self.checkVisible(socket.allowUIDs, key: "outputs.socket.allowUIDs", map: "/proc/self/uid_map")
+            try Self.checkVisible(socket.allowGIDs, key: "outputs.socket.allowGIDs", map: "/proc/self/gid_map")
+        }
         return LoadedConfiguration(configuration: configuration, secrets: secrets)
+    }
+
+    /// An allowed id the daemon cannot see (outside its user namespace's map, as under
+    /// `PrivateUsers=`) could never match a peer: the kernel reports such a peer as 65534.
+    static func checkVisible(_ ids: [UInt32], key: String, map path: String) throws(ConfigurationError) {
+        guard !ids.isEmpty, let contents = try? SmallFile.read(path, limit: 64 * 1024) else { return }
+        let ranges: [(first: UInt64, count: UInt64)] = String(decoding: contents.bytes, as: UTF8.self)
+            .split(separator: "\n").compactMap { line in
+                let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+                guard fields.count == 3, let first = UInt64(fields[0]), let count = UInt64(fields[2]) else {
+                    return nil
+                }
+                return (first, count)
+            }
+        for id in ids where !ranges.contains(where: { UInt64(id) >= $0.first && UInt64(id) < $0.first + $0.count }) {
+            throw ConfigurationError(
+                key,
+                "\(id) is not visible in the daemon's user namespace (\(path)): such a peer always appears as 65534; "
+                    + "run the daemon without PrivateUsers= to use allow lists"
+            )
+        }
     }
 
     /// The folders that hold the token must be the daemon's own: another user who can write there

@@ -215,11 +215,26 @@ public struct ConfigurationParser {
         return Configuration.Socket(
             path: path,
             mode: mode,
-            allowUIDs: try socket.optionalIDs("allowUIDs"),
-            allowGIDs: try socket.optionalIDs("allowGIDs"),
+            allowUIDs: try allowList(socket, "allowUIDs"),
+            allowGIDs: try allowList(socket, "allowGIDs"),
             maxConnections: Int(maxConnections),
             serveHeaders: try socket.optionalBool("serveHeaders") ?? false
         )
+    }
+
+    /// The overflow id: in a user namespace every peer that cannot be mapped appears as it.
+    static let overflowID: UInt32 = 65534
+
+    private func allowList(_ socket: ConfigurationObject, _ key: String) throws(ConfigurationError) -> [UInt32] {
+        let ids = try socket.optionalIDs(key)
+        guard !ids.contains(Self.overflowID) else {
+            throw ConfigurationError(
+                socket.path(key),
+                "65534 is the overflow id (nobody/nogroup): wherever the daemon runs in a user namespace, every peer it "
+                    + "cannot map appears as 65534, so listing it would let everyone in"
+            )
+        }
+        return ids
     }
 
     static let signalNames: [String: Int32] = [

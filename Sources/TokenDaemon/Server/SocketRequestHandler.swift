@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import Logging
 import NIOCore
@@ -9,11 +10,22 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// The identity of a connected peer (SO_PEERCRED), read once per connection.
+/// The identity of a connected peer (SO_PEERCRED, SO_PEERGROUPS), read once per connection.
 struct PeerCredentials: Sendable, Equatable {
     var pid: Int32
     var uid: UInt32
     var gid: UInt32
+    /// Supplementary groups; nil when they could not be read (more than 256, say).
+    var groups: [UInt32]? = nil
+
+    /// The groups in what SO_PEERGROUPS returned into a zeroed buffer: the kernel writes them
+    /// sorted ascending and leaves the rest zero, so zeros after the first entry are padding. A
+    /// buffer of zeros alone cannot tell "no groups" from "group 0": read as none (fails closed).
+    static func groups(from raw: [UInt32]) -> [UInt32] {
+        guard let first = raw.first else { return [] }
+        let rest = raw.dropFirst().prefix { $0 != 0 }
+        return first == 0 && rest.isEmpty ? [] : [first] + rest
+    }
 }
 
 /// Mirrors glibc's `struct ucred` (pid_t, uid_t, gid_t: three 32-bit fields), which Glibc exposes to
@@ -95,8 +107,17 @@ final class SocketRequestHandler: ChannelDuplexHandler {
                 level: SocketOptionLevel(SOL_SOCKET),
                 name: SocketOptionName(SO_PEERCRED)
             )
+            let groups: EventLoopFuture<clinux_peer_groups> = provider.unsafeGetSocketOption(
+                level: SocketOptionLevel(SOL_SOCKET),
+                name: SocketOptionName(clinux_SO_PEERGROUPS)
+            )
             credentials.assumeIsolated().whenSuccess { raw in
                 self.peer = PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid)
+            }
+            // Unreadable groups (more than 256) leave the peer judged on its uid and primary gid.
+            groups.assumeIsolated().whenSuccess { list in
+                let gids = withUnsafeBytes(of: list.gids) { Array($0.bindMemory(to: UInt32.self)) }
+                self.peer?.groups = PeerCredentials.groups(from: gids)
             }
         }
         context.fireChannelActive()
@@ -215,13 +236,15 @@ final class SocketRequestHandler: ChannelDuplexHandler {
             )
         }
         guard isAllowed() else {
-            logger.warning(
-                "socket peer refused",
-                metadata: [
-                    "event": "peer_refused", "uid": "\(peer.map { "\($0.uid)" } ?? "?")",
-                    "gid": "\(peer.map { "\($0.gid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
-                ]
-            )
+            if access.shouldLogRefusal(of: peer?.uid) {
+                logger.warning(
+                    "socket peer refused",
+                    metadata: [
+                        "event": "peer_refused", "uid": "\(peer.map { "\($0.uid)" } ?? "?")",
+                        "gid": "\(peer.map { "\($0.gid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
+                    ]
+                )
+            }
             return respond(
                 .forbidden,
                 path: path,

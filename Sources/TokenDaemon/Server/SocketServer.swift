@@ -230,7 +230,13 @@ final class SocketAccess: Sendable {
     private struct Rules {
         var socket: Configuration.Socket?
         var servesHeaders: Bool
+        /// When each refused uid was last logged.
+        var refusalsLogged: [UInt32?: NIODeadline] = [:]
     }
+
+    /// A refused peer is logged once per uid per this long: a client refused in a loop must not
+    /// flood the journal and push real events out.
+    static let refusalLogInterval = TimeAmount.seconds(60)
 
     private let rules: NIOLockedValueBox<Rules>
 
@@ -239,16 +245,32 @@ final class SocketAccess: Sendable {
     }
 
     func update(_ outputs: Configuration.Outputs) {
-        rules.withLockedValue { $0 = Rules(socket: outputs.socket, servesHeaders: outputs.servesHeaders) }
+        rules.withLockedValue {
+            $0.socket = outputs.socket
+            $0.servesHeaders = outputs.servesHeaders
+        }
+    }
+
+    /// Whether a refusal of `uid` at `now` is to be logged (the first in `refusalLogInterval`).
+    func shouldLogRefusal(of uid: UInt32?, now: NIODeadline = .now()) -> Bool {
+        rules.withLockedValue { rules in
+            if let last = rules.refusalsLogged[uid], now - last < Self.refusalLogInterval { return false }
+            if rules.refusalsLogged.count >= 1024 {
+                rules.refusalsLogged = rules.refusalsLogged.filter { now - $0.value < Self.refusalLogInterval }
+            }
+            rules.refusalsLogged[uid] = now
+            return true
+        }
     }
 
     /// Whether `peer` may be served: always when no allow list is set; otherwise only a peer whose
-    /// uid or gid is listed (an unknown peer never).
+    /// uid, primary gid or one of whose supplementary groups is listed (an unknown peer never).
     func allows(_ peer: PeerCredentials?) -> Bool {
         rules.withLockedValue { rules in
             guard let socket = rules.socket, socket.restrictsPeers else { return true }
             guard let peer else { return false }
             return socket.allowUIDs.contains(peer.uid) || socket.allowGIDs.contains(peer.gid)
+                || (peer.groups ?? []).contains { socket.allowGIDs.contains($0) }
         }
     }
 
