@@ -328,6 +328,28 @@ import TokenDaemon
         await harness.stop()
     }
 
+    /// A second `fts-tokend run` with the same config must not take the socket over (its rename would
+    /// have replaced the serving daemon's socket) nor remove it when it exits.
+    @Test func aSecondDaemonWithTheSameSocketNeitherTakesItOverNorRemovesIt() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        let first = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let second = try harness.start()
+        #expect(await second.waitForExit(timeout: 30) == 1)
+        #expect(second.standardError.contains("is served by another process"))
+        #expect(first.isRunning)
+        #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200)
+        #expect(harness.mock.stats.loginRequests == 1, "the second daemon never logged in")
+        // A socket nobody serves any more (the first daemon killed) is replaced by the next start.
+        first.signal(SIGKILL)
+        _ = await first.waitForExit(timeout: 30)
+        harness.notify.reset()
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200)
+        await harness.stop()
+    }
+
     @Test func socketActivationServesThePassedSocket() async throws {
         let harness = try await DaemonHarness(socket: "")
         let socket = harness.folder.file("activated.sock")

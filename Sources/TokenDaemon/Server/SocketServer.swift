@@ -22,8 +22,10 @@ public final class SocketServer: Sendable {
     static let idleTimeout = TimeAmount.seconds(10)
 
     private let channel: any Channel
-    /// The path we bound and must remove at shutdown; nil when systemd owns the socket.
+    /// The path we bound and must remove at shutdown, with the identity (device, inode) of what we
+    /// put there: nil when systemd owns the socket.
     private let ownedPath: String?
+    private let ownedIdentity: FileIdentity?
     private let access: SocketAccess
     private let connections: ConnectionTable
     private let logger: Logger
@@ -37,6 +39,7 @@ public final class SocketServer: Sendable {
     ) {
         self.channel = channel
         self.ownedPath = ownedPath
+        self.ownedIdentity = ownedPath.flatMap(FileIdentity.init(path:))
         self.access = access
         self.connections = connections
         self.logger = logger
@@ -179,7 +182,10 @@ public final class SocketServer: Sendable {
         )
     }
 
-    /// Binds so that the socket never exists with wider permissions than configured:
+    /// Binds so that the socket never exists with wider permissions than configured, and never
+    /// takes the place of a socket another process serves:
+    /// 0. a socket at the path that accepts a connection belongs to a running daemon (a second
+    ///    `fts-tokend run` with the same config): refuse; one that refuses connections is stale;
     /// 1. bind a temporary name under umask 0177, so the socket file starts as 0600;
     /// 2. chmod it to the configured mode;
     /// 3. rename it over the configured path (replacing a stale socket from a previous run).
@@ -190,6 +196,13 @@ public final class SocketServer: Sendable {
         let temporary = directory + "/." + name + ".tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
         guard temporary.utf8.count <= 107 else {
             throw SystemError("socket path \(socket.path) too long for its temporary name", errno: nil)
+        }
+        // 0.
+        if Self.isServed(socket.path) {
+            throw SystemError(
+                "\(socket.path) is served by another process (a second fts-tokend with this config?)",
+                errno: nil
+            )
         }
         // 1. The umask is process-wide: this runs at start, before any other file is created.
         let previous = umask(0o177)
@@ -219,9 +232,32 @@ public final class SocketServer: Sendable {
     }
 
     /// Stops accepting, closes the listening socket and removes the socket file we created.
+    /// Stops serving; removes the socket file only if it is still the one this daemon bound (a
+    /// newer daemon may have replaced a socket it found stale).
     public func stop() async {
         try? await channel.close()
-        if let ownedPath { unlink(ownedPath) }
+        if let ownedPath, let ownedIdentity, FileIdentity(path: ownedPath) == ownedIdentity { unlink(ownedPath) }
+    }
+
+    /// Whether a process accepts connections on the Unix socket at `path`.
+    static func isServed(_ path: String) -> Bool {
+        var info = stat()
+        guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else { return false }
+        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard probe >= 0 else { return false }
+        defer { close(probe) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[index] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        // EAGAIN: listening with a full backlog, which is served all the same.
+        return connected == 0 || errno == EAGAIN
     }
 }
 
@@ -276,4 +312,17 @@ final class SocketAccess: Sendable {
 
     /// Whether `/headers` (with the API key) is served (`Configuration.Outputs.servesHeaders`).
     var servesHeaders: Bool { rules.withLockedValue { $0.servesHeaders } }
+}
+
+/// Which file a path names: device and inode.
+struct FileIdentity: Equatable, Sendable {
+    var device: UInt64
+    var inode: UInt64
+
+    init?(path: String) {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return nil }
+        device = UInt64(info.st_dev)
+        inode = UInt64(info.st_ino)
+    }
 }
