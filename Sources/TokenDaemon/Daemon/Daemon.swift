@@ -128,13 +128,19 @@ public final class Daemon {
         process(.start(stored: loadStoredToken()), sink: sink)
         // One pending wake-up at a time: each input re-arms it.
         var wake: Scheduled<Void>?
+        var due = NIODeadline.now()
+        func arm() {
+            wake?.cancel()
+            due = .now() + Self.timerDelay(core.nextWake(now: deps.clock()))
+            wake = loop.scheduleTask(deadline: due) { sink.yield(.tick) }
+        }
         if core.exitStatus == nil {
-            wake = loop.scheduleTask(in: Self.timerDelay(core.nextWake(now: deps.clock()))) { sink.yield(.tick) }
+            arm()
             for await event in events {
+                if case .tick = event { reportLateness(since: due) }
                 process(event, sink: sink)
                 if core.exitStatus != nil { break }
-                wake?.cancel()
-                wake = loop.scheduleTask(in: Self.timerDelay(core.nextWake(now: deps.clock()))) { sink.yield(.tick) }
+                arm()
             }
         }
         wake?.cancel()
@@ -144,6 +150,17 @@ public final class Daemon {
         await client.shutdown()
         deps.notifier.flush(timeout: .seconds(1))
         return core.exitStatus ?? ExitStatus.success
+    }
+
+    /// A timer that fires a second or more late means the loop was held up (a blocked write, a
+    /// starved or suspended process): worth a line, as withdrawals and pings were late too.
+    private func reportLateness(since due: NIODeadline) {
+        let late = NIODeadline.now() - due
+        guard late >= .seconds(1) else { return }
+        logger.warning(
+            "the event loop woke \(late.nanoseconds / 1_000_000) ms late",
+            metadata: ["event": "loop_late", "late_ms": "\(late.nanoseconds / 1_000_000)"]
+        )
     }
 
     private func failToStart(_ reason: String, event: String) async -> Int32 {

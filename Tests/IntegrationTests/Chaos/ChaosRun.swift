@@ -56,6 +56,10 @@ struct ChaosRun {
         let seen = watcher.stop()
         let alive = child.isRunning
         let all = held && alive && seen.bad == 0 && seen.expiredReads == 0
+        // The daemon's own word when its loop was held up (a starved machine, a blocked write).
+        let late = child.standardError.split(separator: "\n").filter { $0.contains("event=loop_late") }
+            .compactMap { $0.split(separator: " ").first { $0.hasPrefix("late_ms=") }.flatMap { Int($0.dropFirst(8)) } }
+        let lateness = late.isEmpty ? "" : "; loop late \(late.count)× (at most \(late.max() ?? 0) ms)"
         Scenario.report(
             all,
             figures
@@ -70,6 +74,7 @@ struct ChaosRun {
                     seen.absentSeconds,
                     alive ? "yes" : "no"
                 )
+                + lateness
         )
         #expect(held, sourceLocation: sourceLocation)
         // The daemon's own account of its end (its log holds no secret: every test checks that).
