@@ -127,7 +127,7 @@ import Testing
         )
         let loaded = try ConfigurationLoader(environment: [:]).load(path: path)
         #expect(loaded.secrets == LoginSecrets(email: "e@x", password: "pw", apiKey: "k-1"))
-        #expect(loaded.identity == StateStore.identity(baseURL: "https://x.example", email: "e@x"))
+        #expect(loaded.identity == StateStore.identity(baseURL: "https://x.example", email: "e@x", apiKey: "k-1"))
     }
 
     @Test func missingConfigFileIsAConfigurationError() throws {

@@ -65,7 +65,7 @@ let sampleGrant = TokenGrant(
 }
 
 @Suite struct StateStoreTests {
-    let identity = StateStore.identity(baseURL: "https://x.example", email: "e@x")
+    let identity = StateStore.identity(baseURL: "https://x.example", email: "e@x", apiKey: "k-1")
 
     @Test func roundTripsAPrivateStateFile() throws {
         let folder = try TemporaryDirectory()
@@ -81,8 +81,20 @@ let sampleGrant = TokenGrant(
         let store = StateStore(path: folder.file("state.json"))
         try store.save(sampleGrant, identity: identity)
         #expect(throws: StateStore.LoadProblem.otherAccount) {
-            try store.load(identity: StateStore.identity(baseURL: "https://x.example", email: "other@x"))
+            try store.load(identity: StateStore.identity(baseURL: "https://x.example", email: "other@x", apiKey: "k-1"))
         }
+    }
+
+    /// A rotated API key must not reuse the old key's token: the key (hashed) is part of the identity,
+    /// and the state file never holds the key itself.
+    @Test func aRotatedAPIKeyDoesNotReuseTheOldKeysToken() throws {
+        let folder = try TemporaryDirectory()
+        let store = StateStore(path: folder.file("state.json"))
+        try store.save(sampleGrant, identity: identity)
+        #expect(throws: StateStore.LoadProblem.otherAccount) {
+            try store.load(identity: StateStore.identity(baseURL: "https://x.example", email: "e@x", apiKey: "k-2"))
+        }
+        #expect(folder.read("state.json")?.contains("k-1") == false)
     }
 
     @Test func reportsMissingAndCorruptState() throws {

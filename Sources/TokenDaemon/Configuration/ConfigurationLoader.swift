@@ -24,7 +24,7 @@ public struct LoadedConfiguration: Sendable, Equatable {
 
     /// The account this configuration logs in as (see `StateStore.identity`).
     public var identity: String {
-        StateStore.identity(baseURL: configuration.api.baseURL, email: secrets.email)
+        StateStore.identity(baseURL: configuration.api.baseURL, email: secrets.email, apiKey: secrets.apiKey)
     }
 }
 

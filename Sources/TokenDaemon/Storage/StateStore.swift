@@ -11,12 +11,14 @@ import Foundation
 public struct StateStore: Sendable {
     public var path: String
 
-    /// Bumped when the file's shape changes; other versions are ignored (one extra login).
-    static let version = 1
+    /// Bumped when the file's shape or the identity changes; other versions are ignored (one extra
+    /// login). 2: the identity covers the API key.
+    static let version = 2
 
     struct Document: Codable {
         var version: Int
-        /// SHA-256 of base URL and email: the token belongs to that account on that server.
+        /// SHA-256 of base URL, email and the API key's SHA-256: the token belongs to that account on
+        /// that server, obtained with that key.
         var identity: String
         var grant: TokenGrant
     }
@@ -25,9 +27,11 @@ public struct StateStore: Sendable {
         self.path = path
     }
 
-    /// Identity of the account a token belongs to.
-    public static func identity(baseURL: String, email: String) -> String {
-        Hex.encode(SHA256.hash(data: Array((baseURL + "\n" + email).utf8)))
+    /// Identity of the account a token belongs to. The API key is part of it (as a hash: the
+    /// state file never holds the key), so a rotated key never reuses the old key's token.
+    public static func identity(baseURL: String, email: String, apiKey: String) -> String {
+        let key = Hex.encode(SHA256.hash(data: Array(apiKey.utf8)))
+        return Hex.encode(SHA256.hash(data: Array((baseURL + "\n" + email + "\n" + key).utf8)))
     }
 
     public func save(_ grant: TokenGrant, identity: String) throws(SystemError) {
