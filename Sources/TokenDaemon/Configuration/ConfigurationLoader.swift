@@ -37,6 +37,7 @@ public struct ConfigurationLoader: Sendable {
     }
 
     public func load(path: String) throws(ConfigurationError) -> LoadedConfiguration {
+        try Self.checkTrusted(path, key: "(file)")
         let contents: SmallFile.Contents
         do {
             contents = try SmallFile.read(path, limit: 1024 * 1024)
@@ -44,6 +45,7 @@ public struct ConfigurationLoader: Sendable {
             throw ConfigurationError("(file)", "cannot read \(path): \(error)")
         }
         let configuration = try ConfigurationParser().parse(contents.bytes)
+        try Self.checkTrustedInputs(configuration)
         let secrets = try SecretResolver(environment: environment).resolve(
             configuration.api,
             configFileMode: contents.mode
@@ -81,6 +83,79 @@ public struct ConfigurationLoader: Sendable {
             try Self.checkVisible(socket.allowGIDs, key: "outputs.socket.allowGIDs", map: "/proc/self/gid_map")
         }
         return LoadedConfiguration(configuration: configuration, secrets: secrets)
+    }
+
+    /// The files whose content decides what the daemon trusts or runs: the `…File` secrets, the
+    /// CA bundle, each `onRotate` program and its `#!` interpreter (the config file itself is
+    /// checked before it is read).
+    static func checkTrustedInputs(_ configuration: Configuration) throws(ConfigurationError) {
+        let api = configuration.api
+        for (key, source) in [
+            ("api.emailFile", api.email), ("api.passwordFile", api.password), ("api.apiKeyFile", api.apiKey),
+        ] {
+            if case .file(let path) = source { try checkTrusted(path, key: key) }
+        }
+        if let caFile = api.caFile { try checkTrusted(caFile, key: "api.caFile") }
+        for (index, action) in configuration.onRotate.enumerated() {
+            guard case .exec(let argv, _) = action, let program = argv.first else { continue }
+            let key = "onRotate[\(index)].exec[0]"
+            try checkTrusted(program, key: key)
+            if let interpreter = interpreter(of: program) {
+                try checkTrusted(interpreter, key: key + " (its #! interpreter)")
+            }
+        }
+    }
+
+    /// The interpreter a `#!` script names, if `program` is one.
+    static func interpreter(of program: String) -> String? {
+        let fd = open(program, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 256)
+        guard let count = try? POSIX.read(fd, into: &buffer, operation: "read"),
+            buffer[..<count].starts(with: Array("#!".utf8))
+        else { return nil }
+        let head = buffer[..<count]
+        let line = String(decoding: head.dropFirst(2).prefix { $0 != 0x0A }, as: UTF8.self)
+        return line.split(whereSeparator: { $0 == " " || $0 == "\t" }).first.map(String.init)
+    }
+
+    /// A file whose content the daemon trusts must be changeable only by root or the daemon's own
+    /// user: the file and every folder above it (symlinks resolved) must belong to one of them and
+    /// be writable by no one else. A root-owned sticky folder (`/tmp`) passes: others cannot replace
+    /// what they do not own there. A file that does not exist is left to its reader's error.
+    static func checkTrusted(_ path: String, key: String) throws(ConfigurationError) {
+        guard let resolvedPointer = realpath(path, nil) else {
+            if errno == ENOENT { return }
+            throw ConfigurationError(key, "cannot resolve \(path): \(String(cString: strerror(errno)))")
+        }
+        let resolved = String(cString: resolvedPointer)
+        free(resolvedPointer)
+        var current = resolved
+        while true {
+            var info = stat()
+            guard lstat(current, &info) == 0 else {
+                throw ConfigurationError(key, "cannot inspect \(current): \(String(cString: strerror(errno)))")
+            }
+            let what = current == resolved ? "\(path)" : "the folder \(current) above \(path)"
+            guard info.st_uid == 0 || info.st_uid == geteuid() else {
+                throw ConfigurationError(
+                    key,
+                    "\(what) belongs to uid \(info.st_uid), who could change what the daemon trusts or runs; "
+                        + "chown it to root or this user (uid \(geteuid()))"
+                )
+            }
+            let sticky = info.st_mode & S_IFMT == S_IFDIR && info.st_mode & S_ISVTX != 0 && info.st_uid == 0
+            guard info.st_mode & 0o022 == 0 || sticky else {
+                throw ConfigurationError(
+                    key,
+                    "\(what) (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))) is writable by group or others, who "
+                        + "could change what the daemon trusts or runs; run `chmod go-w \(current)`"
+                )
+            }
+            guard current != "/" else { return }
+            current = AtomicFileWriter.split(current).directory
+        }
     }
 
     /// An allowed id the daemon cannot see (outside its user namespace's map, as under

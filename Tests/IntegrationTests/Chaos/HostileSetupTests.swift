@@ -13,11 +13,18 @@ import Testing
         case tokenFolderOfAnotherUser = "token folder owned by another user"
         case worldReadablePasswordFile = "world-readable password file"
         case malformedConfig = "config that is not JSON"
+        case configOthersCanWrite = "config file writable by others"
+        case secretFolderOthersCanWrite = "password file in a folder others can write"
+        case rotateProgramOfAnotherUser = "onRotate program owned by another user"
+        case rotateInterpreterOthersCanWrite = "onRotate script whose #! interpreter others can write"
+        case caFileGroupCanWrite = "CA bundle writable by the group"
         var testDescription: String { rawValue }
     }
 
     /// Handing a folder to another user takes root.
-    static let setups = Setup.allCases.filter { $0 != .tokenFolderOfAnotherUser || geteuid() == 0 }
+    static let setups = Setup.allCases.filter {
+        ($0 != .tokenFolderOfAnotherUser && $0 != .rotateProgramOfAnotherUser) || geteuid() == 0
+    }
 
     @Test(arguments: setups)
     func aHostileSetupIsRefusedAtStartAndNothingIsWritten(_ setup: Setup) async throws {
@@ -40,6 +47,37 @@ import Testing
         case .malformedConfig:
             try harness.folder.write("config.json", #"{"api": {"baseURL": "http://127.0.0.1:1", "#)
             expected = "(file): "
+        case .configOthersCanWrite:
+            chmod(harness.configPath, 0o646)
+            expected = "(file): \(harness.configPath) (mode 0646) is writable by group or others"
+        case .secretFolderOthersCanWrite:
+            chmod(harness.folder.file("secrets"), 0o777)
+            expected = "api.passwordFile: the folder \(harness.folder.file("secrets")) above"
+        case .rotateProgramOfAnotherUser:
+            let program = try harness.folder.write("hooks/reload.sh", "#!/bin/sh\nexit 0\n", mode: 0o755)
+            chown(program, 65534, 65534)
+            harness.extraConfig = #""onRotate": [{ "exec": ["\#(program)"] }]"#
+            try harness.writeConfig()
+            expected = "onRotate[0].exec[0]: \(program) belongs to uid 65534"
+        case .rotateInterpreterOthersCanWrite:
+            let interpreter = try harness.folder.write("hooks/interp", "#!/bin/sh\nexit 0\n", mode: 0o757)
+            let program = try harness.folder.write("hooks/reload", "#!\(interpreter) -e\n", mode: 0o755)
+            harness.extraConfig = #""onRotate": [{ "exec": ["\#(program)"] }]"#
+            try harness.writeConfig()
+            expected =
+                "onRotate[0].exec[0] (its #! interpreter): \(interpreter) (mode 0757) is writable by group or others"
+        case .caFileGroupCanWrite:
+            let bundle = try harness.folder.write("ca.pem", "not yet a certificate\n", mode: 0o664)
+            try harness.writeConfig()
+            let config = try #require(harness.folder.read("config.json"))
+            try harness.folder.write(
+                "config.json",
+                config.replacingOccurrences(
+                    of: #""timeoutSeconds""#,
+                    with: #""caFile": "\#(bundle)", "timeoutSeconds""#
+                )
+            )
+            expected = "api.caFile: \(bundle) (mode 0664) is writable by group or others"
         }
         let child = try harness.start()
         let status = await child.waitForExit(timeout: 30)
