@@ -202,33 +202,35 @@ import Testing
         )
     }
 
+    /// A client of the mock's HTTPS on `port`, trusting `caFile` besides the system's roots.
+    static func httpsClient(port: Int, caFile: String?) -> AuthClient {
+        AuthClient(
+            api: Configuration.API(
+                baseURL: "https://127.0.0.1:\(port)",
+                tokenPath: "/auth/token",
+                email: .inline(""),
+                password: .inline(""),
+                apiKey: .inline(""),
+                timeoutSeconds: 5,
+                caFile: caFile
+            ),
+            version: "1"
+        )
+    }
+
     @Test func httpsIsVerifiedAgainstTheSystemRootsPlusCAFile() async throws {
         let folder = try TemporaryDirectory()
         let (ca, tls) = try await Self.makeCertificates(in: folder)
         let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1"))
         let port = try await mock.start(tls: tls)
-        func client(caFile: String?) -> AuthClient {
-            AuthClient(
-                api: Configuration.API(
-                    baseURL: "https://127.0.0.1:\(port)",
-                    tokenPath: "/auth/token",
-                    email: .inline(""),
-                    password: .inline(""),
-                    apiKey: .inline(""),
-                    timeoutSeconds: 5,
-                    caFile: caFile
-                ),
-                version: "1"
-            )
-        }
 
-        let trusting = client(caFile: ca)
+        let trusting = Self.httpsClient(port: port, caFile: ca)
         let answer = try await trusting.login(Self.secrets, now: { Date() })
         #expect(mock.accepts(answer.grant.token))
         await trusting.shutdown()
 
         // Without the CA the certificate is not trusted and no credentials are sent.
-        let strict = client(caFile: nil)
+        let strict = Self.httpsClient(port: port, caFile: nil)
         let error = await failure(strict)
         await strict.shutdown()
         guard case .transport(let reason) = error else {
@@ -243,24 +245,14 @@ import Testing
         #expect(mock.stats.loginRequests == 1)
         await mock.stop()
     }
+
     @Test func aServerOfferingOnlyTLS11GetsNoCredentials() async throws {
         let folder = try TemporaryDirectory()
         var (ca, tls) = try await Self.makeCertificates(in: folder)
         tls.maximumVersion = .tlsv11
         let mock = MockFTSServer(.init(apiKey: "key-1", email: "svc@example.com", password: "pw-1"))
         let port = try await mock.start(tls: tls)
-        let client = AuthClient(
-            api: Configuration.API(
-                baseURL: "https://127.0.0.1:\(port)",
-                tokenPath: "/auth/token",
-                email: .inline(""),
-                password: .inline(""),
-                apiKey: .inline(""),
-                timeoutSeconds: 5,
-                caFile: ca
-            ),
-            version: "1"
-        )
+        let client = Self.httpsClient(port: port, caFile: ca)
         let error = await failure(client)
         await client.shutdown()
         await mock.stop()

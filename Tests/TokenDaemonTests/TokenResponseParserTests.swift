@@ -228,6 +228,29 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
         let error = parseFailure(#"{"token":"secret token","expires":1800003600}"#)
         #expect(error?.description.contains("secret") == false)
     }
+
+    /// A hostile server's text reaches logs, STATUS= and /healthz only as printable ASCII of at most
+    /// 64 characters: no forged log field or line, no broken JSON document.
+    @Test func serverTextIsPrintableAndShortWhereverItIsShown() throws {
+        let hostile = "text/html\nevent=login_ok token_fp=deadbeef\u{1b}[2J\"}" + String(repeating: "x", count: 500)
+        do {
+            _ = try TokenResponseParser().parse(
+                body: Array("<html>".utf8),
+                contentType: hostile,
+                serverDate: nil,
+                now: Date()
+            )
+            Issue.record("an HTML body was accepted")
+        } catch {
+            let shown = error.description
+            #expect(!shown.contains("\n") && !shown.contains("\u{1b}"))
+            #expect(shown.contains("text/html?event=login_ok"))
+            #expect(shown.count < 140, "\(shown.count) characters")
+        }
+        #expect(LoginError.serverText("säy\tno") == "s?y?no")
+        #expect(LoginError.serverText(String(repeating: "a", count: 64)) == String(repeating: "a", count: 64))
+        #expect(LoginError.serverText(String(repeating: "a", count: 65)) == String(repeating: "a", count: 64) + "…")
+    }
 }
 
 @Suite struct HTTPDateTests {
@@ -253,27 +276,5 @@ func parseFailure(_ body: String, date: String? = nil) -> LoginError? {
         #expect(RetryAfter.seconds(from: "99999999999999999999", now: base) == 86_400)
         #expect(RetryAfter.seconds(from: "-5", now: base) == nil)
         #expect(RetryAfter.seconds(from: "soon", now: base) == nil)
-    }
-    /// A hostile server's text reaches logs, STATUS= and /healthz only as printable ASCII of at most
-    /// 64 characters: no forged log field or line, no broken JSON document.
-    @Test func serverTextIsPrintableAndShortWhereverItIsShown() throws {
-        let hostile = "text/html\nevent=login_ok token_fp=deadbeef\u{1b}[2J\"}" + String(repeating: "x", count: 500)
-        do {
-            _ = try TokenResponseParser().parse(
-                body: Array("<html>".utf8),
-                contentType: hostile,
-                serverDate: nil,
-                now: Date()
-            )
-            Issue.record("an HTML body was accepted")
-        } catch {
-            let shown = error.description
-            #expect(!shown.contains("\n") && !shown.contains("\u{1b}"))
-            #expect(shown.contains("text/html?event=login_ok"))
-            #expect(shown.count < 140, "\(shown.count) characters")
-        }
-        #expect(LoginError.serverText("säy\tno") == "s?y?no")
-        #expect(LoginError.serverText(String(repeating: "a", count: 64)) == String(repeating: "a", count: 64))
-        #expect(LoginError.serverText(String(repeating: "a", count: 65)) == String(repeating: "a", count: 64) + "…")
     }
 }
