@@ -284,6 +284,10 @@ def start_nginx(folder, token_file):
         return None, None
     with open(token_file) as handle:
         token = handle.read()
+    # A folder of its own: nginx hands its temp paths to its worker user (nobody), and the daemon
+    # refuses a config in a folder another user owns.
+    folder = os.path.join(folder, "nginx")
+    os.makedirs(folder, exist_ok=True)
     config = os.path.join(folder, "nginx.conf")
     sock = os.path.join(folder, "nginx.sock")
     with open(config, "w") as handle:
