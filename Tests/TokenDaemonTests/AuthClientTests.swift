@@ -26,16 +26,12 @@ import Testing
             )
         )
         let port = try await mock.start()
-        let api = Configuration.API(
+        let client = Self.client(
             baseURL: "http://127.0.0.1:\(port)",
             tokenPath: tokenPath,
-            email: .inline(""),
-            password: .inline(""),
-            apiKey: .inline(""),
             timeoutSeconds: timeout,
-            caFile: nil
+            version: "9.9.9"
         )
-        let client = AuthClient(api: api, version: "9.9.9")
         do {
             try await body(mock, client)
         } catch {
@@ -151,16 +147,7 @@ import Testing
         // async-http-client retries a refused connection until the connect timeout (half the
         // login's, at most 10 s), then reports it; the rest of the budget is the margin a busy
         // machine needs for that report to beat the overall timeout (with 5 s it lost once).
-        let api = Configuration.API(
-            baseURL: "http://127.0.0.1:1",
-            tokenPath: "/auth/token",
-            email: .inline(""),
-            password: .inline(""),
-            apiKey: .inline(""),
-            timeoutSeconds: 20,
-            caFile: nil
-        )
-        let client = AuthClient(api: api, version: "1")
+        let client = Self.client(baseURL: "http://127.0.0.1:1", timeoutSeconds: 20)
         let error = await failure(client)
         await client.shutdown()
         guard case .transport = error else {
@@ -202,20 +189,32 @@ import Testing
         )
     }
 
-    /// A client of the mock's HTTPS on `port`, trusting `caFile` besides the system's roots.
-    static func httpsClient(port: Int, caFile: String?) -> AuthClient {
+    /// A client of `baseURL` (the credentials come with each login), trusting `caFile` besides the
+    /// system's roots.
+    static func client(
+        baseURL: String,
+        tokenPath: String = "/auth/token",
+        timeoutSeconds: Double = 5,
+        caFile: String? = nil,
+        version: String = "1"
+    ) -> AuthClient {
         AuthClient(
             api: Configuration.API(
-                baseURL: "https://127.0.0.1:\(port)",
-                tokenPath: "/auth/token",
+                baseURL: baseURL,
+                tokenPath: tokenPath,
                 email: .inline(""),
                 password: .inline(""),
                 apiKey: .inline(""),
-                timeoutSeconds: 5,
+                timeoutSeconds: timeoutSeconds,
                 caFile: caFile
             ),
-            version: "1"
+            version: version
         )
+    }
+
+    /// A client of the mock's HTTPS on `port`.
+    static func httpsClient(port: Int, caFile: String?) -> AuthClient {
+        client(baseURL: "https://127.0.0.1:\(port)", caFile: caFile)
     }
 
     @Test func httpsIsVerifiedAgainstTheSystemRootsPlusCAFile() async throws {

@@ -19,8 +19,10 @@ final class ConnectionTable: Sendable {
         let channel: any Channel
         /// Last request head seen (or the accept).
         var lastActive: NIODeadline
-        /// In a long poll, for this peer uid (nil: unknown).
-        var waiting: UInt32?? = nil
+        /// In a long poll (then never evicted), counted against `waitingUID`.
+        var waiting = false
+        /// The peer's uid, nil when it could not be read.
+        var waitingUID: UInt32?
     }
 
     private struct State {
@@ -62,7 +64,7 @@ final class ConnectionTable: Sendable {
             var evicted: [any Channel] = []
             while state.entries.count >= state.capacity {
                 guard
-                    let oldest = state.entries.lazy.filter({ $0.value.waiting == nil }).min(by: {
+                    let oldest = state.entries.lazy.filter({ !$0.value.waiting }).min(by: {
                         $0.value.lastActive < $1.value.lastActive
                     }),
                     let closed = state.entries.removeValue(forKey: oldest.key)?.channel
@@ -92,10 +94,11 @@ final class ConnectionTable: Sendable {
     func beginWait(_ channel: any Channel, uid: UInt32?) -> Bool {
         state.withLockedValue { state in
             let id = ObjectIdentifier(channel)
-            guard state.entries[id] != nil, state.entries[id]?.waiting == nil else { return true }
+            guard let entry = state.entries[id], !entry.waiting else { return true }
             guard state.waitsByUID[uid, default: 0] < Self.waitsPerUID(capacity: state.capacity) else { return false }
             state.waitsByUID[uid, default: 0] += 1
-            state.entries[id]?.waiting = .some(uid)
+            state.entries[id]?.waiting = true
+            state.entries[id]?.waitingUID = uid
             return true
         }
     }
@@ -104,9 +107,9 @@ final class ConnectionTable: Sendable {
     func endWait(_ channel: any Channel) {
         state.withLockedValue { state in
             let id = ObjectIdentifier(channel)
-            guard case .some(let uid) = state.entries[id]?.waiting else { return }
-            state.entries[id]?.waiting = nil
-            state.release(uid)
+            guard let entry = state.entries[id], entry.waiting else { return }
+            state.entries[id]?.waiting = false
+            state.release(entry.waitingUID)
         }
     }
 
@@ -118,9 +121,9 @@ final class ConnectionTable: Sendable {
         state.withLockedValue { state in
             let id = ObjectIdentifier(channel)
             if state.entries[id]?.channel === channel, let removed = state.entries.removeValue(forKey: id),
-                case .some(let uid) = removed.waiting
+                removed.waiting
             {
-                state.release(uid)
+                state.release(removed.waitingUID)
             }
             guard state.entries.count <= Self.calmSize else { return false }
             defer { state.peak = state.entries.count }
