@@ -201,6 +201,25 @@ import Testing
         #expect(error?.description.contains("belongs to uid 65534, another user") == true)
     }
 
+    /// A symlink the operator configured (as `/var/run` → `/run`) is resolved at load, so that the
+    /// writes, which follow none, still reach the folder the operator meant.
+    @Test func aSymlinkInAConfiguredPathIsResolvedAtLoad() throws {
+        let folder = try TemporaryDirectory()
+        try FileManager.default.createDirectory(atPath: folder.file("real"), withIntermediateDirectories: false)
+        #expect(symlink(folder.file("real"), folder.file("link")) == 0)
+        let config = try folder.write(
+            "config.json",
+            #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k"},"#
+                + #""outputs":{"tokenFile":{"path":"\#(folder.file("link/token"))"},"#
+                + #""jsonFile":{"path":"\#(folder.file("link/new/token.json"))"}},"#
+                + #""stateFile":"\#(folder.file("state/token.state"))"}"#
+        )
+        let loaded = try ConfigurationLoader(environment: [:]).load(path: config)
+        #expect(loaded.configuration.outputs.tokenFile?.path == folder.file("real/token"))
+        #expect(loaded.configuration.outputs.jsonFile?.path == folder.file("real/new/token.json"))
+        #expect(loaded.configuration.stateFile == folder.file("state/token.state"))
+    }
+
     @Test func aCAFileThatIsNotPEMIsAConfigurationError() throws {
         let folder = try TemporaryDirectory()
         let notPEM = try folder.write("ca.pem", "hello")

@@ -44,7 +44,7 @@ public struct ConfigurationLoader: Sendable {
         } catch {
             throw ConfigurationError("(file)", "cannot read \(path): \(error)")
         }
-        let configuration = try ConfigurationParser().parse(contents.bytes)
+        var configuration = try ConfigurationParser().parse(contents.bytes)
         try Self.checkTrustedInputs(configuration)
         let secrets = try SecretResolver(environment: environment).resolve(
             configuration.api,
@@ -69,16 +69,23 @@ public struct ConfigurationLoader: Sendable {
                 throw ConfigurationError("api.caFile", "cannot read \(caFile) as PEM certificates: \(error)")
             }
         }
-        let outputs = configuration.outputs
-        let secretBearing: [(key: String, path: String?)] = [
-            ("outputs.tokenFile.path", outputs.tokenFile?.path), ("outputs.jsonFile.path", outputs.jsonFile?.path),
-            ("outputs.headersFile.path", outputs.headersFile?.file.path), ("outputs.socket.path", outputs.socket?.path),
-            ("stateFile", configuration.stateFile),
-        ]
-        for case let (key, path?) in secretBearing {
-            try Self.checkFolder(of: path, key: key)
+        // Symlinks the operator put in a written file's path are resolved now, once: every write
+        // then walks the resolved path and follows none (`OpenedFolder`).
+        let written: [(key: String, path: WritableKeyPath<Configuration, String>)] =
+            [
+                configuration.outputs.tokenFile.map { _ in ("outputs.tokenFile.path", \.outputs.tokenFile!.path) },
+                configuration.outputs.jsonFile.map { _ in ("outputs.jsonFile.path", \.outputs.jsonFile!.path) },
+                configuration.outputs.headersFile.map { _ in
+                    ("outputs.headersFile.path", \.outputs.headersFile!.file.path)
+                },
+                configuration.stateFile.map { _ in ("stateFile", \.stateFile!) },
+            ].compactMap { $0 }
+        for (key, path) in written {
+            configuration[keyPath: path] = try Self.resolveFolder(of: configuration[keyPath: path], key: key)
+            try Self.checkFolder(of: configuration[keyPath: path], key: key)
         }
-        if let socket = outputs.socket {
+        if let socket = configuration.outputs.socket {
+            try Self.checkFolder(of: socket.path, key: "outputs.socket.path")
             try Self.checkVisible(socket.allowUIDs, key: "outputs.socket.allowUIDs", map: "/proc/self/uid_map")
             try Self.checkVisible(socket.allowGIDs, key: "outputs.socket.allowGIDs", map: "/proc/self/gid_map")
         }
@@ -179,34 +186,37 @@ public struct ConfigurationLoader: Sendable {
         }
     }
 
+    /// `path` with its folder's symlinks resolved: realpath(3) of the deepest folder that exists,
+    /// with the part still to be created appended.
+    static func resolveFolder(of path: String, key: String) throws(ConfigurationError) -> String {
+        var (existing, name) = AtomicFileWriter.split(path)
+        var missing: [String] = [name]
+        while true {
+            if let resolved = realpath(existing, nil) {
+                defer { free(resolved) }
+                let base = String(cString: resolved)
+                return (base == "/" ? "" : base) + "/" + missing.reversed().joined(separator: "/")
+            }
+            guard errno == ENOENT, existing != "/" else {
+                throw ConfigurationError(key, "cannot resolve \(existing): \(String(cString: strerror(errno)))")
+            }
+            let (parent, component) = AtomicFileWriter.split(existing)
+            missing.append(component)
+            existing = parent
+        }
+    }
+
     /// The folders that hold the token must be the daemon's own: another user who can write there
-    /// could replace what readers trust (a forged token, a header line of their own). As sshd's
-    /// StrictModes: an existing folder must belong to this user or root and be writable by no one
-    /// else. A folder that does not exist yet is created by the daemon, mode 0750. (`metricsFile` is
-    /// exempt: it holds no secret, and node_exporter's textfile folder is often group-writable.)
+    /// could replace what readers trust (a forged token, a header line of their own). The rule is
+    /// `OpenedFolder`'s, the one every write applies again; a folder that does not exist yet is
+    /// created by the daemon, mode 0750. (`metricsFile` is exempt: it holds no secret, and
+    /// node_exporter's textfile folder is often group-writable.)
     static func checkFolder(of path: String, key: String) throws(ConfigurationError) {
-        let folder = AtomicFileWriter.split(path).directory
-        var info = stat()
-        guard stat(folder, &info) == 0 else {
-            if errno == ENOENT { return }
-            throw ConfigurationError(key, "cannot inspect the folder \(folder): \(String(cString: strerror(errno)))")
-        }
-        guard info.st_mode & S_IFMT == S_IFDIR else {
-            throw ConfigurationError(key, "\(folder) is not a folder")
-        }
-        guard info.st_uid == geteuid() || info.st_uid == 0 else {
-            throw ConfigurationError(
-                key,
-                "the folder \(folder) belongs to uid \(info.st_uid), another user, who could replace the token "
-                    + "files; use a folder of this user (uid \(geteuid())) or root"
-            )
-        }
-        guard info.st_mode & 0o022 == 0 else {
-            throw ConfigurationError(
-                key,
-                "the folder \(folder) (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))) is writable by "
-                    + "other users, who could replace the token files; remove group and other write permission"
-            )
+        do {
+            _ = try OpenedFolder(AtomicFileWriter.split(path).directory, rule: .secret)
+        } catch {
+            if error.errno == ENOENT { return }
+            throw ConfigurationError(key, error.description)
         }
     }
 }

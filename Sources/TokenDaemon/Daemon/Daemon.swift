@@ -276,7 +276,8 @@ public final class Daemon {
                     metrics.render(now: deps.clock()),
                     to: path,
                     mode: 0o644,
-                    directoryMode: 0o755
+                    directoryMode: 0o755,
+                    rule: .shared
                 )
                 return .metricsFileWritten(failure: nil)
             } catch {

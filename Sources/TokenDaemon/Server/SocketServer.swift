@@ -192,7 +192,7 @@ public final class SocketServer: Sendable {
     /// Connections made through the final path reach the same socket.
     private static func bind(_ bootstrap: ServerBootstrap, socket: Configuration.Socket) async throws -> any Channel {
         let (directory, name) = AtomicFileWriter.split(socket.path)
-        try AtomicFileWriter.ensureDirectory(directory, mode: 0o750)
+        _ = try OpenedFolder(directory, rule: .secret, createMode: 0o750)
         let temporary = directory + "/." + name + ".tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
         guard temporary.utf8.count <= 107 else {
             throw SystemError("socket path \(socket.path) too long for its temporary name", errno: nil)

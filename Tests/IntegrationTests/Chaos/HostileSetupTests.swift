@@ -129,4 +129,46 @@ import Testing
         harness.expectNoSecretsInOutput()
         await harness.stop()
     }
+
+    /// The attack on a running daemon: whoever can rename the token folder swaps it for a symlink
+    /// after start, to make the next rotation write the token (and the API key) where they read.
+    /// Nothing reaches the link's target, the old files stay where they were, the log names the
+    /// link, and the daemon writes again once the folder is back.
+    @Test func aTokenFolderSwappedForASymlinkAfterStartGetsNothing() async throws {
+        let harness = try await DaemonHarness(ttl: 120)
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let first = try #require(harness.token)
+        let run = harness.folder.file("run")
+        #expect(rename(run, harness.folder.file("run-moved")) == 0)
+        try FileManager.default.createDirectory(
+            atPath: harness.folder.file("elsewhere"),
+            withIntermediateDirectories: false
+        )
+        #expect(symlink(harness.folder.file("elsewhere"), run) == 0)
+
+        child.signal(SIGUSR1)
+        let reported = await eventually {
+            child.standardError.contains("cannot write outputs: \(run) is a symbolic link")
+        }
+        let nothingThere = harness.folder.entries("elsewhere").isEmpty
+        let oldKept = harness.folder.read("run-moved/token") == first
+        #expect(reported, "stderr: \(child.standardError.suffix(600))")
+        #expect(nothingThere)
+        #expect(oldKept)
+
+        // The folder back in place: the next retry (every 5 s) writes the new token there.
+        #expect(unlink(run) == 0)
+        #expect(rename(harness.folder.file("run-moved"), run) == 0)
+        let rewritten = await eventually { harness.token.map { $0 != first && harness.mock.accepts($0) } == true }
+        #expect(rewritten)
+        #expect(harness.folder.entries("elsewhere").isEmpty)
+        Scenario.report(
+            reported && nothingThere && oldKept && rewritten,
+            "token folder swapped for a symlink after start: error logged \(reported), nothing behind the link "
+                + "\(nothingThere), old token kept \(oldKept), written again once restored \(rewritten)"
+        )
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
 }
