@@ -62,6 +62,7 @@ install: release
 	strip $(DESTDIR)$(PREFIX)/bin/fts-tokend
 	install -D -m 0644 systemd/fts-tokend.service $(DESTDIR)$(UNITDIR)/fts-tokend.service
 	install -D -m 0644 systemd/fts-tokend@.service $(DESTDIR)$(UNITDIR)/fts-tokend@.service
+	install -D -m 0644 systemd/fts-tokend-identity@.service $(DESTDIR)$(UNITDIR)/fts-tokend-identity@.service
 	install -D -m 0644 systemd/fts-tokend.socket $(DESTDIR)$(UNITDIR)/fts-tokend.socket
 	sed -i 's|/usr/bin/fts-tokend|$(PREFIX)/bin/fts-tokend|' $(DESTDIR)$(UNITDIR)/fts-tokend.service $(DESTDIR)$(UNITDIR)/fts-tokend@.service
 	install -D -m 0644 systemd/fts-tokend.sysusers $(DESTDIR)$(SYSUSERSDIR)/fts-tokend.conf

@@ -31,7 +31,7 @@ import Testing
         )
     }
 
-    /// The template is the plain unit with per-instance paths: the two must not drift apart.
+    /// The template is the plain unit with per-instance paths and identity: the two must not drift apart.
     @Test func theTemplateIsThePlainServicePerInstance() throws {
         func serviceSection(_ name: String) throws -> [String] {
             let text = try String(contentsOf: Self.root.appendingPathComponent("systemd/" + name), encoding: .utf8)
@@ -44,8 +44,10 @@ import Testing
         let perInstance = try serviceSection("fts-tokend.service").map { line in
             line.replacingOccurrences(of: "/etc/fts-tokend/config.json", with: "/etc/fts-tokend/%i.json")
                 .replacingOccurrences(of: "/etc/fts-tokend/credentials/", with: "/etc/fts-tokend/credentials/%i/")
-                .replacingOccurrences(of: "RuntimeDirectory=fts-tokend", with: "RuntimeDirectory=fts-tokend/%i")
-                .replacingOccurrences(of: "StateDirectory=fts-tokend", with: "StateDirectory=fts-tokend/%i")
+                .replacingOccurrences(of: "RuntimeDirectory=fts-tokend", with: "RuntimeDirectory=fts-tokend-%i")
+                .replacingOccurrences(of: "StateDirectory=fts-tokend", with: "StateDirectory=fts-tokend-%i")
+                .replacingOccurrences(of: "User=fts-tokend", with: "User=fts-tokend-%i")
+                .replacingOccurrences(of: "Group=fts-token", with: "Group=fts-token-%i")
         }
         #expect(perInstance == (try serviceSection("fts-tokend@.service")))
     }

@@ -134,21 +134,35 @@ tokens="$tokens $(cat /run/fts-tokend/token)"
 
 # --- 7. socket activation and the template
 systemctl stop fts-tokend
+# As on a fresh boot: /run is empty, tmpfiles runs, then sockets.target starts the socket unit.
+rm -rf /run/fts-tokend
+systemd-tmpfiles --create --boot fts-tokend.conf
 systemctl start fts-tokend.socket
+check "on a fresh boot the socket's folder is the daemon's, reachable by its readers" sh -c '[ "$(stat -c %U:%G:%a /run/fts-tokend)" = fts-tokend:fts-token:750 ] && runuser -u reader -- test -x /run/fts-tokend && ! runuser -u stranger -- test -x /run/fts-tokend'
 check "socket unit listens without the service" sh -c '[ "$(systemctl is-active fts-tokend.service)" = inactive ] && test -S /run/fts-tokend/tokend.sock'
 check "a connection starts the service and gets a token" sh -c 'runuser -u reader -- curl -sf --max-time 30 --unix-socket /run/fts-tokend/tokend.sock "http://localhost/token?wait=20" | grep -q "^ey"'
 check "the service was started by the socket" sh -c '[ "$(systemctl is-active fts-tokend.service)" = active ]'
 systemctl stop fts-tokend.socket fts-tokend.service
+# --- 7b. template instances: each its own user and reader group (issue 11 item 7)
 for instance in alpha beta; do
     install -d -m 0700 /etc/fts-tokend/credentials/$instance
     cp -p /etc/fts-tokend/credentials/email /etc/fts-tokend/credentials/password /etc/fts-tokend/credentials/api-key /etc/fts-tokend/credentials/$instance/
-    jq --arg i "$instance" '.outputs = {tokenFile: {path: "/run/fts-tokend/\($i)/token", mode: "0640"}} | .stateFile = "/var/lib/fts-tokend/\($i)/state.json"' \
+    jq --arg i "$instance" '.outputs = {tokenFile: {path: "/run/fts-tokend-\($i)/token", mode: "0640"}} | .stateFile = "/var/lib/fts-tokend-\($i)/state.json"' \
         /etc/fts-tokend/config.json > /etc/fts-tokend/$instance.json
 done
 systemctl start fts-tokend@alpha fts-tokend@beta
-check "two template instances run side by side" sh -c 'test -s /run/fts-tokend/alpha/token && test -s /run/fts-tokend/beta/token && [ "$(systemctl is-active fts-tokend@alpha fts-tokend@beta | sort -u)" = active ]'
-tokens="$tokens $(cat /run/fts-tokend/alpha/token) $(cat /run/fts-tokend/beta/token)"
+check "two template instances run side by side" sh -c 'test -s /run/fts-tokend-alpha/token && test -s /run/fts-tokend-beta/token && [ "$(systemctl is-active fts-tokend@alpha fts-tokend@beta | sort -u)" = active ]'
+check "each instance runs as its own user" sh -c '[ "$(ps -o user= -p "$(systemctl show -p MainPID --value fts-tokend@alpha)")" = fts-tokend-alpha ] && [ "$(ps -o user= -p "$(systemctl show -p MainPID --value fts-tokend@beta)")" = fts-tokend-beta ]'
+check "an instance's token belongs to its user and reader group" sh -c '[ "$(stat -c %U:%G:%a /run/fts-tokend-alpha/token)" = fts-tokend-alpha:fts-token-alpha:640 ] && [ "$(stat -c %U:%a /var/lib/fts-tokend-alpha/state.json)" = fts-tokend-alpha:600 ]'
+# What one instance (or an onRotate program of it, which runs as the same user) can do to another.
+check "one instance cannot read another's token" sh -c '! runuser -u fts-tokend-beta -- cat /run/fts-tokend-alpha/token'
+check "one instance cannot read or replace another's state" sh -c '! runuser -u fts-tokend-beta -- cat /var/lib/fts-tokend-alpha/state.json && ! runuser -u fts-tokend-beta -- sh -c "echo x > /var/lib/fts-tokend-alpha/state.json" && ! runuser -u fts-tokend-beta -- sh -c "echo x > /var/lib/fts-tokend-alpha/forged"'
+check "one instance cannot write into another's token folder" sh -c '! runuser -u fts-tokend-beta -- sh -c "echo x > /run/fts-tokend-alpha/token.new"'
+useradd -m -G fts-token-alpha alpha-reader
+check "a member of an instance's reader group reads that token and no other" sh -c 'runuser -u alpha-reader -- cat /run/fts-tokend-alpha/token | grep -q "^ey" && ! runuser -u alpha-reader -- cat /run/fts-tokend-beta/token && ! runuser -u reader -- cat /run/fts-tokend-alpha/token'
+tokens="$tokens $(cat /run/fts-tokend-alpha/token) $(cat /run/fts-tokend-beta/token)"
 systemctl stop fts-tokend@alpha fts-tokend@beta
+check "an instance name too long for a user name fails its identity unit, clearly" sh -c '! systemctl start fts-tokend@a-name-longer-than-any-user-name && journalctl -u fts-tokend-identity@a-name-longer-than-any-user-name | grep -q "is not a valid user or group name"'
 
 # --- 5. credentials rejected at start: failed with 78, no restart
 fault '{"always":{"status":401}}'

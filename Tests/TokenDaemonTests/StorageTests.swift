@@ -73,7 +73,7 @@ let sampleGrant = TokenGrant(
         try store.save(sampleGrant, identity: identity)
         #expect(folder.mode("state/state.json") == 0o600)
         #expect(folder.mode("state") == 0o700)
-        #expect(try store.load(identity: identity) == sampleGrant)
+        #expect(try store.load(identity: identity, now: sampleGrant.obtainedAt) == sampleGrant)
     }
 
     @Test func refusesAnotherAccountsToken() throws {
@@ -81,7 +81,10 @@ let sampleGrant = TokenGrant(
         let store = StateStore(path: folder.file("state.json"))
         try store.save(sampleGrant, identity: identity)
         #expect(throws: StateStore.LoadProblem.otherAccount) {
-            try store.load(identity: StateStore.identity(baseURL: "https://x.example", email: "other@x", apiKey: "k-1"))
+            try store.load(
+                identity: StateStore.identity(baseURL: "https://x.example", email: "other@x", apiKey: "k-1"),
+                now: sampleGrant.obtainedAt
+            )
         }
     }
 
@@ -92,7 +95,10 @@ let sampleGrant = TokenGrant(
         let store = StateStore(path: folder.file("state.json"))
         try store.save(sampleGrant, identity: identity)
         #expect(throws: StateStore.LoadProblem.otherAccount) {
-            try store.load(identity: StateStore.identity(baseURL: "https://x.example", email: "e@x", apiKey: "k-2"))
+            try store.load(
+                identity: StateStore.identity(baseURL: "https://x.example", email: "e@x", apiKey: "k-2"),
+                now: sampleGrant.obtainedAt
+            )
         }
         #expect(folder.read("state.json")?.contains("k-1") == false)
     }
@@ -100,10 +106,86 @@ let sampleGrant = TokenGrant(
     @Test func reportsMissingAndCorruptState() throws {
         let folder = try TemporaryDirectory()
         #expect(throws: StateStore.LoadProblem.missing) {
-            try StateStore(path: folder.file("none")).load(identity: identity)
+            try StateStore(path: folder.file("none")).load(identity: identity, now: sampleGrant.obtainedAt)
         }
         let corrupt = try folder.write("state.json", "{\"version\":1,")
-        #expect(throws: StateStore.LoadProblem.self) { try StateStore(path: corrupt).load(identity: identity) }
+        #expect(throws: StateStore.LoadProblem.self) {
+            try StateStore(path: corrupt).load(identity: identity, now: sampleGrant.obtainedAt)
+        }
+    }
+
+    /// The attack on a stored token: whoever can edit the state file pushes the expiry out (or
+    /// plants a forged token with a far one) so that a restarted daemon keeps handing it out.
+    @Test func aStoredExpiryLaterThanTheJWTsExpIsNotBelieved() throws {
+        let folder = try TemporaryDirectory()
+        let store = StateStore(path: folder.file("state.json"))
+        var grant = sampleGrant
+        grant.token = jwt(exp: sampleGrant.expiresAt.timeIntervalSince1970)
+        try store.save(grant, identity: identity)
+        #expect(try store.load(identity: identity, now: grant.obtainedAt) == grant)
+        // The same token with its expiry pushed a day later (the lifetime record raised to match).
+        try edit(folder.file("state.json")) { document in
+            var grantObject = document["grant"] as! [String: Any]
+            grantObject["expiresAt"] = (grantObject["expiresAt"] as! Double) + 86_400
+            document["grant"] = grantObject
+            document["longestLifetimeSeconds"] = 90_000.0
+        }
+        do {
+            _ = try store.load(identity: identity, now: grant.obtainedAt)
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.description.contains("stored token is implausible (its expiry"))
+            #expect(error.description.contains("is later than the JWT's exp"))
+        }
+    }
+
+    @Test func aStoredLifetimeLongerThanEverGrantedIsNotBelieved() throws {
+        let folder = try TemporaryDirectory()
+        let store = StateStore(path: folder.file("state.json"))
+        // Granted 2 h once, then 1 h: the record keeps the longest.
+        var long = sampleGrant
+        long.expiresAt = sampleGrant.obtainedAt.addingTimeInterval(7200)
+        try store.save(long, identity: identity)
+        try store.save(sampleGrant, identity: identity)
+        #expect(folder.read("state.json")?.contains("\"longestLifetimeSeconds\":7200") == true)
+        // A token (not a JWT) whose stored expiry was pushed to 30 days.
+        try edit(folder.file("state.json")) { document in
+            var grantObject = document["grant"] as! [String: Any]
+            grantObject["expiresAt"] = sampleGrant.obtainedAt.timeIntervalSince1970 + 30 * 86_400
+            document["grant"] = grantObject
+        }
+        do {
+            _ = try store.load(identity: identity, now: sampleGrant.obtainedAt)
+            Issue.record("expected an error")
+        } catch {
+            #expect(error.description.contains("a lifetime of 2592000 s, longer than the 7200 s"))
+        }
+    }
+
+    @Test func aStoredTokenReceivedInTheFutureIsNotBelieved() throws {
+        let folder = try TemporaryDirectory()
+        let store = StateStore(path: folder.file("state.json"))
+        try store.save(sampleGrant, identity: identity)
+        let hourEarlier = sampleGrant.obtainedAt.addingTimeInterval(-3600)
+        #expect(throws: StateStore.LoadProblem.self) { try store.load(identity: identity, now: hourEarlier) }
+        // Within a minute (a small clock step back since saving) it is believed.
+        #expect(try store.load(identity: identity, now: sampleGrant.obtainedAt.addingTimeInterval(-30)) == sampleGrant)
+    }
+
+    /// Files from before the lifetime record: the stored token's own lifetime stands in (no extra login).
+    @Test func aStateFileWithoutTheLifetimeRecordStillLoads() throws {
+        let folder = try TemporaryDirectory()
+        let store = StateStore(path: folder.file("state.json"))
+        try store.save(sampleGrant, identity: identity)
+        try edit(folder.file("state.json")) { $0["longestLifetimeSeconds"] = nil }
+        #expect(try store.load(identity: identity, now: sampleGrant.obtainedAt) == sampleGrant)
+    }
+
+    private func edit(_ path: String, _ change: (inout [String: Any]) -> Void) throws {
+        var document =
+            try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
+        change(&document)
+        try JSONSerialization.data(withJSONObject: document).write(to: URL(fileURLWithPath: path))
     }
 
     @Test func refusesAStoredTokenThatCouldInjectAHeader() throws {
@@ -112,7 +194,7 @@ let sampleGrant = TokenGrant(
         bad.token = "abc\nX-Evil: 1"
         let store = StateStore(path: folder.file("state.json"))
         try store.save(bad, identity: identity)
-        #expect(throws: StateStore.LoadProblem.self) { try store.load(identity: identity) }
+        #expect(throws: StateStore.LoadProblem.self) { try store.load(identity: identity, now: sampleGrant.obtainedAt) }
     }
 }
 

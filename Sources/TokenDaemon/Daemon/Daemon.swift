@@ -174,7 +174,7 @@ public final class Daemon {
     private func loadStoredToken() -> Result<TokenGrant, StateStore.LoadProblem>? {
         guard let path = configuration.stateFile else { return nil }
         do throws(StateStore.LoadProblem) {
-            return .success(try StateStore(path: path).load(identity: core.configuration.identity))
+            return .success(try StateStore(path: path).load(identity: core.configuration.identity, now: deps.clock()))
         } catch {
             return .failure(error)
         }

@@ -171,4 +171,39 @@ import Testing
         harness.expectNoSecretsInOutput()
         await harness.stop()
     }
+
+    /// The attack on the state file: whoever can edit it pushes the stored expiry a day out, so that
+    /// a restarted daemon would keep handing out (and never refresh) a token the server considers
+    /// expired. The restarted daemon does not believe it, says why, and logs in.
+    @Test func aStateFileEditedToPushTheExpiryOutIsNotBelieved() async throws {
+        let harness = try await DaemonHarness(ttl: 600)
+        let first = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let token = try #require(harness.token)
+        first.signal(SIGTERM)
+        #expect(await first.waitForExit(timeout: 10) == 0)
+        let statePath = harness.folder.file("state/state.json")
+        var document = try #require(
+            try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: statePath))) as? [String: Any]
+        )
+        var grant = try #require(document["grant"] as? [String: Any])
+        grant["expiresAt"] = try #require(grant["expiresAt"] as? Double) + 86_400
+        document["grant"] = grant
+        document["longestLifetimeSeconds"] = 200_000.0
+        try JSONSerialization.data(withJSONObject: document).write(to: URL(fileURLWithPath: statePath))
+        harness.notify.reset()
+
+        let second = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let said = second.standardError.contains("stored token is implausible (its expiry")
+        let loggedIn = harness.mock.stats.loginRequests == 2 && harness.token != token
+        #expect(said, "stderr: \(second.standardError.suffix(600))")
+        #expect(loggedIn)
+        Scenario.report(
+            said && loggedIn,
+            "state file edited to push the expiry a day out: refused with its reason \(said), logged in instead \(loggedIn)"
+        )
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
 }
