@@ -28,6 +28,7 @@ final class DaemonHarness: @unchecked Sendable {
         var backoffMaxSeconds = 1.0
         /// `api.timeoutSeconds`: the whole login's budget.
         var loginTimeoutSeconds = 5.0
+        var minForcedRefreshSeconds = 30.0
     }
 
     /// The refresh and timeout settings the config is written with.
@@ -80,7 +81,8 @@ final class DaemonHarness: @unchecked Sendable {
                        "timeoutSeconds": \(refresh.loginTimeoutSeconds) },
               "refresh": { "refreshAt": \(refresh.refreshAt), "minRemainingSeconds": \(refresh.minRemainingSeconds),
                            "jitter": \(refresh.jitter), "backoffInitialSeconds": \(refresh.backoffInitialSeconds),
-                           "backoffMaxSeconds": \(refresh.backoffMaxSeconds) },
+                           "backoffMaxSeconds": \(refresh.backoffMaxSeconds),
+                           "minForcedRefreshSeconds": \(refresh.minForcedRefreshSeconds) },
               "outputs": { \(outputFiles.replacingOccurrences(of: "{folder}", with: folder.path))
                            \(socket.map { ", \"socket\": " + $0 } ?? "") },
               "stateFile": "\(folder.file("state/state.json"))",

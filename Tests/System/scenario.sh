@@ -61,6 +61,14 @@ check "another user cannot read the token" sh -c '! runuser -u stranger -- cat /
 check "another user cannot use the socket" sh -c '! runuser -u stranger -- curl -sf --unix-socket /run/fts-tokend/tokend.sock http://localhost/token'
 check "fts-tokend status reports ok" sh -c 'runuser -u reader -- fts-tokend status | grep -q "status:       ok"'
 tokens=$(cat /run/fts-tokend/token)
+# A rejected-token report by a reader, under the unit: one login, the next token printed.
+fp=$(sha256sum < /run/fts-tokend/token | cut -c1-8)
+logins_before=$(logins)
+next=$(runuser -u reader -- fts-tokend token --rejected "$fp" --timeout 30)
+check "a reader's rejected-token report brings the next token with one login" sh -c "[ -n '$next' ] && [ \"\$(printf %s '$next' | sha256sum | cut -c1-8)\" != $fp ] && [ \"\$(cat /run/fts-tokend/token)\" = '$next' ] && [ \"\$(curl -sf http://127.0.0.1:8080/_mock/stats | jq .loginRequests)\" = $((logins_before + 1)) ]"
+check "a rejected-token report is logged with the reader's uid" sh -c "journalctl -u fts-tokend -o cat FTS_EVENT=token_rejected | grep -q 'logging in now' && journalctl -u fts-tokend -o verbose FTS_EVENT=token_rejected | grep -q \"FTS_UID=\$(id -u reader)\""
+check "another user cannot report a token" sh -c '! runuser -u stranger -- curl -sf -X POST -H "X-Token-Fingerprint: 00000000" --unix-socket /run/fts-tokend/tokend.sock http://localhost/token/invalidate'
+tokens="$tokens $next"
 
 # --- 2. credentials come from LoadCredential only
 pid=$(prop fts-tokend MainPID)

@@ -109,8 +109,22 @@ public final class UnixSocketClient {
         count: Int,
         socket: String
     ) throws -> [(status: Int, body: String)] {
+        try concurrentRequests(
+            "GET \(target) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            count: count,
+            socket: socket
+        )
+    }
+
+    /// `request` (a whole HTTP/1.1 request that closes its connection) on `count` connections, all
+    /// open before any request is sent. Returns each answer's status and body.
+    public static func concurrentRequests(
+        _ requestText: String,
+        count: Int,
+        socket: String
+    ) throws -> [(status: Int, body: String)] {
         let clients = try (0..<count).map { _ in try UnixSocketClient(socket: socket) }
-        let request = Array("GET \(target) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".utf8)
+        let request = Array(requestText.utf8)
         for client in clients { try client.send(request) }
         return clients.map { client in
             let answer = client.readAll()

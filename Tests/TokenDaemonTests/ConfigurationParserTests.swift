@@ -347,6 +347,12 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
             message: "at least backoffInitialSeconds"
         ),
         BadInput(
+            name: "forced refresh floor of 0 (every report a login: the account would be throttled)",
+            bytes: config { set(&$0, "refresh.minForcedRefreshSeconds", 0) },
+            keyPath: "refresh.minForcedRefreshSeconds",
+            message: "at least 1 and at most 86400"
+        ),
+        BadInput(
             name: "no outputs",
             bytes: config { $0["outputs"] = [String: Any]() },
             keyPath: "outputs",

@@ -6,6 +6,16 @@ import Testing
 /// The core as the daemon drives it, with a fake clock: every outcome the runner would feed back
 /// (written files, a loaded configuration) is fed back here, so each test reads as a run of the daemon
 /// in simulated time. Nothing here sleeps.
+/// An `.answerRejection` action, comparable in one `#expect`.
+struct RejectionAnswer: Equatable {
+    var reportID: Int
+    var outcome: DaemonCore.RejectionOutcome
+    init(_ reportID: Int, _ outcome: DaemonCore.RejectionOutcome) {
+        self.reportID = reportID
+        self.outcome = outcome
+    }
+}
+
 struct CoreDriver {
     var core: DaemonCore
     var now = Date(timeIntervalSince1970: 1_800_000_000)
@@ -182,6 +192,9 @@ extension [DaemonCore.Action] {
         compactMap { if case .writeFiles(let request) = $0 { request } else { nil } }
     }
     var reports: [DaemonCore.Report] { compactMap { if case .report(let report) = $0 { report } else { nil } } }
+    var answers: [RejectionAnswer] {
+        compactMap { if case .answerRejection(let id, let outcome) = $0 { RejectionAnswer(id, outcome) } else { nil } }
+    }
 }
 
 @Suite struct DaemonCoreStartTests {
@@ -627,36 +640,78 @@ extension [DaemonCore.Action] {
 }
 
 @Suite struct DaemonCoreRejectionTests {
+    /// A report from uid 1001, with a fresh report ID.
+    static func report(_ fingerprint: String, id: Int = 0) -> DaemonCore.Event {
+        .tokenRejected(fingerprint: fingerprint, reporterUID: 1001, reportID: id)
+    }
+
     @Test func aReportOfTheCurrentTokenForcesOneLoginThenTheFloorApplies() {
         var driver = CoreDriver()
         driver.send(.start(stored: nil))
         driver.loginSucceeds()
         let fingerprint = driver.grant().fingerprint
-        let accepted = driver.send(.tokenRejected(fingerprint: fingerprint))
-        #expect(accepted.reports.contains(.tokenRejected(fingerprint: fingerprint, .accepted)))
+        let accepted = driver.send(Self.report(fingerprint, id: 1))
+        #expect(accepted.answers == [.init(1, .accepted(startedLogin: true))])
+        #expect(
+            accepted.reports.contains(
+                .tokenRejected(fingerprint: fingerprint, reporterUID: 1001, .accepted(startedLogin: true))
+            )
+        )
         #expect(accepted.logins.count == 1)
-        // While that login is in flight, more reports join it.
-        #expect(driver.send(.tokenRejected(fingerprint: fingerprint)).logins.isEmpty)
+        // While that login is in flight, more reports join it: still one login.
+        let joined = driver.send(Self.report(fingerprint, id: 2))
+        #expect(joined.logins.isEmpty)
+        #expect(joined.answers == [.init(2, .accepted(startedLogin: false))])
         driver.loginSucceeds(token: "new.tok.en")
         let newFingerprint = Fingerprint.of("new.tok.en")
         driver.advance(10)
-        let limited = driver.send(.tokenRejected(fingerprint: newFingerprint))
-        #expect(
-            limited.reports.contains(
-                .tokenRejected(fingerprint: newFingerprint, .rateLimited(until: driver.now.addingTimeInterval(20)))
-            )
-        )
+        let limited = driver.send(Self.report(newFingerprint, id: 3))
+        #expect(limited.answers == [.init(3, .rateLimited(until: driver.now.addingTimeInterval(20)))])
         #expect(limited.logins.isEmpty)
+        // Once the floor has passed, the next report forces a login again.
+        driver.advance(20)
+        #expect(driver.send(Self.report(newFingerprint, id: 4)).logins.count == 1)
+    }
+
+    @Test func theFloorIsRefreshMinForcedRefreshSeconds() {
+        var refresh = CoreFixtures.noJitter
+        refresh.minForcedRefreshSeconds = 120
+        var driver = CoreDriver(CoreFixtures.configuration(refresh: refresh))
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        #expect(driver.send(Self.report(driver.grant().fingerprint)).logins.count == 1)
+        driver.loginSucceeds(token: "new.tok.en")
+        driver.advance(90)
+        let limited = driver.send(Self.report(Fingerprint.of("new.tok.en"), id: 1))
+        #expect(limited.answers == [.init(1, .rateLimited(until: driver.now.addingTimeInterval(30)))])
     }
 
     @Test func aReportOfAnOldTokenIsStaleAndTakesNothingAway() {
         var driver = CoreDriver()
         driver.send(.start(stored: nil))
         driver.loginSucceeds()
-        let actions = driver.send(.tokenRejected(fingerprint: "00000000"))
-        #expect(
-            actions.reports == [.tokenRejected(fingerprint: "00000000", .stale(current: driver.grant().fingerprint))]
-        )
+        let actions = driver.send(Self.report("00000000", id: 7))
+        #expect(actions.answers == [.init(7, .stale(current: driver.grant().fingerprint))])
         #expect(actions.logins.isEmpty && !actions.contains { if case .withdrawFiles = $0 { true } else { false } })
+    }
+
+    /// The rejected token stays served until its successor is on disk: a wrong report (or a
+    /// failing login after it) must not take a good token away.
+    @Test func theRejectedTokenStaysUntilANewOneIsWritten() {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        let first = driver.grant()
+        let actions = driver.send(Self.report(first.fingerprint))
+        #expect(actions.logins.count == 1)
+        #expect(!actions.contains { if case .withdrawFiles = $0 { true } else { false } })
+        let published = actions.compactMap { if case .publish(let snapshot, _) = $0 { snapshot } else { nil } }
+        #expect(!published.isEmpty && published.allSatisfy { $0.servedToken?.fingerprint == first.fingerprint })
+    }
+
+    @Test func aReportBeforeAnyTokenIsStaleWithNoCurrentToken() {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        #expect(driver.send(Self.report("0badf00d", id: 5)).answers == [.init(5, .stale(current: nil))])
     }
 }

@@ -65,4 +65,15 @@ public enum Fingerprint {
     public static func of(_ secret: String) -> String {
         Hex.encode(SHA256.hash(data: Array(secret.utf8)).prefix(4))
     }
+
+    /// `text` as a fingerprint `of` could have written (8 hex characters; any case and surrounding
+    /// whitespace accepted), or nil.
+    public static func parse(_ text: String) -> String? {
+        let trimmed = String(text.drop(while: \.isWhitespace).reversed().drop(while: \.isWhitespace).reversed())
+            .lowercased()
+        guard trimmed.utf8.count == 8,
+            trimmed.utf8.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x66).contains($0) })
+        else { return nil }
+        return trimmed
+    }
 }

@@ -42,6 +42,9 @@ public struct Configuration: Sendable, Equatable {
         public var jitter: Double
         public var backoffInitialSeconds: Double
         public var backoffMaxSeconds: Double
+        /// Least time between two logins forced by rejected-token reports: FTS throttles or
+        /// disables accounts that log in too often, whatever the reason.
+        public var minForcedRefreshSeconds: Double = 30
 
         public static let defaults = Refresh(
             refreshAt: 0.8,

@@ -107,7 +107,12 @@ public struct ConfigurationParser {
                 "must be at least backoffInitialSeconds (\(backoffInitial)) and at most 86400"
             ) {
                 $0 >= backoffInitial && $0 <= 86_400
-            }
+            },
+            minForcedRefreshSeconds: try refresh.number(
+                "minForcedRefreshSeconds",
+                default: defaults.minForcedRefreshSeconds,
+                "must be at least 1 and at most 86400 seconds (FTS throttles accounts that log in too often)"
+            ) { $0 >= 1 && $0 <= 86_400 }
         )
     }
 

@@ -94,6 +94,9 @@ public final class Daemon {
         // views of it (mem, environ) stay root's (README "Hardening").
         _ = clinux_set_undumpable()
         let (events, sink) = AsyncStream<DaemonCore.Event>.makeStream()
+        board.receiveRejections { fingerprint, reporterUID, reportID in
+            sink.yield(.tokenRejected(fingerprint: fingerprint, reporterUID: reporterUID, reportID: reportID))
+        }
         // Timer and signals live on NIO's event loop, as the socket and the logins do (README
         // "Threads and idle cost").
         let loop = MultiThreadedEventLoopGroup.singleton.next()
@@ -283,6 +286,9 @@ public final class Daemon {
             } catch {
                 return .metricsFileWritten(failure: error.description)
             }
+        case .answerRejection(let reportID, let outcome):
+            metrics.forcedRefresh(outcome)
+            board.answerRejection(reportID, outcome)
         case .report(let report):
             log(report)
         case .exit:
@@ -467,11 +473,25 @@ public final class Daemon {
             )
         case .stopping(let signal):
             logger.info("stopping", metadata: ["event": "stopping", "signal": "\(signal)"])
-        case .tokenRejected(let fingerprint, let outcome):
-            logger.notice(
-                "token reported rejected",
-                metadata: ["event": "token_rejected", "token_fp": "\(fingerprint)", "outcome": "\(outcome)"]
-            )
+        case .tokenRejected(let fingerprint, let reporterUID, let outcome):
+            // Only the report that forces a login is worth a line at the default level: a consumer
+            // that repeats itself is counted in the metrics, not allowed to fill the journal.
+            var metadata: Logger.Metadata = [
+                "event": "token_rejected", "token_fp": "\(fingerprint)",
+                "uid": "\(reporterUID.map(String.init) ?? "?")", "outcome": "\(DaemonMetrics.label(outcome))",
+            ]
+            switch outcome {
+            case .accepted(startedLogin: true):
+                logger.notice("token reported rejected by the API, logging in now", metadata: metadata)
+            case .accepted(startedLogin: false):
+                logger.debug("token reported rejected, a login is already under way", metadata: metadata)
+            case .stale(let current):
+                metadata["current_fp"] = "\(current ?? "none")"
+                logger.debug("a rejected-token report named a token that is not current", metadata: metadata)
+            case .rateLimited(let until):
+                metadata["retry_at"] = "\(FormatTime.iso8601(until))"
+                logger.debug("token reported rejected, but a login was forced too recently", metadata: metadata)
+            }
         }
     }
 }

@@ -27,8 +27,6 @@ public struct DaemonCore: Sendable {
     public static let maxTick: TimeInterval = 30
     /// How often writing the outputs is tried again after it failed.
     public static let writeRetry: TimeInterval = 5
-    /// Least time between two logins forced by rejected-token reports (issue 13's floor).
-    public static let forcedLoginFloor: TimeInterval = 30
 
     // MARK: Inputs and outputs
 
@@ -56,8 +54,9 @@ public struct DaemonCore: Sendable {
         case configurationLoaded(Result<LoadedConfiguration, ConfigurationError>)
         /// The outcome of `.writeMetricsFile`.
         case metricsFileWritten(failure: String?)
-        /// A consumer reports that the API rejected the token with this fingerprint.
-        case tokenRejected(fingerprint: String)
+        /// A consumer (`reporterUID`: its uid, when known) reports that the API rejected the token
+        /// with this fingerprint. The answer goes out as `.answerRejection(reportID:)`.
+        case tokenRejected(fingerprint: String, reporterUID: UInt32?, reportID: Int)
     }
 
     /// Why files are written.
@@ -82,8 +81,8 @@ public struct DaemonCore: Sendable {
 
     /// What a rejected-token report led to.
     public enum RejectionOutcome: Sendable, Equatable {
-        /// A login starts now (or one already in flight will bring the next token).
-        case accepted
+        /// A login starts now (`startedLogin`), or one already in flight will bring the next token.
+        case accepted(startedLogin: Bool)
         /// The token reported is not the current one: the consumer should read again.
         case stale(current: String?)
         /// A forced login happened too recently; the next may be forced at this instant.
@@ -111,7 +110,7 @@ public struct DaemonCore: Sendable {
         case reloadFailed(String)
         case reloadRefused(String)
         case stopping(signal: String)
-        case tokenRejected(fingerprint: String, RejectionOutcome)
+        case tokenRejected(fingerprint: String, reporterUID: UInt32?, RejectionOutcome)
     }
 
     /// One write of the outputs; its outcome comes back as `.filesWritten(id:failure:)`.
@@ -143,6 +142,8 @@ public struct DaemonCore: Sendable {
         /// `EXTEND_TIMEOUT_USEC`: keeps systemd's start job alive until the first token.
         case extendStartTimeout(seconds: Double)
         case writeMetricsFile(String)
+        /// Tell the consumer who sent rejected-token report `reportID` what it led to.
+        case answerRejection(reportID: Int, RejectionOutcome)
         case report(Report)
         /// `STOPPING=1`, shut down, exit with this status.
         case exit(Int32)
@@ -316,9 +317,12 @@ public struct DaemonCore: Sendable {
             if let failure, !metricsFileFailing { actions.append(.report(.metricsFileFailed(failure))) }
             metricsFileFailing = failure != nil
             return actions
-        case .tokenRejected(let fingerprint):
+        case .tokenRejected(let fingerprint, let reporterUID, let reportID):
             let outcome = tokenRejected(fingerprint, now: now)
-            actions.append(.report(.tokenRejected(fingerprint: fingerprint, outcome)))
+            actions += [
+                .report(.tokenRejected(fingerprint: fingerprint, reporterUID: reporterUID, outcome)),
+                .answerRejection(reportID: reportID, outcome),
+            ]
         }
         var isTick = false
         if case .tick = event { isTick = true }
@@ -549,15 +553,16 @@ public struct DaemonCore: Sendable {
         guard case .current(let grant, _) = holding, grant.fingerprint == fingerprint else {
             return .stale(current: holding.grant.flatMap { $0.isValid(at: now) ? $0.fingerprint : nil })
         }
-        if case .loggingIn = phase { return .accepted }
-        if let last = lastForcedLogin, now < last.addingTimeInterval(Self.forcedLoginFloor) {
-            return .rateLimited(until: last.addingTimeInterval(Self.forcedLoginFloor))
+        if case .loggingIn = phase { return .accepted(startedLogin: false) }
+        let floor = policy.settings.minForcedRefreshSeconds
+        if let last = lastForcedLogin, now < last.addingTimeInterval(floor) {
+            return .rateLimited(until: last.addingTimeInterval(floor))
         }
         // The rejected token stays current until a new one is on disk: a wrong report must not
         // take a good token away.
         lastForcedLogin = now
         phase = .waiting(until: now)
-        return .accepted
+        return .accepted(startedLogin: true)
     }
 
     /// After every event: the watchdog, expiry, write retries, a due login, then the publication.

@@ -112,6 +112,23 @@ public final class DaemonMetrics: Sendable {
         ).increment()
     }
 
+    /// A rejected-token report was answered.
+    public func forcedRefresh(_ outcome: DaemonCore.RejectionOutcome) {
+        counter(
+            Self.name("forced_refresh", "total", "Rejected-token reports by outcome (accepted, stale, rate_limited)."),
+            [("outcome", Self.label(outcome))]
+        ).increment()
+    }
+
+    /// The `outcome` label of a rejected-token report (also its log field).
+    static func label(_ outcome: DaemonCore.RejectionOutcome) -> String {
+        switch outcome {
+        case .accepted: "accepted"
+        case .stale: "stale"
+        case .rateLimited: "rate_limited"
+        }
+    }
+
     /// The Prometheus text exposition as of `now`.
     public func render(now: Date) -> [UInt8] {
         let remaining = currentExpiry.withLockedValue { $0 }.map { max(0, $0.timeIntervalSince(now)) } ?? 0

@@ -1,6 +1,7 @@
 import CLinux
 import Glibc
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 
@@ -64,6 +65,25 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     static let maxQueued = 8
     /// Answers written while the channel could take no more before the connection is closed.
     static let maxUnwritable = 16
+    /// Body of a rejected-token report accepted (a fingerprint, optionally with a newline).
+    static let maxReportBody = 256
+    /// Longest wait for the daemon's answer to a report (its loop answers in microseconds).
+    static let reportTimeout: TimeAmount = .seconds(10)
+
+    /// One request as read: its head, and the body of a report (other bodies are not kept).
+    struct Request {
+        var head: HTTPRequestHead
+        var body = ByteBuffer()
+        var bodyTooLarge = false
+    }
+
+    /// What a request waits for before the connection answers anything else.
+    private enum Pending {
+        /// A long poll: its board waiter and timeout.
+        case longPoll(id: Int, timeout: Scheduled<Void>)
+        /// A rejected-token report: the daemon's answer, and the timeout.
+        case report(id: Int, timeout: Scheduled<Void>)
+    }
 
     private let board: TokenBoard
     private let connections: ConnectionTable
@@ -74,11 +94,10 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     private let clock: @Sendable () -> Date
 
     private var peer: PeerCredentials?
-    private var head: HTTPRequestHead?
-    /// A long poll in progress: its waiter and timeout.
-    private var pending: (id: Int, timeout: Scheduled<Void>)?
-    /// Requests that arrived while a long poll was pending, answered after it.
-    private var queued: [HTTPRequestHead] = []
+    private var request: Request?
+    private var pending: Pending?
+    /// Requests that arrived while a long poll or report was pending, answered after it.
+    private var queued: [Request] = []
     /// A read was asked for while the channel was not writable; it is passed on once it is.
     private var readHeld = false
     /// Answers written since the channel stopped being writable.
@@ -194,23 +213,30 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
-            self.head = head
+            request = Request(head: head)
             connections.touch(context.channel)
-        case .body:
-            break
+        case .body(var part):
+            // Only a report's body is read; it is small, and a larger one is refused, not kept.
+            guard request?.head.uri.hasPrefix(SocketRoute.tokenInvalidate.path) == true else { return }
+            if (request?.body.readableBytes ?? 0) + part.readableBytes > Self.maxReportBody {
+                request?.bodyTooLarge = true
+            } else {
+                request?.body.writeBuffer(&part)
+            }
         case .end:
-            guard let head else { return }
-            self.head = nil
+            guard let request else { return }
+            self.request = nil
             guard pending == nil else {
-                queued.append(head)
+                queued.append(request)
                 if queued.count > Self.maxQueued { context.close(promise: nil) }
                 return
             }
-            route(head, context: context)
+            route(request, context: context)
         }
     }
 
-    private func route(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+    private func route(_ request: Request, context: ChannelHandlerContext) {
+        let head = request.head
         // The common case first, without splitting the target: a plain GET of a token resource.
         if head.method == .GET, let resource = TokenBoard.Resource(path: head.uri), isAllowed() {
             return serveToken(head, resource: resource, now: clock(), context: context)
@@ -225,6 +251,9 @@ final class SocketRequestHandler: ChannelDuplexHandler {
                 context: context
             )
         }
+        if path == SocketRoute.tokenInvalidate.path {
+            return reportRejected(request, query: query, context: context)
+        }
         guard head.method == .GET || head.method == .HEAD else {
             return respond(
                 .methodNotAllowed,
@@ -235,24 +264,7 @@ final class SocketRequestHandler: ChannelDuplexHandler {
                 extra: [("Allow", "GET, HEAD")]
             )
         }
-        guard isAllowed() else {
-            if access.shouldLogRefusal(of: peer?.uid) {
-                logger.warning(
-                    "socket peer refused",
-                    metadata: [
-                        "event": "peer_refused", "uid": "\(peer.map { "\($0.uid)" } ?? "?")",
-                        "gid": "\(peer.map { "\($0.gid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
-                    ]
-                )
-            }
-            return respond(
-                .forbidden,
-                path: path,
-                json: #"{"error":"this user may not read the token"}"#,
-                head: head,
-                context: context
-            )
-        }
+        guard isAllowed() else { return refuse(head, path: path, context: context) }
         let now = clock()
         if let resource = TokenBoard.Resource(path: path) {
             if let wait = query["wait"].flatMap(Double.init), wait > 0, resource != .headers || access.servesHeaders {
@@ -345,7 +357,7 @@ final class SocketRequestHandler: ChannelDuplexHandler {
         let answer: @Sendable () -> Void = {
             loop.execute {
                 let (handler, context) = bound.value
-                guard handler.pending != nil else { return }
+                guard case .longPoll = handler.pending else { return }
                 handler.cancelPending(context: context)
                 handler.serveToken(head, resource: resource, now: handler.clock(), context: context)
                 handler.answerQueued(context: context)
@@ -366,11 +378,11 @@ final class SocketRequestHandler: ChannelDuplexHandler {
             return serveToken(head, resource: resource, now: clock(), context: context)
         }
         let timeout = loop.scheduleTask(in: .milliseconds(Int64(wait * 1000))) { answer() }
-        pending = (id, timeout)
+        pending = .longPoll(id: id, timeout: timeout)
         logger.debug("long poll", metadata: ["event": "long_poll", "uid": "\(peer.map { "\($0.uid)" } ?? "?")"])
     }
 
-    /// Answers what was pipelined behind a long poll, until another long poll is pending.
+    /// Answers what was pipelined behind a long poll or a report, until another one is pending.
     private func answerQueued(context: ChannelHandlerContext) {
         while pending == nil, context.channel.isActive, !queued.isEmpty {
             route(queued.removeFirst(), context: context)
@@ -380,9 +392,146 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     private func cancelPending(context: ChannelHandlerContext) {
         guard let pending else { return }
         self.pending = nil
-        pending.timeout.cancel()
-        board.cancelWait(pending.id)
-        connections.endWait(context.channel)
+        switch pending {
+        case .longPoll(let id, let timeout):
+            timeout.cancel()
+            board.cancelWait(id)
+            connections.endWait(context.channel)
+        case .report(let id, let timeout):
+            timeout.cancel()
+            board.cancelRejection(id)
+        }
+    }
+
+    /// 403 for a peer the allow lists do not name; logged once per uid per minute.
+    private func refuse(_ head: HTTPRequestHead, path: String, context: ChannelHandlerContext) {
+        if access.shouldLogRefusal(of: peer?.uid) {
+            logger.warning(
+                "socket peer refused",
+                metadata: [
+                    "event": "peer_refused", "uid": "\(peer.map { "\($0.uid)" } ?? "?")",
+                    "gid": "\(peer.map { "\($0.gid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
+                ]
+            )
+        }
+        respond(
+            .forbidden,
+            path: path,
+            json: #"{"error":"this user may not read the token"}"#,
+            head: head,
+            context: context
+        )
+    }
+
+    // MARK: Rejected-token reports (README "Socket API")
+
+    /// `POST /token/invalidate`: the API rejected the token with this fingerprint. The daemon's
+    /// core decides (`DaemonCore.tokenRejected`); the answer is 202 (a login is under way: long-poll
+    /// `/token?after=FP`), 409 (not the current token: read again) or 429 (a login was forced too
+    /// recently). Same allow lists as reading the token.
+    private func reportRejected(_ request: Request, query: [String: String], context: ChannelHandlerContext) {
+        let head = request.head
+        let path = SocketRoute.tokenInvalidate.path
+        guard head.method == .POST else {
+            return respond(
+                .methodNotAllowed,
+                path: path,
+                json: #"{"error":"only POST"}"#,
+                head: head,
+                context: context,
+                extra: [("Allow", "POST")]
+            )
+        }
+        guard isAllowed() else { return refuse(head, path: path, context: context) }
+        guard !request.bodyTooLarge else {
+            return respond(
+                .payloadTooLarge,
+                path: path,
+                json: #"{"error":"a report's body is the fingerprint only"}"#,
+                head: head,
+                context: context
+            )
+        }
+        let named =
+            head.headers.first(name: "X-Token-Fingerprint") ?? query["fingerprint"]
+            ?? String(buffer: request.body)
+        guard let fingerprint = Fingerprint.parse(named) else {
+            return respond(
+                .badRequest,
+                path: path,
+                json:
+                    #"{"error":"name the rejected token by its fingerprint (8 hex characters, as in X-Token-Fingerprint): header X-Token-Fingerprint, ?fingerprint= or the body"}"#,
+                head: head,
+                context: context
+            )
+        }
+        let loop = context.eventLoop
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        let answered = NIOLockedValueBox<Int?>(nil)
+        let reply: @Sendable (DaemonCore.RejectionOutcome?) -> Void = { outcome in
+            loop.execute {
+                let (handler, context) = bound.value
+                guard case .report(let id, _) = handler.pending, id == answered.withLockedValue({ $0 }) else { return }
+                handler.cancelPending(context: context)
+                handler.answerReport(outcome, fingerprint: fingerprint, head: head, context: context)
+                handler.answerQueued(context: context)
+            }
+        }
+        guard let id = board.reportRejection(fingerprint: fingerprint, reporterUID: peer?.uid, reply: reply) else {
+            return answerReport(nil, fingerprint: fingerprint, head: head, context: context)
+        }
+        answered.withLockedValue { $0 = id }
+        let timeout = loop.scheduleTask(in: Self.reportTimeout) { reply(nil) }
+        pending = .report(id: id, timeout: timeout)
+    }
+
+    /// `outcome` nil: the daemon did not answer (not running yet, or stopping).
+    private func answerReport(
+        _ outcome: DaemonCore.RejectionOutcome?,
+        fingerprint: String,
+        head: HTTPRequestHead,
+        context: ChannelHandlerContext
+    ) {
+        let path = SocketRoute.tokenInvalidate.path
+        switch outcome {
+        case .accepted?:
+            respond(
+                .accepted,
+                path: path,
+                json:
+                    #"{"status":"accepted","rejected":"\#(fingerprint)","next":"\#(SocketRoute.token.path)?wait=30&after=\#(fingerprint)"}"#,
+                head: head,
+                context: context
+            )
+        case .stale(let current)?:
+            respond(
+                .conflict,
+                path: path,
+                json: #"{"error":"not the current token","current":\#(current.map { "\"\($0)\"" } ?? "null")}"#,
+                head: head,
+                context: context,
+                extra: current.map { [("X-Token-Fingerprint", $0)] } ?? []
+            )
+        case .rateLimited(let until)?:
+            let seconds = max(1, Int(until.timeIntervalSince(clock()).rounded(.up)))
+            respond(
+                .tooManyRequests,
+                path: path,
+                json: #"{"error":"a login was forced too recently","retryAfter":\#(seconds)}"#,
+                head: head,
+                context: context,
+                extra: [("Retry-After", String(seconds))]
+            )
+        case nil:
+            respond(
+                .serviceUnavailable,
+                path: path,
+                json: #"{"error":"the daemon is not taking reports now"}"#,
+                head: head,
+                context: context,
+                extra: [("Retry-After", "1")]
+            )
+        }
     }
 
     private func isAllowed() -> Bool {

@@ -7,6 +7,8 @@ public enum SocketRoute: String, CaseIterable, Sendable {
     case tokenJSON = "/token.json"
     /// The `headersFile` text.
     case headers = "/headers"
+    /// `POST`: the API rejected the token with this fingerprint (rejected-token report).
+    case tokenInvalidate = "/token/invalidate"
     case healthz = "/healthz"
     case metrics = "/metrics"
 

@@ -47,7 +47,7 @@ public final class TokenBoard: Sendable {
             case .token: self = .token
             case .tokenJSON: self = .json
             case .headers: self = .headers
-            case .healthz, .metrics, nil: return nil
+            case .healthz, .metrics, .tokenInvalidate, nil: return nil
             }
         }
 
@@ -109,6 +109,11 @@ public final class TokenBoard: Sendable {
         var nextLogin: Date?
         var waiters: [Int: Waiter] = [:]
         var nextWaiterID = 0
+        /// Where rejected-token reports go (the daemon's loop); nil until the daemon runs.
+        var rejectionSink: (@Sendable (_ fingerprint: String, _ reporterUID: UInt32?, _ reportID: Int) -> Void)?
+        /// Reports sent to the daemon and not answered yet, by report ID.
+        var rejectionReplies: [Int: @Sendable (DaemonCore.RejectionOutcome) -> Void] = [:]
+        var nextReportID = 0
     }
 
     struct Waiter {
@@ -178,6 +183,42 @@ public final class TokenBoard: Sendable {
 
     func cancelWait(_ id: Int) {
         _ = state.withLockedValue { $0.waiters.removeValue(forKey: id) }
+    }
+
+    // MARK: Rejected-token reports (README "Socket API")
+
+    /// Where the daemon takes reports: `sink` hands one to its core as `.tokenRejected`.
+    func receiveRejections(_ sink: @escaping @Sendable (String, UInt32?, Int) -> Void) {
+        state.withLockedValue { $0.rejectionSink = sink }
+    }
+
+    /// Sends a report to the daemon; `reply` runs once with its answer (on the daemon's loop).
+    /// Returns an ID for `cancelRejection`, or nil when no daemon takes reports.
+    func reportRejection(
+        fingerprint: String,
+        reporterUID: UInt32?,
+        reply: @escaping @Sendable (DaemonCore.RejectionOutcome) -> Void
+    ) -> Int? {
+        let sent = state.withLockedValue { state -> (Int, @Sendable (String, UInt32?, Int) -> Void)? in
+            guard let sink = state.rejectionSink else { return nil }
+            let id = state.nextReportID
+            state.nextReportID += 1
+            state.rejectionReplies[id] = reply
+            return (id, sink)
+        }
+        guard let (id, sink) = sent else { return nil }
+        sink(fingerprint, reporterUID, id)
+        return id
+    }
+
+    /// The daemon's answer to report `reportID` (from `.answerRejection`).
+    func answerRejection(_ reportID: Int, _ outcome: DaemonCore.RejectionOutcome) {
+        state.withLockedValue { $0.rejectionReplies.removeValue(forKey: reportID) }?(outcome)
+    }
+
+    /// The reporter went away (its connection closed) before the answer.
+    func cancelRejection(_ reportID: Int) {
+        _ = state.withLockedValue { $0.rejectionReplies.removeValue(forKey: reportID) }
     }
 
     var waiterCount: Int { state.withLockedValue { $0.waiters.count } }
