@@ -145,18 +145,19 @@ public struct ConfigurationLoader: Sendable {
                 throw ConfigurationError(key, "cannot inspect \(current): \(String(cString: strerror(errno)))")
             }
             let what = current == resolved ? "\(path)" : "the folder \(current) above \(path)"
-            guard info.st_uid == 0 || info.st_uid == geteuid() else {
+            switch Ownership.problem(info, stickyRootFolders: true) {
+            case nil:
+                break
+            case .otherOwner(let uid):
                 throw ConfigurationError(
                     key,
-                    "\(what) belongs to uid \(info.st_uid), who could change what the daemon trusts or runs; "
+                    "\(what) belongs to uid \(uid), who could change what the daemon trusts or runs; "
                         + "chown it to root or this user (uid \(geteuid()))"
                 )
-            }
-            let sticky = info.st_mode & S_IFMT == S_IFDIR && info.st_mode & S_ISVTX != 0 && info.st_uid == 0
-            guard info.st_mode & 0o022 == 0 || sticky else {
+            case .writableByOthers(let mode):
                 throw ConfigurationError(
                     key,
-                    "\(what) (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))) is writable by group or others, who "
+                    "\(what) (mode \(FileMode.format(mode))) is writable by group or others, who "
                         + "could change what the daemon trusts or runs; run `chmod go-w \(current)`"
                 )
             }

@@ -149,15 +149,17 @@ public struct RotateActionRunner: Sendable {
         guard info.st_mode & S_IFMT == S_IFREG else {
             throw SystemError("\(pidFile) is not a regular file", errno: nil)
         }
-        guard info.st_uid == 0 || info.st_uid == geteuid() else {
+        switch Ownership.problem(info) {
+        case nil:
+            break
+        case .otherOwner(let uid):
             throw SystemError(
-                "\(pidFile) belongs to uid \(info.st_uid): only root or this user (uid \(geteuid())) may name the process to signal",
+                "\(pidFile) belongs to uid \(uid): only root or this user (uid \(geteuid())) may name the process to signal",
                 errno: nil
             )
-        }
-        guard info.st_mode & 0o022 == 0 else {
+        case .writableByOthers(let mode):
             throw SystemError(
-                "\(pidFile) is writable by group or others (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))), "
+                "\(pidFile) is writable by group or others (mode \(FileMode.format(mode))), "
                     + "who could name any process: remove their write permission",
                 errno: nil
             )

@@ -112,16 +112,18 @@ public struct OpenedFolder: ~Copyable {
     private static func checkOwnership(_ fd: Int32, path: String) throws(SystemError) {
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw SystemError("fstat \(path)", errno: errno) }
-        guard info.st_uid == geteuid() || info.st_uid == 0 else {
+        switch Ownership.problem(info) {
+        case nil:
+            return
+        case .otherOwner(let uid):
             throw SystemError(
-                "the folder \(path) belongs to uid \(info.st_uid), another user, who could replace the token "
+                "the folder \(path) belongs to uid \(uid), another user, who could replace the token "
                     + "files; use a folder of this user (uid \(geteuid())) or root",
                 errno: nil
             )
-        }
-        guard info.st_mode & 0o022 == 0 else {
+        case .writableByOthers(let mode):
             throw SystemError(
-                "the folder \(path) (mode \(FileMode.format(UInt32(info.st_mode & 0o7777)))) is writable by "
+                "the folder \(path) (mode \(FileMode.format(mode))) is writable by "
                     + "other users, who could replace the token files; remove group and other write permission",
                 errno: nil
             )
