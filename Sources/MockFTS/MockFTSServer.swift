@@ -1,3 +1,4 @@
+import Crypto
 import Glibc
 import NIOConcurrencyHelpers
 import NIOCore
@@ -17,8 +18,14 @@ import Foundation
 /// - `POST /auth/token` and `POST /auth/login`: checks `x-api-key`, then `{email, password}`; answers
 ///   `{token, expires, userId, tenantId}` with an HS256 JWT valid for `tokenTTL` (`expires` in seconds
 ///   or milliseconds), 401 for a wrong key or password, 400 for a malformed body.
-/// - `GET /api/whoami`: 200 `{userId}` only for the right key and a valid, unexpired token of ours
-///   (`Authorization: Bearer <token>` or the bare token), else 401.
+/// - `GET /api/whoami`: 200 `{userId}` only for the right key and a valid, unexpired, unrevoked token
+///   of ours (`Authorization: Bearer <token>` or the bare token), else 401.
+/// - `GET|POST /api/echo`: what arrived: `{method, path, query, bodyLength, bodySHA256, keyValid,
+///   tokenValid, headers}`, the headers without `Authorization` and `x-api-key` (whose validity it
+///   reports instead); 401 when the key or token is not valid, as the API would.
+/// - `GET /api/slow?ms=N`: the echo, N milliseconds late (at most 60,000).
+/// - `POST /_mock/revoke`: every token issued so far is refused by the API from now on (a
+///   server-side revocation); logins still work.
 /// - `POST /_mock/faults` (a `MockFaultScript` as JSON) and `GET /_mock/stats`: control for tests in
 ///   other processes.
 public final class MockFTSServer: Sendable {
@@ -58,6 +65,10 @@ public final class MockFTSServer: Sendable {
         public var tokensIssued = 0
         public var whoamiAccepted = 0
         public var whoamiRejected = 0
+        /// API requests (`/api/…`) answered 200 and 401.
+        public var apiAccepted = 0
+        public var apiRejected = 0
+        public var revocations = 0
         /// `User-Agent` of the last login request.
         public var lastUserAgent: String?
         /// Arrival of every login request, in seconds since 1970.
@@ -70,6 +81,8 @@ public final class MockFTSServer: Sendable {
         var stats = Stats()
         /// Every token issued, so tests can search output for them (never served over HTTP).
         var issuedTokens: [String] = []
+        /// Tokens refused by the API whatever their expiry (`revokeAll`).
+        var revoked: Set<String> = []
     }
 
     private let state: NIOLockedValueBox<State>
@@ -140,12 +153,23 @@ public final class MockFTSServer: Sendable {
     /// Every token issued so far.
     public var issuedTokens: [String] { state.withLockedValue { $0.issuedTokens } }
 
-    /// Whether `token` is one of ours and unexpired now: what `whoami` checks, without HTTP.
+    /// Whether `token` is one of ours, unexpired and not revoked now: what `whoami` checks, without HTTP.
     public func accepts(_ token: String) -> Bool {
-        verdict(on: token, at: Date()) == .accepted
+        verdict(on: token, at: Date()) == .accepted && !state.withLockedValue { $0.revoked.contains(token) }
     }
 
-    /// What `whoami` would have answered for `token` at `instant`.
+    /// Every token issued so far is refused by the API from now on (logins go on issuing new ones).
+    /// Returns how many were revoked.
+    @discardableResult
+    public func revokeAll() -> Int {
+        state.withLockedValue { state in
+            state.revoked.formUnion(state.issuedTokens)
+            state.stats.revocations += 1
+            return state.revoked.count
+        }
+    }
+
+    /// What `whoami` would have answered for `token` at `instant`, by expiry alone (revocation aside).
     public func verdict(on token: String, at instant: Date) -> TokenVerdict {
         guard let expiry = expiry(of: token) else { return .unknown }
         return expiry > instant ? .accepted : .expired
@@ -196,9 +220,33 @@ public final class MockFTSServer: Sendable {
         var token: String?
     }
 
-    func respond(method: HTTPMethod, path: String, headers: HTTPHeaders, body: [UInt8]) -> Response {
+    /// What arrived of a request's body: its length and SHA-256 over every byte, and its first
+    /// 64 KiB (all the login and control paths read).
+    struct ReceivedBody: Sendable {
+        var head: [UInt8] = []
+        var length = 0
+        var sha256 = ""
+    }
+
+    func respond(method: HTTPMethod, uri: String, headers: HTTPHeaders, body received: ReceivedBody) -> Response {
         let now = Date()
+        let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        let path = String(parts.first ?? "")
+        let query = parts.count == 2 ? String(parts[1]) : ""
+        let body = received.head
         switch (method, path) {
+        case (.GET, "/api/echo"), (.POST, "/api/echo"):
+            return echo(method: method, path: path, query: query, headers: headers, body: received, now: now)
+        case (.GET, "/api/slow"):
+            let milliseconds =
+                query.split(separator: "&").lazy.compactMap { pair -> Int? in
+                    pair.hasPrefix("ms=") ? Int(pair.dropFirst(3)) : nil
+                }.first ?? 0
+            var response = echo(method: method, path: path, query: query, headers: headers, body: received, now: now)
+            response.delay = Double(min(max(milliseconds, 0), 60_000)) / 1000
+            return response
+        case (.POST, "/_mock/revoke"):
+            return Response(status: .ok, body: #"{"revoked":\#(revokeAll())}"#)
         case (.POST, "/auth/token"), (.POST, "/auth/login"):
             return login(headers: headers, body: body, now: now)
         case (.GET, "/api/whoami"):
@@ -288,11 +336,66 @@ public final class MockFTSServer: Sendable {
         )
     }
 
-    private func whoami(headers: HTTPHeaders, now: Date) -> Response {
-        let configuration = state.withLockedValue { $0.configuration }
+    /// The API's check of a request's credentials: the right key, and a token of ours that is
+    /// unexpired and not revoked (its subject then).
+    private func authenticate(_ headers: HTTPHeaders, now: Date) -> (keyValid: Bool, subject: String?) {
+        let (configuration, revoked) = state.withLockedValue { ($0.configuration, $0.revoked) }
         var token = headers.first(name: "Authorization") ?? ""
         if token.hasPrefix("Bearer ") { token.removeFirst("Bearer ".count) }
-        guard headers.first(name: "x-api-key") == configuration.apiKey, let subject = jwt.verify(token, now: now) else {
+        let subject = revoked.contains(token) ? nil : jwt.verify(token, now: now)
+        return (headers.first(name: "x-api-key") == configuration.apiKey, subject)
+    }
+
+    private func echo(
+        method: HTTPMethod,
+        path: String,
+        query: String,
+        headers: HTTPHeaders,
+        body: ReceivedBody,
+        now: Date
+    ) -> Response {
+        struct Echo: Encodable {
+            var method: String
+            var path: String
+            var query: String
+            var bodyLength: Int
+            var bodySHA256: String
+            var keyValid: Bool
+            var tokenValid: Bool
+            var headers: [String: String]
+        }
+        let (keyValid, subject) = authenticate(headers, now: now)
+        let valid = keyValid && subject != nil
+        state.withLockedValue { state in
+            if valid { state.stats.apiAccepted += 1 } else { state.stats.apiRejected += 1 }
+        }
+        // The secrets themselves never go back; only whether they were valid.
+        var shown: [String: String] = [:]
+        for (name, value) in headers where !["authorization", "x-api-key"].contains(name.lowercased()) {
+            shown[name.lowercased()] = shown[name.lowercased()].map { $0 + ", " + value } ?? value
+        }
+        let echo = Echo(
+            method: method.rawValue,
+            path: path,
+            query: query,
+            bodyLength: body.length,
+            bodySHA256: body.sha256,
+            keyValid: keyValid,
+            tokenValid: subject != nil,
+            headers: shown
+        )
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let text = (try? encoder.encode(echo)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+        return Response(
+            status: valid ? .ok : .unauthorized,
+            headers: [("Content-Type", "application/json")],
+            body: text
+        )
+    }
+
+    private func whoami(headers: HTTPHeaders, now: Date) -> Response {
+        guard case (true, let subject?) = authenticate(headers, now: now) else {
             state.withLockedValue { $0.stats.whoamiRejected += 1 }
             return Response(status: .unauthorized, body: #"{"error":"invalid or expired token"}"#)
         }
@@ -324,7 +427,8 @@ private final class MockHTTPHandler: ChannelInboundHandler {
 
     private let server: MockFTSServer
     private var head: HTTPRequestHead?
-    private var body: [UInt8] = []
+    private var body = MockFTSServer.ReceivedBody()
+    private var hash = SHA256()
 
     init(server: MockFTSServer) {
         self.server = server
@@ -334,14 +438,17 @@ private final class MockHTTPHandler: ChannelInboundHandler {
         switch unwrapInboundIn(data) {
         case .head(let head):
             self.head = head
-            body = []
-        case .body(var chunk):
-            if body.count < 64 * 1024, let bytes = chunk.readBytes(length: chunk.readableBytes) { body += bytes }
+            body = MockFTSServer.ReceivedBody()
+            hash = SHA256()
+        case .body(let chunk):
+            body.length += chunk.readableBytes
+            chunk.withUnsafeReadableBytes { hash.update(bufferPointer: $0) }
+            if body.head.count < 64 * 1024 { body.head += chunk.readableBytesView.prefix(64 * 1024 - body.head.count) }
         case .end:
             guard let head else { return }
             self.head = nil
-            let path = String(head.uri.split(separator: "?", maxSplits: 1).first ?? "")
-            let response = server.respond(method: head.method, path: path, headers: head.headers, body: body)
+            body.sha256 = hash.finalize().map { byte in (byte < 16 ? "0" : "") + String(byte, radix: 16) }.joined()
+            let response = server.respond(method: head.method, uri: head.uri, headers: head.headers, body: body)
             guard !response.hang else { return }
             let keepAlive = head.isKeepAlive
             let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)

@@ -174,4 +174,34 @@ import TokenDaemon
         #expect(bad.standardError.contains("8 hex characters"))
         await harness.stop()
     }
+
+    /// The whole story with the mock's API: the server revokes the token before its expiry, the
+    /// consumer's call gets 401, it reports, and its next call (with the next token) succeeds.
+    @Test func aTokenRevokedServerSideRecoversWithOneReport() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let whoami = { () async throws -> Int in
+            let result = try await Command.run(
+                "/usr/bin/curl",
+                [
+                    "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "@" + harness.folder.file("run/headers"),
+                    "http://127.0.0.1:\(harness.port)/api/whoami",
+                ]
+            )
+            return Int(result.output) ?? 0
+        }
+        #expect(try await whoami() == 200)
+        let first = try #require(harness.token)
+        #expect(harness.mock.revokeAll() == 1)
+        #expect(try await whoami() == 401)
+        #expect(try await Self.report(Fingerprint.of(first), socket: harness.socketPath).status == 202)
+        #expect(
+            await eventually { harness.token != first && harness.folder.read("run/headers")?.contains(first) == false }
+        )
+        #expect(try await whoami() == 200)
+        #expect(harness.mock.stats.loginRequests == 2)
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
 }

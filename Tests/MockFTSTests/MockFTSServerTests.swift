@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import Crypto
 import Foundation
 import MockFTS
 import NIOCore
@@ -245,6 +246,82 @@ import Testing
             let expires = try #require(login.json["expires"] as? Int)
             #expect(expires > 100_000_000_000)
             #expect(Self.within(Double(expires) / 1000, sent.addingTimeInterval(660), received.addingTimeInterval(660)))
+        }
+    }
+
+    /// What a proxy's tests compare: the echo shows what arrived, never the secrets themselves.
+    @Test func echoShowsWhatArrivedWithoutTheSecrets() async throws {
+        try await withMock { (mock, base) async throws in
+            let login = try await request(
+                .POST,
+                base + "/auth/token",
+                headers: ["x-api-key": "key-1"],
+                body: credentials
+            )
+            let token = try #require(login.json["token"] as? String)
+            let body = String(repeating: "x", count: 100_000)
+            let echo = try await request(
+                .POST,
+                base + "/api/echo?a=1&b=2",
+                headers: ["x-api-key": "key-1", "Authorization": "Bearer " + token, "X-Custom": "yes"],
+                body: body
+            )
+            #expect(echo.status == 200)
+            #expect(echo.json["method"] as? String == "POST")
+            #expect(echo.json["path"] as? String == "/api/echo")
+            #expect(echo.json["query"] as? String == "a=1&b=2")
+            #expect(echo.json["bodyLength"] as? Int == 100_000)
+            let digest = SHA256.hash(data: Array(body.utf8)).map { String(format: "%02x", $0) }.joined()
+            #expect(echo.json["bodySHA256"] as? String == digest)
+            #expect(echo.json["keyValid"] as? Bool == true && echo.json["tokenValid"] as? Bool == true)
+            let headers = try #require(echo.json["headers"] as? [String: String])
+            #expect(headers["x-custom"] == "yes")
+            #expect(headers["authorization"] == nil && headers["x-api-key"] == nil)
+            #expect(!headers.values.contains { $0.contains(token) || $0.contains("key-1") })
+            let anonymous = try await request(.GET, base + "/api/echo")
+            #expect(anonymous.status == 401)
+            #expect(anonymous.json["keyValid"] as? Bool == false)
+            #expect(mock.stats.apiAccepted == 1 && mock.stats.apiRejected == 1)
+        }
+    }
+
+    @Test func revokeMakesTheAPIRefuseEveryTokenIssuedSoFar() async throws {
+        try await withMock { (mock, base) async throws in
+            let key = ["x-api-key": "key-1"]
+            let first = try #require(
+                try await request(.POST, base + "/auth/token", headers: key, body: credentials).json["token"] as? String
+            )
+            let bearer = { (token: String) in ["x-api-key": "key-1", "Authorization": "Bearer " + token] }
+            #expect(try await request(.GET, base + "/api/whoami", headers: bearer(first)).status == 200)
+            let revoked = try await request(.POST, base + "/_mock/revoke")
+            #expect(revoked.json["revoked"] as? Int == 1)
+            #expect(try await request(.GET, base + "/api/whoami", headers: bearer(first)).status == 401)
+            #expect(try await request(.GET, base + "/api/echo", headers: bearer(first)).status == 401)
+            #expect(!mock.accepts(first))
+            // A new login brings a token the API accepts.
+            let second = try #require(
+                try await request(.POST, base + "/auth/token", headers: key, body: credentials).json["token"] as? String
+            )
+            #expect(try await request(.GET, base + "/api/whoami", headers: bearer(second)).status == 200)
+            #expect(mock.stats.revocations == 1)
+        }
+    }
+
+    @Test func slowAnswersTheEchoLate() async throws {
+        try await withMock { (mock, base) async throws in
+            let token = try #require(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                    .json["token"] as? String
+            )
+            let sent = Date()
+            let slow = try await request(
+                .GET,
+                base + "/api/slow?ms=300",
+                headers: ["x-api-key": "key-1", "Authorization": "Bearer " + token]
+            )
+            #expect(slow.status == 200)
+            #expect(Date().timeIntervalSince(sent) >= 0.3)
+            #expect(slow.json["query"] as? String == "ms=300")
         }
     }
 }
