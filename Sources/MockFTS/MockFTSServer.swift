@@ -24,6 +24,7 @@ import Foundation
 ///   tokenValid, headers}`, the headers without `Authorization` and `x-api-key` (whose validity it
 ///   reports instead); 401 when the key or token is not valid, as the API would.
 /// - `GET /api/slow?ms=N`: the echo, N milliseconds late (at most 60,000).
+/// - `GET /api/stream?bytes=N`: N bytes of `streamByte(at:)`, written only as the client reads them.
 /// - `POST /_mock/revoke`: every token issued so far is refused by the API from now on (a
 ///   server-side revocation); logins still work.
 /// - `POST /_mock/faults` (a `MockFaultScript` as JSON) and `GET /_mock/stats`: control for tests in
@@ -218,7 +219,13 @@ public final class MockFTSServer: Sendable {
         var hang = false
         /// The token issued in this answer, if any.
         var token: String?
+        /// Instead of `body`: this many bytes of `streamByte(at:)`, written as the client reads them.
+        var streamBytes: Int?
     }
+
+    /// Byte `index` of a `/api/stream` body (`index % 251`: a prime, so that no power-of-two chunk
+    /// repeats, and a reader can check every byte it got).
+    public static func streamByte(at index: Int) -> UInt8 { UInt8(index % 251) }
 
     /// What arrived of a request's body: its length and SHA-256 over every byte, and its first
     /// 64 KiB (all the login and control paths read).
@@ -237,11 +244,21 @@ public final class MockFTSServer: Sendable {
         switch (method, path) {
         case (.GET, "/api/echo"), (.POST, "/api/echo"):
             return echo(method: method, path: path, query: query, headers: headers, body: received, now: now)
+        case (.GET, "/api/stream"):
+            // Refused as the echo refuses (401) without valid credentials.
+            let bytes = Self.queryValue("bytes", in: query).flatMap(Int.init) ?? 0
+            guard case (true, _?) = authenticate(headers, now: now), bytes >= 0, bytes <= 1 << 34 else {
+                return echo(method: method, path: path, query: query, headers: headers, body: received, now: now)
+            }
+            state.withLockedValue { $0.stats.apiAccepted += 1 }
+            return Response(
+                status: .ok,
+                headers: [("Content-Type", "application/octet-stream")],
+                body: "",
+                streamBytes: bytes
+            )
         case (.GET, "/api/slow"):
-            let milliseconds =
-                query.split(separator: "&").lazy.compactMap { pair -> Int? in
-                    pair.hasPrefix("ms=") ? Int(pair.dropFirst(3)) : nil
-                }.first ?? 0
+            let milliseconds = Self.queryValue("ms", in: query).flatMap(Int.init) ?? 0
             var response = echo(method: method, path: path, query: query, headers: headers, body: received, now: now)
             response.delay = Double(min(max(milliseconds, 0), 60_000)) / 1000
             return response
@@ -336,6 +353,12 @@ public final class MockFTSServer: Sendable {
         )
     }
 
+    static func queryValue(_ name: String, in query: String) -> String? {
+        query.split(separator: "&").lazy.compactMap { pair -> String? in
+            pair.hasPrefix(name + "=") ? String(pair.dropFirst(name.count + 1)) : nil
+        }.first
+    }
+
     /// The API's check of a request's credentials: the right key, and a token of ours that is
     /// unexpired and not revoked (its subject then).
     private func authenticate(_ headers: HTTPHeaders, now: Date) -> (keyValid: Bool, subject: String?) {
@@ -420,7 +443,8 @@ public final class MockFTSServer: Sendable {
     }
 }
 
-/// Collects one request (head and body up to 64 KiB) and writes the server's answer.
+/// Collects one request (head and body up to 64 KiB) and writes the server's answer; a streamed
+/// answer is written 64 KiB at a time, only while the client keeps reading (channel writable).
 private final class MockHTTPHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
@@ -429,6 +453,8 @@ private final class MockHTTPHandler: ChannelInboundHandler {
     private var head: HTTPRequestHead?
     private var body = MockFTSServer.ReceivedBody()
     private var hash = SHA256()
+    /// A streamed answer under way: bytes written so far, of how many, and whether to keep the connection.
+    private var stream: (written: Int, total: Int, keepAlive: Bool)?
 
     init(server: MockFTSServer) {
         self.server = server
@@ -467,17 +493,55 @@ private final class MockHTTPHandler: ChannelInboundHandler {
         guard context.channel.isActive else { return }
         var headers = HTTPHeaders(response.headers)
         if !headers.contains(name: "Content-Type") { headers.add(name: "Content-Type", value: "application/json") }
-        headers.add(name: "Content-Length", value: String(response.body.utf8.count))
+        headers.add(name: "Content-Length", value: String(response.streamBytes ?? response.body.utf8.count))
         headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
         context.write(
             wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))),
             promise: nil
         )
+        if let total = response.streamBytes {
+            stream = (0, total, keepAlive)
+            return continueStream(context: context)
+        }
         context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: response.body)))), promise: nil)
         let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         if !keepAlive {
             let channel = context.channel
             done.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, stream != nil { continueStream(context: context) }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Writes chunks while the channel takes them; the rest waits for `channelWritabilityChanged`.
+    private func continueStream(context: ChannelHandlerContext) {
+        while var current = stream, context.channel.isActive {
+            guard current.written < current.total else {
+                stream = nil
+                let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+                if !current.keepAlive {
+                    let channel = context.channel
+                    done.whenComplete { _ in channel.close(promise: nil) }
+                }
+                return
+            }
+            guard context.channel.isWritable else {
+                context.flush()
+                return
+            }
+            let count = min(64 * 1024, current.total - current.written)
+            var chunk = context.channel.allocator.buffer(capacity: count)
+            let start = current.written
+            chunk.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
+                for offset in 0..<count { raw[offset] = MockFTSServer.streamByte(at: start + offset) }
+                return count
+            }
+            current.written += count
+            stream = current
+            context.write(wrapOutboundOut(.body(.byteBuffer(chunk))), promise: nil)
         }
     }
 }

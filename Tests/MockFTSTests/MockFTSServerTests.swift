@@ -324,4 +324,29 @@ import Testing
             #expect(slow.json["query"] as? String == "ms=300")
         }
     }
+
+    @Test func streamSendsExactlyTheBytesAskedFor() async throws {
+        try await withMock { (mock, base) async throws in
+            let token = try #require(
+                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                    .json["token"] as? String
+            )
+            var streamed = HTTPClientRequest(url: base + "/api/stream?bytes=4000000")
+            streamed.headers.add(name: "x-api-key", value: "key-1")
+            streamed.headers.add(name: "Authorization", value: "Bearer " + token)
+            let response = try await HTTPClient.shared.execute(streamed, timeout: .seconds(60))
+            #expect(response.status == .ok)
+            var index = 0
+            var mismatches = 0
+            for try await chunk in response.body {
+                for byte in chunk.readableBytesView {
+                    if byte != MockFTSServer.streamByte(at: index) { mismatches += 1 }
+                    index += 1
+                }
+            }
+            #expect(index == 4_000_000)
+            #expect(mismatches == 0)
+            #expect(try await request(.GET, base + "/api/stream?bytes=10").status == 401)
+        }
+    }
 }
