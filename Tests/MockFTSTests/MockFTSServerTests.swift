@@ -49,6 +49,14 @@ import Testing
 
     let credentials = #"{"email":"e@x","password":"pw"}"#
 
+    /// A token from a successful login.
+    func login(_ base: String) async throws -> String {
+        try #require(
+            try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
+                .json["token"] as? String
+        )
+    }
+
     /// Whether a whole-second timestamp falls between two instants (the earlier one truncated).
     static func within(_ seconds: Double, _ earliest: Date, _ latest: Date) -> Bool {
         seconds >= earliest.timeIntervalSince1970.rounded(.down) && seconds <= latest.timeIntervalSince1970
@@ -252,13 +260,7 @@ import Testing
     /// What a proxy's tests compare: the echo shows what arrived, never the secrets themselves.
     @Test func echoShowsWhatArrivedWithoutTheSecrets() async throws {
         try await withMock { (mock, base) async throws in
-            let login = try await request(
-                .POST,
-                base + "/auth/token",
-                headers: ["x-api-key": "key-1"],
-                body: credentials
-            )
-            let token = try #require(login.json["token"] as? String)
+            let token = try await login(base)
             let body = String(repeating: "x", count: 100_000)
             let echo = try await request(
                 .POST,
@@ -287,10 +289,7 @@ import Testing
 
     @Test func revokeMakesTheAPIRefuseEveryTokenIssuedSoFar() async throws {
         try await withMock { (mock, base) async throws in
-            let key = ["x-api-key": "key-1"]
-            let first = try #require(
-                try await request(.POST, base + "/auth/token", headers: key, body: credentials).json["token"] as? String
-            )
+            let first = try await login(base)
             let bearer = { (token: String) in ["x-api-key": "key-1", "Authorization": "Bearer " + token] }
             #expect(try await request(.GET, base + "/api/whoami", headers: bearer(first)).status == 200)
             let revoked = try await request(.POST, base + "/_mock/revoke")
@@ -299,9 +298,7 @@ import Testing
             #expect(try await request(.GET, base + "/api/echo", headers: bearer(first)).status == 401)
             #expect(!mock.accepts(first))
             // A new login brings a token the API accepts.
-            let second = try #require(
-                try await request(.POST, base + "/auth/token", headers: key, body: credentials).json["token"] as? String
-            )
+            let second = try await login(base)
             #expect(try await request(.GET, base + "/api/whoami", headers: bearer(second)).status == 200)
             #expect(mock.stats.revocations == 1)
         }
@@ -309,10 +306,7 @@ import Testing
 
     @Test func slowAnswersTheEchoLate() async throws {
         try await withMock { (mock, base) async throws in
-            let token = try #require(
-                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
-                    .json["token"] as? String
-            )
+            let token = try await login(base)
             let sent = Date()
             let slow = try await request(
                 .GET,
@@ -327,10 +321,7 @@ import Testing
 
     @Test func streamSendsExactlyTheBytesAskedFor() async throws {
         try await withMock { (mock, base) async throws in
-            let token = try #require(
-                try await request(.POST, base + "/auth/token", headers: ["x-api-key": "key-1"], body: credentials)
-                    .json["token"] as? String
-            )
+            let token = try await login(base)
             var streamed = HTTPClientRequest(url: base + "/api/stream?bytes=4000000")
             streamed.headers.add(name: "x-api-key", value: "key-1")
             streamed.headers.add(name: "Authorization", value: "Bearer " + token)
