@@ -38,8 +38,8 @@ import Testing
         #expect(await harness.waitUntilReady() != nil)
         let token = harness.token
         child.signal(SIGTERM)
-        #expect(await harness.notify.waitFor(timeout: 10) { $0.contains("STOPPING=1") } != nil)
-        #expect(await child.waitForExit(timeout: 10) == 0)
+        #expect(await harness.notify.waitFor(timeout: 60) { $0.contains("STOPPING=1") } != nil)
+        #expect(await child.waitForExit(timeout: 60) == 0)
         #expect(harness.token == token)
         #expect(harness.folder.entries("run").allSatisfy { !$0.hasPrefix(".") }, "no temporary files left")
         harness.expectNoSecretsInOutput()
@@ -52,7 +52,7 @@ import Testing
         #expect(await harness.waitUntilReady() != nil)
         let token = harness.token
         first.signal(SIGTERM)
-        #expect(await first.waitForExit(timeout: 10) == 0)
+        #expect(await first.waitForExit(timeout: 60) == 0)
         // As after a reboot: /run is empty, the state file remains.
         try FileManager.default.removeItem(atPath: harness.folder.file("run"))
         harness.notify.reset()
@@ -86,7 +86,7 @@ import Testing
         let child = try harness.start()
         #expect(await child.waitForExit(timeout: 30) == 78)
         #expect(harness.mock.stats.loginRequests == 1)
-        #expect(await harness.notify.waitFor(timeout: 5) { $0.contains("STATUS=login rejected") } != nil)
+        #expect(await harness.notify.waitFor(timeout: 60) { $0.contains("STATUS=login rejected") } != nil)
         #expect(harness.notify.received.allSatisfy { !$0.text.contains("READY=1") })
         #expect(child.standardError.contains("credentials or API key rejected (HTTP 401)"))
         #expect(harness.token == nil)
@@ -270,10 +270,10 @@ import Testing
         for _ in 0..<25 {
             let before = harness.token
             child.signal(SIGUSR1)
-            #expect(await eventually(timeout: 10) { harness.token != before })
+            #expect(await eventually(timeout: 60) { harness.token != before })
         }
         child.signal(SIGTERM)
-        #expect(await child.waitForExit(timeout: 10) == 0)
+        #expect(await child.waitForExit(timeout: 60) == 0)
         await harness.stop()
     }
 }

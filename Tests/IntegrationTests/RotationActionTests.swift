@@ -44,7 +44,7 @@ import Testing
 
         // The recording action ran at once although the first action hangs.
         // Waits for the whole file: the shell creates it before `env` has written it.
-        #expect(await eventually(timeout: 5) { folder.read("env-\(fingerprint)")?.contains("FTS_TOKEN_FP=") == true })
+        #expect(await eventually(timeout: 60) { folder.read("env-\(fingerprint)")?.contains("FTS_TOKEN_FP=") == true })
         let environment = try #require(folder.read("env-\(fingerprint)"))
         #expect(environment.contains("FTS_TOKEN_FP=\(fingerprint)"))
         #expect(environment.contains("FTS_EXPIRES_AT="))

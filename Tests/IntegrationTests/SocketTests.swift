@@ -218,19 +218,21 @@ import TokenDaemon
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         let oldest = try UnixSocketClient(socket: harness.socketPath)
-        try await Task.sleep(for: .milliseconds(100))
         let busy = try UnixSocketClient(socket: harness.socketPath)
         let idle = try UnixSocketClient(socket: harness.socketPath)
-        try await Task.sleep(for: .milliseconds(100))
-        // `busy` makes a request: `oldest` is now the one idle the longest.
-        try busy.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
-        try await Task.sleep(for: .milliseconds(100))
+        // Each makes a request, answered before the next: the order of their last requests is
+        // known (`oldest` is the one idle the longest), and none can have reached the 10 s idle
+        // timeout just before the newcomer, however long a loaded machine took to get here.
+        for client in [oldest, busy, idle] {
+            try client.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+            #expect(client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
+        }
         let answer = try UnixSocketClient.exchange(
             Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
             socket: harness.socketPath
         )
         #expect(answer.hasPrefix("HTTP/1.1 200"), "the newcomer is served")
-        #expect(oldest.waitForClose(timeout: 10), "the longest-idle connection made room")
+        #expect(oldest.waitForClose(timeout: 60), "the longest-idle connection made room")
         try idle.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
         #expect(idle.readAll().hasPrefix("HTTP/1.1 200"), "the others stay")
         #expect(
@@ -279,7 +281,7 @@ import TokenDaemon
         let polls = Self.longPolls(harness, after: try await Self.fingerprint(harness), users: [65534, 65533])
         #expect(await eventually { child.standardError.components(separatedBy: "event=long_poll").count == 3 })
         let extra = try UnixSocketClient(socket: harness.socketPath)
-        #expect(extra.waitForClose(timeout: 10), "refused: no slot is idle")
+        #expect(extra.waitForClose(timeout: 60), "refused: no slot is idle")
         // The long polls go on: a new token answers both.
         child.signal(SIGUSR1)
         for poll in polls { #expect(try await poll.value == 200) }

@@ -14,14 +14,14 @@ import Testing
         defer { unsetenv("NOTIFY_SOCKET") }
 
         #expect(Notifier().notify(.ready, .status("token valid\nuntil noon")) == .sent)
-        #expect(await listener.waitFor(timeout: 5) { _ in true } == "READY=1\nSTATUS=token valid until noon")
+        #expect(await listener.waitFor(timeout: 30) { _ in true } == "READY=1\nSTATUS=token valid until noon")
 
         #expect(Notifier().notify(.reloading(monotonicMicroseconds: 42)) == .sent)
-        #expect(await listener.waitFor(timeout: 5) { $0.hasPrefix("RELOADING") } == "RELOADING=1\nMONOTONIC_USEC=42")
+        #expect(await listener.waitFor(timeout: 30) { $0.hasPrefix("RELOADING") } == "RELOADING=1\nMONOTONIC_USEC=42")
 
         #expect(Notifier().notify(.watchdog, .extendTimeout(microseconds: 5_000_000), .stopping) == .sent)
         #expect(
-            await listener.waitFor(timeout: 5) { $0.hasPrefix("WATCHDOG") }
+            await listener.waitFor(timeout: 30) { $0.hasPrefix("WATCHDOG") }
                 == "WATCHDOG=1\nEXTEND_TIMEOUT_USEC=5000000\nSTOPPING=1"
         )
     }

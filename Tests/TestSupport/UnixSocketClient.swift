@@ -82,6 +82,36 @@ public final class UnixSocketClient {
         return String(decoding: received, as: UTF8.self)
     }
 
+    /// One answer on a kept-alive connection: its head and a body of its `Content-Length`; nil when
+    /// the server closed first or `timeout` passed.
+    public func readAnswer(timeout: TimeInterval = 15) -> String? {
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        let deadline = Date().addingTimeInterval(timeout)
+        let separator = Array("\r\n\r\n".utf8)
+        while Date() < deadline {
+            if let end = received.indices.first(where: { received[$0...].starts(with: separator) }) {
+                let head = String(decoding: received[..<end], as: UTF8.self)
+                let length = head.split(separator: "\r\n").lazy
+                    .compactMap { line -> Int? in
+                        let parts = line.split(separator: ":", maxSplits: 1)
+                        guard parts.count == 2, parts[0].lowercased() == "content-length" else { return nil }
+                        return Int(parts[1].trimmingCharacters(in: .whitespaces))
+                    }
+                    .first ?? 0
+                if received.count >= end + separator.count + length {
+                    return String(decoding: received[..<(end + separator.count + length)], as: UTF8.self)
+                }
+            }
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, Int32(max(1, deadline.timeIntervalSinceNow * 1000))) > 0 else { return nil }
+            let count = recv(fd, &buffer, buffer.count, 0)
+            if count <= 0 { return nil }
+            received += buffer[0..<count]
+        }
+        return nil
+    }
+
     /// Whether the server closes the connection within `timeout`.
     public func waitForClose(timeout: TimeInterval) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)

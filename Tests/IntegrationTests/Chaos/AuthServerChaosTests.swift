@@ -180,7 +180,7 @@ import Testing
         let asked = Date()
         run.child.signal(SIGUSR1)
         let rejected =
-            await run.harness.notify.waitFor(timeout: 10) { $0.contains("STATUS=") && $0.contains("401") } != nil
+            await run.harness.notify.waitFor(timeout: 60) { $0.contains("STATUS=") && $0.contains("401") } != nil
         try await Task.sleep(for: .seconds(3))
         let attempts = run.logins - before
         // Measured, not assumed: a loaded machine may sleep much longer than asked.

@@ -181,7 +181,7 @@ import Testing
         #expect(await harness.waitUntilReady() != nil)
         let token = try #require(harness.token)
         first.signal(SIGTERM)
-        #expect(await first.waitForExit(timeout: 10) == 0)
+        #expect(await first.waitForExit(timeout: 60) == 0)
         let statePath = harness.folder.file("state/state.json")
         var document = try #require(
             try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: statePath))) as? [String: Any]
