@@ -84,11 +84,58 @@ public struct Configuration: Sendable, Equatable {
         public var restrictsPeers: Bool { !allowUIDs.isEmpty || !allowGIDs.isEmpty }
     }
 
+    /// The API proxy (README "Consumers"): forwards requests to `upstream` with the daemon's
+    /// credentials in place of the client's.
+    public struct Proxy: Sendable, Equatable {
+        /// The Unix socket; same mode and allow-list rules as `outputs.socket`.
+        public var path: String
+        public var mode: UInt32
+        public var allowUIDs: [UInt32]
+        public var allowGIDs: [UInt32]
+        /// A loopback TCP listener besides the socket; any local user can reach it.
+        public var listen: ListenAddress?
+        /// Where requests go: `api.baseURL` unless set; same https/loopback rule.
+        public var upstream: String
+        /// Extra trust roots for the upstream (`api.caFile` unless set).
+        public var caFile: String?
+        /// Upstream answers meaning "this token is rejected" (reported, then replayed once).
+        public var rejectedStatuses: Set<Int>
+        /// Serve requests with `Origin` or `Sec-Fetch-Site: cross-site` on the TCP listener.
+        public var allowBrowsers: Bool
+        public var maxRequestBodyBytes: Int
+        /// Longest wait for the upstream: its connection (`connectTimeoutSeconds`), and each read of
+        /// its answer (`timeoutSeconds`).
+        public var connectTimeoutSeconds: Double
+        public var timeoutSeconds: Double
+        public var maxConnections: Int
+        /// Connections kept open to the upstream (AsyncHTTPClient's per-host limit).
+        public var maxUpstreamConnections: Int
+
+        public static let defaultPath = "/run/fts-tokend/api.sock"
+        public static let defaultMaxRequestBodyBytes = 16 << 20
+        public static let defaultMaxUpstreamConnections = 64
+
+        public var restrictsPeers: Bool { !allowUIDs.isEmpty || !allowGIDs.isEmpty }
+    }
+
+    /// A loopback TCP address, `127.0.0.1:8089` or `[::1]:8089` (`localhost` is 127.0.0.1).
+    public struct ListenAddress: Sendable, Equatable, CustomStringConvertible {
+        /// The IP literal bound (no brackets).
+        public var host: String
+        public var port: Int
+
+        public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    }
+
     public struct Outputs: Sendable, Equatable {
         public var tokenFile: OutputFile?
         public var jsonFile: OutputFile?
         public var headersFile: HeadersFile?
         public var socket: Socket?
+        public var proxy: Proxy? = nil
+
+        /// The `Authorization` scheme of the headers file, the socket's `/headers` and the proxy.
+        public var authorizationScheme: String { headersFile?.authorizationScheme ?? TokenOutputs.defaultScheme }
 
         /// Whether the socket serves `/headers`: the API key goes out only where the operator put it
         /// in a file already, or asked for it (`outputs.socket.serveHeaders`).

@@ -89,6 +89,11 @@ public struct ConfigurationLoader: Sendable {
             try Self.checkVisible(socket.allowUIDs, key: "outputs.socket.allowUIDs", map: "/proc/self/uid_map")
             try Self.checkVisible(socket.allowGIDs, key: "outputs.socket.allowGIDs", map: "/proc/self/gid_map")
         }
+        if let proxy = configuration.outputs.proxy {
+            try Self.checkFolder(of: proxy.path, key: "outputs.proxy.path")
+            try Self.checkVisible(proxy.allowUIDs, key: "outputs.proxy.allowUIDs", map: "/proc/self/uid_map")
+            try Self.checkVisible(proxy.allowGIDs, key: "outputs.proxy.allowGIDs", map: "/proc/self/gid_map")
+        }
         return LoadedConfiguration(configuration: configuration, secrets: secrets)
     }
 
@@ -103,6 +108,9 @@ public struct ConfigurationLoader: Sendable {
             if case .file(let path) = source { try checkTrusted(path, key: key) }
         }
         if let caFile = api.caFile { try checkTrusted(caFile, key: "api.caFile") }
+        if let caFile = configuration.outputs.proxy?.caFile, caFile != api.caFile {
+            try checkTrusted(caFile, key: "outputs.proxy.caFile")
+        }
         for (index, action) in configuration.onRotate.enumerated() {
             guard case .exec(let argv, _) = action, let program = argv.first else { continue }
             let key = "onRotate[\(index)].exec[0]"

@@ -116,6 +116,25 @@ final class ConfigurationObject {
         return number
     }
 
+    /// A list of numbers, if given.
+    func optionalNumbers(_ key: String) throws(ConfigurationError) -> [Double]? {
+        switch value(key) {
+        case nil:
+            return nil
+        case .array(let items):
+            var numbers: [Double] = []
+            for item in items {
+                guard case .number(let number) = item, number.isFinite else {
+                    throw ConfigurationError(path(key), "must list numbers only")
+                }
+                numbers.append(number)
+            }
+            return numbers
+        case .some(let other):
+            throw ConfigurationError(path(key), "must be an array of numbers, not \(other.typeName)")
+        }
+    }
+
     /// A list of numeric user or group IDs.
     func optionalIDs(_ key: String) throws(ConfigurationError) -> [UInt32] {
         switch value(key) {

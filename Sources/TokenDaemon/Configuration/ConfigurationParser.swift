@@ -22,10 +22,13 @@ public struct ConfigurationParser {
             throw ConfigurationError("(file)", "not valid JSON: \(Self.describe(decodingError: error))")
         }
         return try ConfigurationObject.read(document, path: "") { (root) throws(ConfigurationError) in
-            Configuration(
-                api: try root.object("api", parseAPI),
+            let api = try root.object("api", parseAPI)
+            return Configuration(
+                api: api,
                 refresh: try root.optionalObject("refresh", parseRefresh) ?? .defaults,
-                outputs: try root.object("outputs", parseOutputs),
+                outputs: try root.object("outputs") { (outputs) throws(ConfigurationError) in
+                    try parseOutputs(outputs, api: api)
+                },
                 stateFile: try root.optionalPath("stateFile"),
                 logLevel: try parseLogLevel(root),
                 onRotate: try parseRotateActions(root),
@@ -116,7 +119,10 @@ public struct ConfigurationParser {
         )
     }
 
-    private func parseOutputs(_ outputs: ConfigurationObject) throws(ConfigurationError) -> Configuration.Outputs {
+    private func parseOutputs(
+        _ outputs: ConfigurationObject,
+        api: Configuration.API
+    ) throws(ConfigurationError) -> Configuration.Outputs {
         let result = Configuration.Outputs(
             tokenFile: try outputs.optionalObject("tokenFile") { (file) throws(ConfigurationError) in
                 try outputFile(file)
@@ -126,15 +132,18 @@ public struct ConfigurationParser {
             headersFile: try outputs.optionalObject("headersFile") { (file) throws(ConfigurationError) in
                 Configuration.HeadersFile(file: try outputFile(file), authorizationScheme: try parseScheme(file))
             },
-            socket: try outputs.optionalObject("socket", parseSocket)
+            socket: try outputs.optionalObject("socket", parseSocket),
+            proxy: try outputs.optionalObject("proxy") { (proxy) throws(ConfigurationError) in
+                try parseProxy(proxy, api: api)
+            }
         )
-        guard !result.files.isEmpty || result.socket != nil else {
+        guard !result.files.isEmpty || result.socket != nil || result.proxy != nil else {
             throw ConfigurationError(
                 outputs.path(nil),
-                "configure at least one of tokenFile, jsonFile, headersFile, socket"
+                "configure at least one of tokenFile, jsonFile, headersFile, socket, proxy"
             )
         }
-        let paths = result.files.map(\.path) + (result.socket.map { [$0.path] } ?? [])
+        let paths = result.files.map(\.path) + [result.socket?.path, result.proxy?.path].compactMap { $0 }
         if let duplicate = paths.first(where: { path in paths.filter { $0 == path }.count > 1 }) {
             throw ConfigurationError(outputs.path(nil), "two outputs write the same file \(duplicate)")
         }
@@ -199,32 +208,114 @@ public struct ConfigurationParser {
     }
 
     private func parseSocket(_ socket: ConfigurationObject) throws(ConfigurationError) -> Configuration.Socket {
-        let path = try ConfigurationValues.absolutePath(try socket.string("path"), at: socket.path("path"))
-        // sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
-        guard path.utf8.count <= 107 else {
-            throw ConfigurationError(socket.path("path"), "longer than the 107 bytes a Unix socket path can have")
-        }
-        // Connecting needs write permission on the socket file: "0660" lets the group in.
-        let mode = try parseMode(socket, default: 0o660)
-        guard mode & 0o002 == 0 else {
-            throw ConfigurationError(
-                socket.path("mode"),
-                "\(FileMode.format(mode)) lets every local user connect; use \"0660\" and a group, or allowUIDs/allowGIDs"
-            )
-        }
-        let maxConnections = try socket.number(
-            "maxConnections",
-            default: Double(Configuration.Socket.defaultMaxConnections),
-            "must be a whole number from 1 to 65536"
-        ) { $0 >= 1 && $0 <= 65_536 && $0.rounded() == $0 }
+        let path = try unixSocketPath(socket)
+        let mode = try socketMode(socket)
         return Configuration.Socket(
             path: path,
             mode: mode,
             allowUIDs: try allowList(socket, "allowUIDs"),
             allowGIDs: try allowList(socket, "allowGIDs"),
-            maxConnections: Int(maxConnections),
+            maxConnections: try connectionLimit(socket, "maxConnections", default: Configuration.Socket.defaultMaxConnections),
             serveHeaders: try socket.optionalBool("serveHeaders") ?? false
         )
+    }
+
+    private func parseProxy(
+        _ proxy: ConfigurationObject,
+        api: Configuration.API
+    ) throws(ConfigurationError) -> Configuration.Proxy {
+        let path = try unixSocketPath(proxy, default: Configuration.Proxy.defaultPath)
+        let mode = try socketMode(proxy)
+        var upstream = api.baseURL
+        if let text = try proxy.optionalString("upstream") {
+            try ConfigurationValues.validateBaseURL(text, at: proxy.path("upstream"))
+            upstream = text.hasSuffix("/") ? String(text.dropLast()) : text
+        }
+        let listen = try proxy.optionalString("listen").map { (text) throws(ConfigurationError) in
+            try ConfigurationValues.listenAddress(text, at: proxy.path("listen"))
+        }
+        let statuses = try proxy.optionalNumbers("rejectedStatuses") ?? [401]
+        guard !statuses.isEmpty, statuses.allSatisfy({ $0.rounded() == $0 && (400...599).contains($0) }) else {
+            throw ConfigurationError(
+                proxy.path("rejectedStatuses"),
+                "must list one or more HTTP error statuses (400 to 599) such as [401]"
+            )
+        }
+        return Configuration.Proxy(
+            path: path,
+            mode: mode,
+            allowUIDs: try allowList(proxy, "allowUIDs"),
+            allowGIDs: try allowList(proxy, "allowGIDs"),
+            listen: listen,
+            upstream: upstream,
+            caFile: try proxy.optionalPath("caFile") ?? api.caFile,
+            rejectedStatuses: Set(statuses.map { Int($0) }),
+            allowBrowsers: try proxy.optionalBool("allowBrowsers") ?? false,
+            maxRequestBodyBytes: Int(
+                try proxy.number(
+                    "maxRequestBodyBytes",
+                    default: Double(Configuration.Proxy.defaultMaxRequestBodyBytes),
+                    "must be a whole number of bytes from 0 to 1099511627776"
+                ) { $0 >= 0 && $0 <= 1_099_511_627_776 && $0.rounded() == $0 }
+            ),
+            connectTimeoutSeconds: try proxy.number(
+                "connectTimeoutSeconds",
+                default: 10,
+                "must be more than 0 and at most 300 seconds"
+            ) { $0 > 0 && $0 <= 300 },
+            timeoutSeconds: try proxy.number("timeoutSeconds", default: 60, "must be more than 0 and at most 3600 seconds")
+            { $0 > 0 && $0 <= 3600 },
+            maxConnections: try connectionLimit(proxy, "maxConnections", default: Configuration.Socket.defaultMaxConnections),
+            maxUpstreamConnections: try connectionLimit(
+                proxy,
+                "maxUpstreamConnections",
+                default: Configuration.Proxy.defaultMaxUpstreamConnections
+            )
+        )
+    }
+
+    private func connectionLimit(
+        _ object: ConfigurationObject,
+        _ key: String,
+        default defaultValue: Int
+    ) throws(ConfigurationError) -> Int {
+        Int(
+            try object.number(key, default: Double(defaultValue), "must be a whole number from 1 to 65536") {
+                $0 >= 1 && $0 <= 65_536 && $0.rounded() == $0
+            }
+        )
+    }
+
+    /// `path` of a Unix socket (`defaultPath` when absent and not nil).
+    private func unixSocketPath(
+        _ object: ConfigurationObject,
+        default defaultPath: String? = nil
+    ) throws(ConfigurationError) -> String {
+        let text: String
+        if let defaultPath {
+            text = try object.optionalString("path") ?? defaultPath
+        } else {
+            text = try object.string("path")
+        }
+        let path = try ConfigurationValues.absolutePath(text, at: object.path("path"))
+        // sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+        guard path.utf8.count <= 107 else {
+            throw ConfigurationError(object.path("path"), "longer than the 107 bytes a Unix socket path can have")
+        }
+        return path
+    }
+
+    /// A socket's `mode`: connecting needs write permission on the socket file, so "0660" lets the
+    /// group in, and a mode that lets every local user in is refused.
+    private func socketMode(_ object: ConfigurationObject) throws(ConfigurationError) -> UInt32 {
+        let mode = try parseMode(object, default: 0o660)
+        guard mode & 0o002 == 0 else {
+            throw ConfigurationError(
+                object.path("mode"),
+                "\(FileMode.format(mode)) lets every local user connect; use \"0660\" and a group, or allowUIDs/allowGIDs"
+            )
+        }
+        return mode
     }
 
     /// The overflow id: in a user namespace every peer that cannot be mapped appears as it.

@@ -47,6 +47,36 @@ enum ConfigurationValues {
     }
 }
 
+extension ConfigurationValues {
+    /// `HOST:PORT` where HOST is a loopback literal (`127.0.0.1`, `[::1]`) or `localhost` (bound as
+    /// 127.0.0.1: a name is not resolved, so nothing else can answer for it).
+    static func listenAddress(_ text: String, at keyPath: String) throws(ConfigurationError) -> Configuration.ListenAddress {
+        let problem = "must be a loopback address and port such as \"127.0.0.1:8089\" or \"[::1]:8089\""
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+            (1...65_535).contains(port)
+        else { throw ConfigurationError(keyPath, problem) }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") {
+            host = String(host.dropFirst().dropLast())
+            var ipv6 = in6_addr()
+            guard inet_pton(AF_INET6, host, &ipv6) == 1 else { throw ConfigurationError(keyPath, problem) }
+        } else if host.lowercased() == "localhost" {
+            host = "127.0.0.1"
+        } else {
+            var ipv4 = in_addr()
+            guard inet_pton(AF_INET, host, &ipv4) == 1 else { throw ConfigurationError(keyPath, problem) }
+        }
+        guard Loopback.isLoopback(host: host) else {
+            throw ConfigurationError(
+                keyPath,
+                "\(text) is not loopback: the proxy spends the account's token for whoever reaches it, so it listens on "
+                    + "this machine only (127.0.0.0/8, ::1)"
+            )
+        }
+        return Configuration.ListenAddress(host: host, port: port)
+    }
+}
+
 /// Which hosts are this machine's loopback: what may see a password in clear.
 public enum Loopback {
     /// An IPv4 literal in 127.0.0.0/8, the IPv6 literal ::1 (bracketed or not), or exactly

@@ -368,8 +368,7 @@ public final class Daemon {
             board.post(
                 token,
                 apiKey: core.configuration.secrets.apiKey,
-                authorizationScheme: configuration.outputs.headersFile?.authorizationScheme
-                    ?? TokenOutputs.defaultScheme
+                authorizationScheme: configuration.outputs.authorizationScheme
             )
             metrics.tokenAdopted(token)
         }

@@ -78,7 +78,11 @@ public struct TokenOutputs: Sendable, Equatable {
 
     /// The `headersFile` text, for `curl -H @file`. Token and key were checked to be header-safe.
     public static func headersText(_ grant: TokenGrant, apiKey: String, scheme: String) -> [UInt8] {
-        let authorization = scheme.isEmpty ? grant.token : scheme + " " + grant.token
-        return Array("x-api-key: \(apiKey)\nAuthorization: \(authorization)\n".utf8)
+        Array("x-api-key: \(apiKey)\nAuthorization: \(authorization(grant, scheme: scheme))\n".utf8)
+    }
+
+    /// The `Authorization` header's value: `scheme` and the token, or the bare token.
+    public static func authorization(_ grant: TokenGrant, scheme: String) -> String {
+        scheme.isEmpty ? grant.token : scheme + " " + grant.token
     }
 }

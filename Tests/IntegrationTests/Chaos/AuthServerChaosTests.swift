@@ -143,14 +143,15 @@ import Testing
     }
 
     @Test func retryAfterIsHonouredInSecondsAndAsAnHTTPDate() async throws {
-        let harnessFault = MockFault.status(429, retryAfter: "2")
-        let run = try await ChaosRun.start(ttl: 60, fault: nil, waitUntilReady: false)
-        run.mock.enqueue(harnessFault)
-        // The first 429 arrives at once; the second is scripted when the first has been answered.
-        #expect(await eventually { run.logins >= 1 })
+        // Both answers are queued before the daemon starts (a test that scripted the second after
+        // seeing the first lost the race on a loaded machine). The date is 4 s out: the retry after
+        // the first answer's 2 s gets it, or, if the machine stalled past it, nothing is early.
         let date = Date().addingTimeInterval(4)
-        let dateForm = MockFTSServer.httpDate(date)
-        run.mock.enqueue(.status(429, retryAfter: dateForm))
+        let run = try await ChaosRun.start(
+            ttl: 60,
+            queued: [.status(429, retryAfter: "2"), .status(429, retryAfter: MockFTSServer.httpDate(date))],
+            waitUntilReady: false
+        )
         let ready = await run.harness.waitUntilReady(timeout: 30) != nil
         let times = run.mock.stats.loginTimes
         let firstWait = times.count > 1 ? times[1] - times[0] : -1

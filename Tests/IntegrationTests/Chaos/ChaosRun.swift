@@ -21,16 +21,18 @@ struct ChaosRun {
     let ttl: TimeInterval
     let started = Date()
 
-    /// Starts the daemon with `fault` applied to every login from the first one (nil: none), and
-    /// waits for READY=1 unless `waitUntilReady` is false.
+    /// Starts the daemon with `fault` applied to every login from the first one (nil: none) after
+    /// the `queued` ones (one login each), and waits for READY=1 unless `waitUntilReady` is false.
     static func start(
         ttl: TimeInterval,
         refresh: DaemonHarness.Refresh = .chaos,
         fault: MockFault? = nil,
+        queued: [MockFault] = [],
         waitUntilReady: Bool = true
     ) async throws -> ChaosRun {
         let harness = try await DaemonHarness(ttl: ttl, refresh: refresh)
         harness.mock.always(fault)
+        for queuedFault in queued { harness.mock.enqueue(queuedFault) }
         let watcher = TokenWatcher(harness, interval: 0.002)
         let child = try harness.start()
         if waitUntilReady {
