@@ -101,6 +101,7 @@ let package = Package(
             dependencies: [
                 "MockFTS", "TestSupport", "TokenDaemon",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
     ],

@@ -1,8 +1,8 @@
 import Foundation
 import MockFTS
 import TestSupport
-import TokenDaemon
 import Testing
+import TokenDaemon
 
 @Suite struct RotationTests {
     /// A reader polling every 2 ms while tokens rotate every ~2 s for 20 s: every read is a whole

@@ -92,7 +92,8 @@ public final class UnixSocketClient {
         while Date() < deadline {
             if let end = received.indices.first(where: { received[$0...].starts(with: separator) }) {
                 let head = String(decoding: received[..<end], as: UTF8.self)
-                let length = head.split(separator: "\r\n").lazy
+                let length =
+                    head.split(separator: "\r\n").lazy
                     .compactMap { line -> Int? in
                         let parts = line.split(separator: ":", maxSplits: 1)
                         guard parts.count == 2, parts[0].lowercased() == "content-length" else { return nil }

@@ -512,6 +512,92 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         ),
     ]
 
+    @Test func parsesAProxyWithItsDefaults() throws {
+        let parsed = try ConfigurationParser().parse(config { set(&$0, "outputs.proxy", [String: Any]()) })
+        let proxy = try #require(parsed.outputs.proxy)
+        #expect(proxy.path == "/run/fts-tokend/api.sock" && proxy.mode == 0o660)
+        #expect(proxy.upstream == "https://global-api.fintechstudios.com", "api.baseURL")
+        #expect(proxy.rejectedStatuses == [401] && !proxy.allowBrowsers && proxy.listen == nil)
+        #expect(
+            proxy.maxRequestBodyBytes == 16 << 20 && proxy.timeoutSeconds == 60 && proxy.connectTimeoutSeconds == 10
+        )
+        #expect(proxy.maxConnections == 512 && proxy.maxUpstreamConnections == 64)
+    }
+
+    @Test func parsesAProxyWithEverySetting() throws {
+        let parsed = try ConfigurationParser().parse(
+            config {
+                set(
+                    &$0,
+                    "outputs.proxy",
+                    [
+                        "path": "/run/x/api.sock", "mode": "0600", "allowUIDs": [1001], "allowGIDs": [998],
+                        "listen": "localhost:8089", "upstream": "https://api.example/v2/", "caFile": "/etc/ca.pem",
+                        "rejectedStatuses": [401, 403], "allowBrowsers": true, "maxRequestBodyBytes": 1000,
+                        "connectTimeoutSeconds": 2, "timeoutSeconds": 5, "maxConnections": 9,
+                        "maxUpstreamConnections": 3,
+                    ] as [String: Any]
+                )
+            }
+        )
+        let proxy = try #require(parsed.outputs.proxy)
+        #expect(
+            proxy
+                == Configuration.Proxy(
+                    path: "/run/x/api.sock",
+                    mode: 0o600,
+                    allowUIDs: [1001],
+                    allowGIDs: [998],
+                    listen: .init(host: "127.0.0.1", port: 8089),
+                    upstream: "https://api.example/v2",
+                    caFile: "/etc/ca.pem",
+                    rejectedStatuses: [401, 403],
+                    allowBrowsers: true,
+                    maxRequestBodyBytes: 1000,
+                    connectTimeoutSeconds: 2,
+                    timeoutSeconds: 5,
+                    maxConnections: 9,
+                    maxUpstreamConnections: 3
+                )
+        )
+    }
+
+    @Test(arguments: [
+        ("127.0.0.1:8089", "127.0.0.1:8089"), ("[::1]:8089", "[::1]:8089"), ("127.1.2.3:1", "127.1.2.3:1"),
+        ("LOCALHOST:80", "127.0.0.1:80"),
+    ])
+    func acceptsLoopbackListenAddresses(_ text: String, _ bound: String) throws {
+        let parsed = try ConfigurationParser().parse(config { set(&$0, "outputs.proxy", ["listen": text]) })
+        #expect(parsed.outputs.proxy?.listen?.description == bound)
+    }
+
+    @Test(arguments: [
+        "0.0.0.0:8089", "10.0.0.1:8089", "[::]:8089", "127.0.0.1.nip.io:8089", "127.evil.example:80", "127.0.0.1",
+        "127.0.0.1:0", "127.0.0.1:70000", ":8089",
+    ])
+    func refusesListenAddressesOffLoopback(_ text: String) {
+        let error = parseError(config { set(&$0, "outputs.proxy", ["listen": text]) })
+        #expect(error?.keyPath == "outputs.proxy.listen", "\(text): \(String(describing: error))")
+    }
+
+    @Test(arguments: [
+        (#"{"upstream": "http://api.example"}"#, "outputs.proxy.upstream", "loopback"),
+        (#"{"rejectedStatuses": [200]}"#, "outputs.proxy.rejectedStatuses", "400 to 599"),
+        (#"{"rejectedStatuses": []}"#, "outputs.proxy.rejectedStatuses", "one or more"),
+        (#"{"mode": "0666"}"#, "outputs.proxy.mode", "every local user"),
+        (#"{"allowUIDs": [65534]}"#, "outputs.proxy.allowUIDs", "overflow id"),
+        (#"{"maxRequestBodyBytes": -1}"#, "outputs.proxy.maxRequestBodyBytes", "whole number"),
+        (#"{"timeoutSeconds": 0}"#, "outputs.proxy.timeoutSeconds", "more than 0"),
+        (#"{"path": "/run/fts-tokend/token"}"#, "outputs", "two outputs write the same file"),
+        (#"{"upsteam": "https://x.example"}"#, "outputs.proxy.upsteam", "unknown key"),
+    ])
+    func refusesBadProxySettings(_ settings: String, _ keyPath: String, _ message: String) throws {
+        let object = try JSONSerialization.jsonObject(with: Data(settings.utf8))
+        let error = parseError(config { set(&$0, "outputs.proxy", object) })
+        #expect(error?.keyPath == keyPath, "\(String(describing: error))")
+        #expect(error?.problem.contains(message) == true, "\(String(describing: error))")
+    }
+
     @Test(arguments: badInputs)
     func refusesWithKeyPathAndReason(_ input: BadInput) {
         let error = parseError(input.bytes)

@@ -133,6 +133,7 @@ enum CoreFixtures {
         headersFile: String? = nil,
         scheme: String = "Bearer",
         socket: Configuration.Socket? = nil,
+        proxy: Configuration.Proxy? = nil,
         stateFile: String? = "/var/lib/fts/state.json",
         metricsFile: String? = nil,
         refresh: Configuration.Refresh = noJitter,
@@ -142,7 +143,8 @@ enum CoreFixtures {
             tokenFile: files.first.map { .init(path: $0, mode: 0o640) },
             jsonFile: files.dropFirst().first.map { .init(path: $0, mode: 0o640) },
             headersFile: headersFile.map { .init(file: .init(path: $0, mode: 0o640), authorizationScheme: scheme) },
-            socket: socket
+            socket: socket,
+            proxy: proxy
         )
         let api = Configuration.API(
             baseURL: baseURL,
@@ -179,6 +181,29 @@ enum CoreFixtures {
         maxConnections: Int = 512
     ) -> Configuration.Socket {
         .init(path: path, mode: mode, allowUIDs: allowUIDs, allowGIDs: [], maxConnections: maxConnections)
+    }
+
+    static func proxy(
+        allowUIDs: [UInt32] = [],
+        upstream: String = "https://api.example",
+        rejectedStatuses: Set<Int> = [401]
+    ) -> Configuration.Proxy {
+        .init(
+            path: "/run/fts/api.sock",
+            mode: 0o660,
+            allowUIDs: allowUIDs,
+            allowGIDs: [],
+            listen: nil,
+            upstream: upstream,
+            caFile: nil,
+            rejectedStatuses: rejectedStatuses,
+            allowBrowsers: false,
+            maxRequestBodyBytes: 1 << 20,
+            connectTimeoutSeconds: 10,
+            timeoutSeconds: 60,
+            maxConnections: 512,
+            maxUpstreamConnections: 64
+        )
     }
 }
 
@@ -587,6 +612,45 @@ extension [DaemonCore.Action] {
         )
         #expect(change.socketAccess && change.needsRestart == nil)
         #expect(driver.core.configuration.configuration.outputs.socket?.allowUIDs == [1001])
+    }
+
+    @Test func proxyAccessAndRejectedStatusesAreAppliedLive() throws {
+        var driver = ready(CoreFixtures.configuration(proxy: CoreFixtures.proxy(allowUIDs: [1001, 1002])))
+        driver.nextConfiguration = .success(
+            CoreFixtures.configuration(proxy: CoreFixtures.proxy(allowUIDs: [1001], rejectedStatuses: [401, 403]))
+        )
+        let actions = driver.send(.signal(.reload))
+        let change = try #require(
+            actions.compactMap { if case .applyConfiguration(let change) = $0 { change } else { nil } }.first
+        )
+        #expect(change.proxyAccess && change.needsRestart == nil && !change.socketAccess)
+        #expect(change.summary == "proxy_access")
+        #expect(driver.core.configuration.configuration.outputs.proxy?.allowUIDs == [1001])
+    }
+
+    @Test(arguments: [
+        (
+            CoreFixtures.proxy(upstream: "https://other.example"),
+            "outputs.proxy's listeners, upstream, caFile or timeouts changed"
+        ),
+        (nil, "outputs.proxy (/run/fts/api.sock) was removed"),
+    ])
+    func aProxyGivenAnotherUpstreamOrRemovedRefusesTheReload(_ after: Configuration.Proxy?, _ reason: String) {
+        let before = CoreFixtures.configuration(proxy: CoreFixtures.proxy())
+        var driver = ready(before)
+        driver.nextConfiguration = .success(CoreFixtures.configuration(proxy: after))
+        let actions = driver.send(.signal(.reload))
+        #expect(!actions.contains { if case .applyConfiguration = $0 { true } else { false } })
+        #expect(actions.reports == [.reloadRefused(reason)])
+        #expect(driver.core.configuration == before)
+    }
+
+    @Test func anAddedProxyRefusesTheReload() {
+        var driver = ready()
+        driver.nextConfiguration = .success(CoreFixtures.configuration(proxy: CoreFixtures.proxy()))
+        #expect(
+            driver.send(.signal(.reload)).reports == [.reloadRefused("outputs.proxy (/run/fts/api.sock) was added")]
+        )
     }
 
     @Test func aMovedSocketRefusesTheReloadLoudly() throws {

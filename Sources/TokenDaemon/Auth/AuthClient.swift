@@ -26,12 +26,7 @@ public final class AuthClient: Sendable {
 
     /// Creates the client; call `shutdown()` before dropping it.
     public init(api: Configuration.API, version: String) {
-        var tls = TLSConfiguration.makeClientConfiguration()
-        // The password goes over this connection: nothing older than TLS 1.2 (NIOSSL allows 1.0).
-        tls.minimumTLSVersion = .tlsv12
-        if let caFile = api.caFile {
-            tls.additionalTrustRoots = [.file(caFile)]
-        }
+        let tls = Self.tlsConfiguration(caFile: api.caFile)
         let timeout = TimeAmount.milliseconds(Int64(api.timeoutSeconds * 1000))
         var configuration = HTTPClient.Configuration(
             tlsConfiguration: tls,
@@ -47,6 +42,17 @@ public final class AuthClient: Sendable {
         self.url = api.tokenURL
         self.timeout = timeout
         self.userAgent = "fts-tokend/\(version)"
+    }
+
+    /// TLS for every connection that carries the account's secrets (logins, the API proxy): the
+    /// system's trust roots plus `caFile`, nothing older than TLS 1.2 (NIOSSL allows 1.0).
+    static func tlsConfiguration(caFile: String?) -> TLSConfiguration {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv12
+        if let caFile {
+            tls.additionalTrustRoots = [.file(caFile)]
+        }
+        return tls
     }
 
     public func shutdown() async {

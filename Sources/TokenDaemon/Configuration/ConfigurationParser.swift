@@ -215,7 +215,11 @@ public struct ConfigurationParser {
             mode: mode,
             allowUIDs: try allowList(socket, "allowUIDs"),
             allowGIDs: try allowList(socket, "allowGIDs"),
-            maxConnections: try connectionLimit(socket, "maxConnections", default: Configuration.Socket.defaultMaxConnections),
+            maxConnections: try connectionLimit(
+                socket,
+                "maxConnections",
+                default: Configuration.Socket.defaultMaxConnections
+            ),
             serveHeaders: try socket.optionalBool("serveHeaders") ?? false
         )
     }
@@ -263,9 +267,16 @@ public struct ConfigurationParser {
                 default: 10,
                 "must be more than 0 and at most 300 seconds"
             ) { $0 > 0 && $0 <= 300 },
-            timeoutSeconds: try proxy.number("timeoutSeconds", default: 60, "must be more than 0 and at most 3600 seconds")
-            { $0 > 0 && $0 <= 3600 },
-            maxConnections: try connectionLimit(proxy, "maxConnections", default: Configuration.Socket.defaultMaxConnections),
+            timeoutSeconds: try proxy.number(
+                "timeoutSeconds",
+                default: 60,
+                "must be more than 0 and at most 3600 seconds"
+            ) { $0 > 0 && $0 <= 3600 },
+            maxConnections: try connectionLimit(
+                proxy,
+                "maxConnections",
+                default: Configuration.Socket.defaultMaxConnections
+            ),
             maxUpstreamConnections: try connectionLimit(
                 proxy,
                 "maxUpstreamConnections",

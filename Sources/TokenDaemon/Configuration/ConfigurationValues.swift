@@ -50,7 +50,10 @@ enum ConfigurationValues {
 extension ConfigurationValues {
     /// `HOST:PORT` where HOST is a loopback literal (`127.0.0.1`, `[::1]`) or `localhost` (bound as
     /// 127.0.0.1: a name is not resolved, so nothing else can answer for it).
-    static func listenAddress(_ text: String, at keyPath: String) throws(ConfigurationError) -> Configuration.ListenAddress {
+    static func listenAddress(
+        _ text: String,
+        at keyPath: String
+    ) throws(ConfigurationError) -> Configuration.ListenAddress {
         let problem = "must be a loopback address and port such as \"127.0.0.1:8089\" or \"[::1]:8089\""
         guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
             (1...65_535).contains(port)

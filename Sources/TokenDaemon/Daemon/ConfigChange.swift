@@ -1,9 +1,11 @@
 /// What a reload changes: computed from the configuration in force and the one just loaded, so that
 /// each kind of change has one rule (README "Signals", reload).
 ///
-/// Everything applies live except the socket's path: the listening socket cannot move without
-/// dropping every connection, so a changed, added or removed `outputs.socket.path` refuses the
-/// whole reload ("needs a restart"), and the daemon keeps running on the previous configuration.
+/// Everything applies live except the socket's path and the API proxy's listeners and upstream: a
+/// listening socket cannot move without dropping every connection, so a changed, added or removed
+/// `outputs.socket.path`, or an `outputs.proxy` added, removed or given other listeners, upstream,
+/// `caFile` or timeouts, refuses the whole reload ("needs a restart"), and the daemon keeps running
+/// on the previous configuration.
 /// A socket passed by systemd (socket activation) is the socket unit's: its path and mode in the
 /// config are not used, so their changes need no restart.
 public struct ConfigChange: Sendable, Equatable {
@@ -27,6 +29,9 @@ public struct ConfigChange: Sendable, Equatable {
     /// The socket's mode, allow lists, connection limit or whether it serves `/headers`: applied to
     /// the listening socket.
     public var socketAccess = false
+    /// The API proxy's mode, allow lists, connection limit, body limit, `rejectedStatuses` or
+    /// `allowBrowsers`: applied from the next request on.
+    public var proxyAccess = false
     /// Why the reload cannot be applied without a restart; nil when it can.
     public var needsRestart: String?
     /// `onRotate`, `metricsFile`, `logLevel`: read where they are used.
@@ -73,6 +78,27 @@ public struct ConfigChange: Sendable, Equatable {
             }
         }
         if was.outputs.servesHeaders != now.outputs.servesHeaders { socketAccess = true }
+
+        switch (was.outputs.proxy, now.outputs.proxy) {
+        case (nil, nil):
+            break
+        case (let before?, let after?):
+            // Listeners and the upstream connection pool are made at start; the rest is read per request.
+            var restarted = before
+            (restarted.mode, restarted.allowUIDs, restarted.allowGIDs) = (after.mode, after.allowUIDs, after.allowGIDs)
+            (restarted.maxConnections, restarted.maxRequestBodyBytes) = (
+                after.maxConnections, after.maxRequestBodyBytes
+            )
+            (restarted.rejectedStatuses, restarted.allowBrowsers) = (after.rejectedStatuses, after.allowBrowsers)
+            if restarted != after {
+                needsRestart = needsRestart ?? "outputs.proxy's listeners, upstream, caFile or timeouts changed"
+            }
+            proxyAccess = before != after
+        case (nil, let after?):
+            needsRestart = needsRestart ?? "outputs.proxy (\(after.path)) was added"
+        case (let before?, nil):
+            needsRestart = needsRestart ?? "outputs.proxy (\(before.path)) was removed"
+        }
         other = was.onRotate != now.onRotate || was.metricsFile != now.metricsFile || was.logLevel != now.logLevel
     }
 
@@ -81,7 +107,7 @@ public struct ConfigChange: Sendable, Equatable {
         let names = [
             (account, "account"), (password && !account, "password"), (client, "client"), (policy, "refresh"),
             (files, "files"), (!unconfiguredFiles.isEmpty, "removed_files"), (stateFile, "state_file"),
-            (socketAccess, "socket_access"), (other, "other"),
+            (socketAccess, "socket_access"), (proxyAccess, "proxy_access"), (other, "other"),
         ]
         let changed = names.filter(\.0).map(\.1)
         return changed.isEmpty ? "nothing" : changed.joined(separator: ",")

@@ -65,6 +65,7 @@ public final class Daemon {
     private let board = TokenBoard()
     private let metrics: DaemonMetrics
     private var server: SocketServer?
+    private var proxy: ProxyServer?
     private var login: Task<Void, Never>?
 
     /// Takes a configuration already loaded by the caller (who reports its errors with exit 78).
@@ -128,6 +129,21 @@ public final class Daemon {
                 return await failToStart("cannot listen on the socket: \(error)", event: "socket_failed")
             }
         }
+        if let settings = configuration.outputs.proxy {
+            do {
+                proxy = try await ProxyServer.start(
+                    settings,
+                    board: board,
+                    metrics: metrics,
+                    logger: logger,
+                    clock: deps.clock
+                )
+            } catch {
+                await server?.stop()
+                try? await signals.close()
+                return await failToStart("cannot listen for the API proxy: \(error)", event: "proxy_failed")
+            }
+        }
         process(.start(stored: loadStoredToken()), sink: sink)
         // One pending wake-up at a time: each input re-arms it.
         var wake: Scheduled<Void>?
@@ -150,6 +166,7 @@ public final class Daemon {
         try? await signals.close()
         login?.cancel()
         await server?.stop()
+        await proxy?.stop()
         await client.shutdown()
         deps.notifier.flush(timeout: .seconds(1))
         return core.exitStatus ?? ExitStatus.success
@@ -357,6 +374,13 @@ public final class Daemon {
                 try server?.apply(configuration.outputs)
             } catch {
                 logger.error("cannot apply the socket's new mode: \(error)", metadata: ["event": "reload_failed"])
+            }
+        }
+        if change.proxyAccess, let settings = configuration.outputs.proxy {
+            do {
+                try proxy?.apply(settings)
+            } catch {
+                logger.error("cannot apply the API proxy's new mode: \(error)", metadata: ["event": "reload_failed"])
             }
         }
     }

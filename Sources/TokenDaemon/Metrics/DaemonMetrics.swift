@@ -18,6 +18,7 @@ public final class DaemonMetrics: Sendable {
     private let validity: Gauge
     private let lastSuccess: Gauge
     private let loginDuration: DurationHistogram
+    private let proxyUpstreamDuration: DurationHistogram
     /// Per-label counters, looked up once and kept (the registry would look them up on every call).
     private let counters = NIOLockedValueBox<[String: Counter]>([:])
     /// The socket's counters, keyed without building any string: this runs on every request.
@@ -56,6 +57,17 @@ public final class DaemonMetrics: Sendable {
             buckets: [
                 .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500),
                 .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30),
+            ]
+        )
+        proxyUpstreamDuration = registry.makeDurationHistogram(
+            descriptor: Self.name(
+                "proxy_upstream_duration",
+                "seconds",
+                "API proxy: time from sending a request upstream to the head of its answer."
+            ),
+            buckets: [
+                .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+                .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(5), .seconds(10),
             ]
         )
         registry.makeGauge(
@@ -110,6 +122,30 @@ public final class DaemonMetrics: Sendable {
             ),
             [("reason", reason)]
         ).increment()
+    }
+
+    /// A request through the API proxy was answered: by the upstream (`byUpstream`) or by the proxy
+    /// itself (refused, no token, upstream unreachable). Status classes only: the upstream chooses
+    /// the codes, and must not choose how many series there are.
+    public func proxyRequest(status: Int, byUpstream: Bool) {
+        counter(
+            Self.name("proxy_requests", "total", "API proxy answers by status class and source (upstream, proxy)."),
+            [("code", "\(min(max(status / 100, 1), 5))xx"), ("source", byUpstream ? "upstream" : "proxy")]
+        ).increment()
+    }
+
+    /// The upstream rejected the proxy's token: the request was `replayed` with the next one, or the
+    /// rejection `forwarded` to the client (not replayable, no new token, rate limited).
+    public func proxyRejection(replayed: Bool) {
+        counter(
+            Self.name("proxy_rejections", "total", "Upstream rejections of the proxy's token, by what followed."),
+            [("result", replayed ? "replayed" : "forwarded")]
+        ).increment()
+    }
+
+    /// Time from sending a request upstream to its answer's head.
+    public func proxyUpstreamHead(_ duration: Duration) {
+        proxyUpstreamDuration.record(duration)
     }
 
     /// A rejected-token report was answered.

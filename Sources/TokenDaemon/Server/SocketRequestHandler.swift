@@ -29,6 +29,34 @@ struct PeerCredentials: Sendable, Equatable {
     }
 }
 
+extension PeerCredentials {
+    /// Reads who is at the other end of a Unix socket connection. Called on the channel's loop,
+    /// where the options are read at once: `found` runs before any request is read. A connection
+    /// that is not a Unix socket (TCP) has no peer credentials: `found` is not called.
+    static func read(_ channel: any Channel, found: @escaping (PeerCredentials) -> Void) {
+        guard let provider = channel as? any SocketOptionProvider else { return }
+        let credentials: EventLoopFuture<RawPeerCredentials> = provider.unsafeGetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET),
+            name: SocketOptionName(SO_PEERCRED)
+        )
+        let groups: EventLoopFuture<clinux_peer_groups> = provider.unsafeGetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET),
+            name: SocketOptionName(clinux_SO_PEERGROUPS)
+        )
+        credentials.assumeIsolated().whenSuccess { raw in
+            var peer = PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid)
+            // Unreadable groups (more than 256) leave the peer judged on its uid and primary gid.
+            groups.assumeIsolated().whenComplete { result in
+                if case .success(let list) = result {
+                    let gids = withUnsafeBytes(of: list.gids) { Array($0.bindMemory(to: UInt32.self)) }
+                    peer.groups = PeerCredentials.groups(from: gids)
+                }
+                found(peer)
+            }
+        }
+    }
+}
+
 /// Mirrors glibc's `struct ucred` (pid_t, uid_t, gid_t: three 32-bit fields), which Glibc exposes to
 /// Swift only under _GNU_SOURCE. Read through NIO's `unsafeGetSocketOption`, which copies the bytes
 /// getsockopt(2) returns; a unit test checks the layout.
@@ -120,25 +148,7 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if let provider = context.channel as? any SocketOptionProvider {
-            // On the channel's loop the option is read at once; the callback runs before any request.
-            let credentials: EventLoopFuture<RawPeerCredentials> = provider.unsafeGetSocketOption(
-                level: SocketOptionLevel(SOL_SOCKET),
-                name: SocketOptionName(SO_PEERCRED)
-            )
-            let groups: EventLoopFuture<clinux_peer_groups> = provider.unsafeGetSocketOption(
-                level: SocketOptionLevel(SOL_SOCKET),
-                name: SocketOptionName(clinux_SO_PEERGROUPS)
-            )
-            credentials.assumeIsolated().whenSuccess { raw in
-                self.peer = PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid)
-            }
-            // Unreadable groups (more than 256) leave the peer judged on its uid and primary gid.
-            groups.assumeIsolated().whenSuccess { list in
-                let gids = withUnsafeBytes(of: list.gids) { Array($0.bindMemory(to: UInt32.self)) }
-                self.peer?.groups = PeerCredentials.groups(from: gids)
-            }
-        }
+        PeerCredentials.read(context.channel) { self.peer = $0 }
         context.fireChannelActive()
     }
 

@@ -54,18 +54,23 @@ public final class SocketServer: Sendable {
         guard let socket = outputs.socket else { return }
         connections.setCapacity(Self.connectionCapacity(socket.maxConnections, logger: logger))
         guard let ownedPath else { return }
-        // Through an O_PATH descriptor of what is at the path, checked to be a socket, so that
-        // nothing else that might have been put there is chmod'ed (chmod would follow a symlink).
-        let descriptor = open(ownedPath, clinux_O_PATH | O_NOFOLLOW | O_CLOEXEC)
-        guard descriptor >= 0 else { throw SystemError("open \(ownedPath)", errno: errno) }
+        try Self.setMode(ofSocketAt: ownedPath, socket.mode)
+    }
+
+    /// Changes the mode of the socket file at `path` through an O_PATH descriptor of what is there,
+    /// checked to be a socket, so that nothing else that might have been put there is chmod'ed
+    /// (chmod would follow a symlink).
+    static func setMode(ofSocketAt path: String, _ mode: UInt32) throws(SystemError) {
+        let descriptor = open(path, clinux_O_PATH | O_NOFOLLOW | O_CLOEXEC)
+        guard descriptor >= 0 else { throw SystemError("open \(path)", errno: errno) }
         defer { close(descriptor) }
         var info = stat()
-        guard fstat(descriptor, &info) == 0 else { throw SystemError("fstat \(ownedPath)", errno: errno) }
+        guard fstat(descriptor, &info) == 0 else { throw SystemError("fstat \(path)", errno: errno) }
         guard info.st_mode & S_IFMT == S_IFSOCK else {
-            throw SystemError("\(ownedPath) is no longer a socket", errno: nil)
+            throw SystemError("\(path) is no longer a socket", errno: nil)
         }
-        guard chmod("/proc/self/fd/\(descriptor)", mode_t(socket.mode)) == 0 else {
-            throw SystemError("chmod \(ownedPath)", errno: errno)
+        guard chmod("/proc/self/fd/\(descriptor)", mode_t(mode)) == 0 else {
+            throw SystemError("chmod \(path)", errno: errno)
         }
     }
 
@@ -168,7 +173,7 @@ public final class SocketServer: Sendable {
             )
         }
         guard let socket else { throw SystemError("no socket configured", errno: nil) }
-        let channel = try await bind(bootstrap, socket: socket)
+        let channel = try await bind(bootstrap, path: socket.path, mode: socket.mode)
         logger.info(
             "serving on \(socket.path)",
             metadata: ["event": "socket_listening", "mode": "\(FileMode.format(socket.mode))"]
@@ -190,17 +195,17 @@ public final class SocketServer: Sendable {
     /// 2. chmod it to the configured mode;
     /// 3. rename it over the configured path (replacing a stale socket from a previous run).
     /// Connections made through the final path reach the same socket.
-    private static func bind(_ bootstrap: ServerBootstrap, socket: Configuration.Socket) async throws -> any Channel {
-        let (directory, name) = AtomicFileWriter.split(socket.path)
+    static func bind(_ bootstrap: ServerBootstrap, path: String, mode: UInt32) async throws -> any Channel {
+        let (directory, name) = AtomicFileWriter.split(path)
         _ = try OpenedFolder(directory, rule: .secret, createMode: 0o750)
         let temporary = directory + "/." + name + ".tmp-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
         guard temporary.utf8.count <= 107 else {
-            throw SystemError("socket path \(socket.path) too long for its temporary name", errno: nil)
+            throw SystemError("socket path \(path) too long for its temporary name", errno: nil)
         }
         // 0.
-        if Self.isServed(socket.path) {
+        if Self.isServed(path) {
             throw SystemError(
-                "\(socket.path) is served by another process (a second fts-tokend with this config?)",
+                "\(path) is served by another process (a second fts-tokend with this config?)",
                 errno: nil
             )
         }
@@ -216,12 +221,12 @@ public final class SocketServer: Sendable {
         }
         do {
             // 2.
-            guard chmod(temporary, mode_t(socket.mode)) == 0 else {
+            guard chmod(temporary, mode_t(mode)) == 0 else {
                 throw SystemError("chmod \(temporary)", errno: errno)
             }
             // 3.
-            guard rename(temporary, socket.path) == 0 else {
-                throw SystemError("rename to \(socket.path)", errno: errno)
+            guard rename(temporary, path) == 0 else {
+                throw SystemError("rename to \(path)", errno: errno)
             }
         } catch {
             unlink(temporary)
@@ -261,10 +266,19 @@ public final class SocketServer: Sendable {
     }
 }
 
-/// The socket's allow lists as currently configured, shared by every connection.
+/// A socket's allow lists as currently configured (the token socket's or the proxy's), shared by
+/// every connection.
 final class SocketAccess: Sendable {
+    /// Peers served: when both lists are empty, everyone who can connect.
+    struct AllowList: Sendable, Equatable {
+        var uids: [UInt32] = []
+        var gids: [UInt32] = []
+
+        var restrictsPeers: Bool { !uids.isEmpty || !gids.isEmpty }
+    }
+
     private struct Rules {
-        var socket: Configuration.Socket?
+        var allow: AllowList
         var servesHeaders: Bool
         /// When each refused uid was last logged.
         var refusalsLogged: [UInt32?: NIODeadline] = [:]
@@ -276,15 +290,28 @@ final class SocketAccess: Sendable {
 
     private let rules: NIOLockedValueBox<Rules>
 
-    init(_ outputs: Configuration.Outputs) {
-        rules = NIOLockedValueBox(Rules(socket: outputs.socket, servesHeaders: outputs.servesHeaders))
+    init(allow: AllowList, servesHeaders: Bool = false) {
+        rules = NIOLockedValueBox(Rules(allow: allow, servesHeaders: servesHeaders))
+    }
+
+    /// The token socket's rules.
+    convenience init(_ outputs: Configuration.Outputs) {
+        self.init(allow: Self.allowList(outputs.socket), servesHeaders: outputs.servesHeaders)
     }
 
     func update(_ outputs: Configuration.Outputs) {
+        update(allow: Self.allowList(outputs.socket), servesHeaders: outputs.servesHeaders)
+    }
+
+    func update(allow: AllowList, servesHeaders: Bool = false) {
         rules.withLockedValue {
-            $0.socket = outputs.socket
-            $0.servesHeaders = outputs.servesHeaders
+            $0.allow = allow
+            $0.servesHeaders = servesHeaders
         }
+    }
+
+    private static func allowList(_ socket: Configuration.Socket?) -> AllowList {
+        AllowList(uids: socket?.allowUIDs ?? [], gids: socket?.allowGIDs ?? [])
     }
 
     /// Whether a refusal of `uid` at `now` is to be logged (the first in `refusalLogInterval`).
@@ -303,10 +330,11 @@ final class SocketAccess: Sendable {
     /// uid, primary gid or one of whose supplementary groups is listed (an unknown peer never).
     func allows(_ peer: PeerCredentials?) -> Bool {
         rules.withLockedValue { rules in
-            guard let socket = rules.socket, socket.restrictsPeers else { return true }
+            let allow = rules.allow
+            guard allow.restrictsPeers else { return true }
             guard let peer else { return false }
-            return socket.allowUIDs.contains(peer.uid) || socket.allowGIDs.contains(peer.gid)
-                || (peer.groups ?? []).contains { socket.allowGIDs.contains($0) }
+            return allow.uids.contains(peer.uid) || allow.gids.contains(peer.gid)
+                || (peer.groups ?? []).contains { allow.gids.contains($0) }
         }
     }
 

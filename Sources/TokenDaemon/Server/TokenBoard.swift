@@ -77,14 +77,27 @@ public final class TokenBoard: Sendable {
     public struct Entry: Sendable {
         public var grant: TokenGrant
         public var fingerprint: String
+        /// What the API proxy sends: the `Authorization` value and the API key.
+        var authorization: String
+        var apiKey: String
         private var bodies: [ByteBuffer]
         /// The whole `200` answer to a keep-alive GET of each resource: serving one is a single
         /// write of this shared (copy-on-write) buffer.
         private var keepAliveResponses: [ByteBuffer]
 
-        init(grant: TokenGrant, fingerprint: String, token: ByteBuffer, json: ByteBuffer, headers: ByteBuffer) {
+        init(
+            grant: TokenGrant,
+            fingerprint: String,
+            authorization: String,
+            apiKey: String,
+            token: ByteBuffer,
+            json: ByteBuffer,
+            headers: ByteBuffer
+        ) {
             self.grant = grant
             self.fingerprint = fingerprint
+            self.authorization = authorization
+            self.apiKey = apiKey
             let bodies = [token, json, headers]
             self.bodies = bodies
             keepAliveResponses = Resource.allCases.map { resource in
@@ -136,6 +149,8 @@ public final class TokenBoard: Sendable {
             state.entry = Entry(
                 grant: grant,
                 fingerprint: fingerprint,
+                authorization: TokenOutputs.authorization(grant, scheme: authorizationScheme),
+                apiKey: apiKey,
                 token: ByteBuffer(string: grant.token),
                 json: ByteBuffer(bytes: TokenOutputs.jsonDocument(grant)),
                 headers: headers

@@ -1,0 +1,626 @@
+import AsyncHTTPClient
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Serves one proxy connection: each request goes upstream with the daemon's credentials, its
+/// answer streams back. `HTTPServerPipelineHandler` below hands it one request at a time.
+///
+/// What a client gets:
+/// 1. a request refused before anything is sent (`ProxyRules.refusal`, the allow lists, no valid
+///    token: 503 with `Retry-After`) is answered by the proxy, and the upstream never sees it;
+/// 2. a body up to `ProxyRules.replayBufferBytes` is read whole before the request goes out (so it
+///    can be replayed); a larger one streams, and the client is read no faster than the upstream
+///    takes it;
+/// 3. the answer streams back, read from the upstream no faster than the client takes it;
+/// 4. an answer whose status is in `rejectedStatuses`, for a request sent with the current token,
+///    is reported to the daemon (as `POST /token/invalidate` would). When the request is
+///    replayable (idempotent method, body kept whole) its answer is dropped and the request sent
+///    once more with the next token; otherwise the answer goes back with `X-Token-Refresh`
+///    saying what happened (`started`, `newer-token`, `rate-limited`, `unavailable`,
+///    `replay-rejected`);
+/// 5. an upstream that cannot be reached or does not answer in time: 502 or 504 if nothing was
+///    sent back yet, otherwise the connection is closed (a truncated answer must not look whole).
+final class ProxyHandler: ChannelDuplexHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let shared: ProxyShared
+    private let listener: ProxyRules.Listener
+    private let loop: any EventLoop
+    private var context: ChannelHandlerContext?
+    private var peer: PeerCredentials?
+    private var exchange: Exchange?
+    /// Numbers each upstream attempt, so that callbacks of an abandoned one are ignored.
+    private var attemptSerial = 0
+    /// A read was asked for while the request body waited for the upstream; passed on later.
+    private var readHeld = false
+
+    /// One request, from its head to the end of its answer.
+    private struct Exchange {
+        let head: HTTPRequestHead
+        /// The client's headers as the upstream gets them, before the credentials are added.
+        let headers: HTTPHeaders
+        let url: String
+        let settings: ProxyShared.Live
+        /// The body while it fits in the replay buffer.
+        var body = ByteBuffer()
+        var bodyBytes = 0
+        var requestEnded = false
+        /// Set once the body outgrew the replay buffer: it streams, and cannot be replayed.
+        var stream: BodyStream?
+        /// Attempts sent (at most two: the request and its replay).
+        var attempts = 0
+        var attempt = 0
+        var token: TokenBoard.Entry?
+        var task: HTTPClient.Task<Void>?
+        var sentAt = NIODeadline.now()
+        var answer: Answer = .waiting
+        /// A wait for the daemon (its answer to the report, or a new token), to cancel on close.
+        var waiting: Waiting?
+
+        var isReplayable: Bool { ProxyRules.isIdempotent(head.method) && stream == nil }
+        var hasBody: Bool {
+            bodyBytes > 0 || head.headers.contains(name: "content-length")
+                || head.headers.contains(name: "transfer-encoding")
+        }
+    }
+
+    private enum Answer {
+        /// No answer head from the upstream yet.
+        case waiting
+        /// The client has the head; body parts follow.
+        case streaming
+        /// The upstream rejected the token: its answer is dropped, and the request replayed.
+        case discarding
+    }
+
+    private enum Waiting {
+        case report(id: Int, timeout: Scheduled<Void>)
+        case token(id: Int, timeout: Scheduled<Void>)
+    }
+
+    /// A request body on its way upstream once it outgrew the replay buffer.
+    private final class BodyStream {
+        var writer: HTTPClient.Body.StreamWriter?
+        /// Parts read before the upstream connection asked for the body.
+        var queued: [ByteBuffer] = []
+        var writesInFlight = 0
+        var ended = false
+        let done: EventLoopPromise<Void>
+
+        init(done: EventLoopPromise<Void>) { self.done = done }
+
+        /// Whether the client should not be read: the upstream has not taken what was read.
+        var isFull: Bool { writesInFlight > 0 || !queued.isEmpty }
+    }
+
+    init(shared: ProxyShared, listener: ProxyRules.Listener, loop: any EventLoop) {
+        self.shared = shared
+        self.listener = listener
+        self.loop = loop
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if listener == .unixSocket { PeerCredentials.read(context.channel) { self.peer = $0 } }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        abandon()
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // Idle connections are closed; one waiting for the upstream is not idle.
+        if event is IdleStateHandler.IdleStateEvent, exchange == nil {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if exchange?.stream?.isFull == true {
+            readHeld = true
+            return
+        }
+        context.read()
+    }
+
+    private func resumeReading() {
+        guard readHeld, let context else { return }
+        readHeld = false
+        context.read()
+    }
+
+    // MARK: The request
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            begin(head, context: context)
+        case .body(let part):
+            receiveBody(part, context: context)
+        case .end:
+            guard exchange != nil, exchange?.requestEnded == false else { return }
+            exchange?.requestEnded = true
+            if let stream = exchange?.stream {
+                stream.ended = true
+                finishStreamIfDone(stream)
+            } else {
+                send()
+            }
+        }
+    }
+
+    private func begin(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let settings = shared.settings
+        shared.connections.touch(context.channel)
+        guard shared.access.allows(peer) else {
+            if shared.access.shouldLogRefusal(of: peer?.uid) {
+                shared.logger.warning(
+                    "API proxy peer refused",
+                    metadata: [
+                        "event": "peer_refused", "listener": "proxy",
+                        "uid": "\(peer.map { "\($0.uid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
+                    ]
+                )
+            }
+            return answerLocally(head, .forbidden, "this user may not use the API proxy", close: true)
+        }
+        if let (status, message) = ProxyRules.refusal(
+            head,
+            listener: listener,
+            allowBrowsers: settings.allowBrowsers,
+            maxBodyBytes: settings.maxRequestBodyBytes
+        ) {
+            return answerLocally(head, status, message, close: true)
+        }
+        guard shared.board.validEntry(at: shared.clock()) != nil else {
+            return answerLocally(
+                head,
+                .serviceUnavailable,
+                "no valid token: the daemon is logging in",
+                close: true,
+                extra: [("Retry-After", String(shared.board.retryAfter(at: shared.clock())))]
+            )
+        }
+        // The body is read before the request goes out: a client waiting for 100 Continue is told
+        // to send it now (the upstream never sees Expect).
+        if head.headers.first(name: "expect")?.lowercased() == "100-continue" {
+            context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))))
+                .whenFailure { _ in }
+        }
+        exchange = Exchange(
+            head: head,
+            headers: ProxyRules.forwardedHeaders(head.headers),
+            url: shared.upstream + head.uri,
+            settings: settings
+        )
+    }
+
+    private func receiveBody(_ part: ByteBuffer, context: ChannelHandlerContext) {
+        guard var current = exchange, !current.requestEnded else { return }
+        current.bodyBytes += part.readableBytes
+        guard current.bodyBytes <= current.settings.maxRequestBodyBytes else {
+            // Whatever was sent upstream is abandoned; the client gets 413 if it has no answer yet.
+            let head = current.head
+            let answered = current.answer != .waiting
+            abandon()
+            if answered {
+                context.close(promise: nil)
+            } else {
+                answerLocally(
+                    head,
+                    .payloadTooLarge,
+                    "request body over outputs.proxy.maxRequestBodyBytes",
+                    close: true
+                )
+            }
+            return
+        }
+        if let stream = current.stream {
+            exchange = current
+            forward(part, on: stream)
+            return
+        }
+        var part = part
+        current.body.writeBuffer(&part)
+        exchange = current
+        if current.body.readableBytes > ProxyRules.replayBufferBytes {
+            // Too large to keep for a replay: it streams from here on.
+            let stream = BodyStream(done: context.eventLoop.makePromise())
+            stream.queued.append(current.body)
+            exchange?.body = ByteBuffer()
+            exchange?.stream = stream
+            send()
+        }
+    }
+
+    private func forward(_ part: ByteBuffer, on stream: BodyStream) {
+        guard let writer = stream.writer else {
+            stream.queued.append(part)
+            return
+        }
+        stream.writesInFlight += 1
+        writer.write(.byteBuffer(part)).hop(to: loop)
+            .assumeIsolated().whenComplete { [weak self] result in
+                stream.writesInFlight -= 1
+                if case .failure(let error) = result {
+                    stream.done.fail(error)
+                    return
+                }
+                self?.finishStreamIfDone(stream)
+                if !stream.isFull { self?.resumeReading() }
+            }
+    }
+
+    /// The upstream connection is ready for the body: what was read so far goes out.
+    private func attach(_ writer: HTTPClient.Body.StreamWriter, to stream: BodyStream) {
+        stream.writer = writer
+        let queued = stream.queued
+        stream.queued = []
+        for part in queued { forward(part, on: stream) }
+        finishStreamIfDone(stream)
+        if !stream.isFull { resumeReading() }
+    }
+
+    private func finishStreamIfDone(_ stream: BodyStream) {
+        if stream.ended, stream.writer != nil, !stream.isFull { stream.done.succeed() }
+    }
+
+    // MARK: Upstream attempts
+
+    /// Sends the request upstream with the current token (a replay with the next one).
+    private func send() {
+        guard var current = exchange, let context else { return }
+        guard let entry = shared.board.validEntry(at: shared.clock()) else {
+            return answerLocally(
+                current.head,
+                .serviceUnavailable,
+                "no valid token: the daemon is logging in",
+                close: !current.requestEnded,
+                extra: [("Retry-After", String(shared.board.retryAfter(at: shared.clock())))]
+            )
+        }
+        attemptSerial += 1
+        current.attempts += 1
+        current.attempt = attemptSerial
+        current.token = entry
+        current.answer = .waiting
+        current.sentAt = .now()
+        var headers = current.headers
+        headers.add(name: "Authorization", value: entry.authorization)
+        headers.add(name: "x-api-key", value: entry.apiKey)
+        let body: HTTPClient.Body?
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        if let stream = current.stream {
+            let length = current.head.headers.first(name: "content-length").flatMap { Int($0) }
+            let boundStream = NIOLoopBound(stream, eventLoop: loop)
+            body = .stream(contentLength: length.map { Int64($0) }) { writer in
+                loop.flatSubmit {
+                    bound.value.attach(writer, to: boundStream.value)
+                    return boundStream.value.done.futureResult
+                }
+            }
+        } else if current.hasBody {
+            body = .byteBuffer(current.body)
+        } else {
+            body = nil
+        }
+        let request: HTTPClient.Request
+        do {
+            request = try HTTPClient.Request(
+                url: current.url,
+                method: current.head.method,
+                headers: headers,
+                body: body
+            )
+        } catch {
+            exchange = current
+            return answerLocally(current.head, .badRequest, "cannot forward this request: \(error)", close: true)
+        }
+        current.task = shared.http.execute(
+            request: request,
+            delegate: UpstreamDelegate(handler: bound, attempt: attemptSerial),
+            eventLoop: .delegateAndChannel(on: loop)
+        )
+        exchange = current
+    }
+
+    /// Callbacks of attempt `attempt`, or nil when it is not the current one.
+    private func current(_ attempt: Int) -> Exchange? {
+        guard let exchange, exchange.attempt == attempt else { return nil }
+        return exchange
+    }
+
+    fileprivate func upstreamHead(_ head: HTTPResponseHead, attempt: Int) -> EventLoopFuture<Void> {
+        guard let context, let current = current(attempt) else { return succeeded() }
+        shared.metrics.proxyUpstreamHead(.nanoseconds((NIODeadline.now() - current.sentAt).nanoseconds))
+        if current.settings.rejectedStatuses.contains(Int(head.status.code)) {
+            return rejected(head, context: context)
+        }
+        return forwardHead(head, refresh: nil, context: context)
+    }
+
+    private func forwardHead(
+        _ upstream: HTTPResponseHead,
+        refresh: String?,
+        context: ChannelHandlerContext
+    ) -> EventLoopFuture<Void> {
+        guard let current = exchange else { return succeeded() }
+        var head = HTTPResponseHead(
+            version: current.head.version,
+            status: upstream.status,
+            headers: ProxyRules.clientHeaders(upstream.headers)
+        )
+        if let refresh { head.headers.replaceOrAdd(name: ProxyRules.refreshHeader, value: refresh) }
+        if !current.head.isKeepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
+        exchange?.answer = .streaming
+        shared.metrics.proxyRequest(status: Int(upstream.status.code), byUpstream: true)
+        return context.writeAndFlush(wrapOutboundOut(.head(head)))
+    }
+
+    fileprivate func upstreamBody(_ part: ByteBuffer, attempt: Int) -> EventLoopFuture<Void> {
+        guard let context, let current = current(attempt), current.answer == .streaming else { return succeeded() }
+        // The upstream is read again once the client took this part (backpressure).
+        return context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(part))))
+    }
+
+    fileprivate func upstreamEnd(attempt: Int) {
+        guard let context, let current = current(attempt) else { return }
+        switch current.answer {
+        case .discarding:
+            replay()
+        case .streaming:
+            let close = !current.head.isKeepAlive || !current.requestEnded
+            exchange = nil
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+                if close { context.close(promise: nil) }
+            }
+            resumeReading()
+        case .waiting:
+            break
+        }
+    }
+
+    fileprivate func upstreamFailed(_ error: any Error, attempt: Int) {
+        guard let context, let current = current(attempt) else { return }
+        let timedOut: Bool
+        switch error as? HTTPClientError {
+        case .readTimeout?, .connectTimeout?, .deadlineExceeded?: timedOut = true
+        default: timedOut = false
+        }
+        shared.logUpstreamFailure("\(current.head.method) request failed: \(error)")
+        guard current.answer == .waiting else {
+            // Part of the answer went out: closing is the only way to say it is not whole.
+            exchange = nil
+            context.close(promise: nil)
+            return
+        }
+        answerLocally(
+            current.head,
+            timedOut ? .gatewayTimeout : .badGateway,
+            timedOut ? "the upstream did not answer in time" : "the upstream cannot be reached",
+            close: true
+        )
+    }
+
+    // MARK: Rejected tokens
+
+    /// The upstream rejected the token the request carried: report it, then replay or forward.
+    private func rejected(_ head: HTTPResponseHead, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
+        guard let current = exchange, let used = current.token else { return succeeded() }
+        guard current.attempts == 1 else {
+            shared.metrics.proxyRejection(replayed: false)
+            return forwardHead(head, refresh: "replay-rejected", context: context)
+        }
+        let now = shared.clock()
+        if shared.board.validEntry(at: now)?.fingerprint != used.fingerprint {
+            // A new token came while the request was out: nothing to report.
+            return decide(head, replayable: current.isReplayable, refresh: "newer-token", context: context)
+        }
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let promise = loop.makePromise(of: Void.self)
+        let attempt = current.attempt
+        let answered = NIOLockedValueBox<Int?>(nil)
+        let reply: @Sendable (DaemonCore.RejectionOutcome?) -> Void = { outcome in
+            loop.execute {
+                let handler = bound.value
+                guard let context = handler.context, handler.current(attempt) != nil,
+                    case .report(let id, let timeout)? = handler.exchange?.waiting,
+                    id == answered.withLockedValue({ $0 })
+                else { return }
+                timeout.cancel()
+                handler.exchange?.waiting = nil
+                let replayable = handler.exchange?.isReplayable ?? false
+                let decided: EventLoopFuture<Void>
+                switch outcome {
+                case .accepted?:
+                    decided = handler.decide(head, replayable: replayable, refresh: "started", context: context)
+                case .stale?:
+                    decided = handler.decide(head, replayable: replayable, refresh: "newer-token", context: context)
+                case .rateLimited?:
+                    handler.shared.metrics.proxyRejection(replayed: false)
+                    decided = handler.forwardHead(head, refresh: "rate-limited", context: context)
+                case nil:
+                    handler.shared.metrics.proxyRejection(replayed: false)
+                    decided = handler.forwardHead(head, refresh: "unavailable", context: context)
+                }
+                decided.cascade(to: promise)
+            }
+        }
+        guard
+            let id = shared.board.reportRejection(fingerprint: used.fingerprint, reporterUID: peer?.uid, reply: reply)
+        else {
+            shared.metrics.proxyRejection(replayed: false)
+            return forwardHead(head, refresh: "unavailable", context: context)
+        }
+        answered.withLockedValue { $0 = id }
+        let timeout = loop.scheduleTask(in: SocketRequestHandler.reportTimeout) { reply(nil) }
+        exchange?.waiting = .report(id: id, timeout: timeout)
+        return promise.futureResult
+    }
+
+    /// Replays a replayable request (dropping the rejected answer), or forwards the rejection.
+    private func decide(
+        _ head: HTTPResponseHead,
+        replayable: Bool,
+        refresh: String,
+        context: ChannelHandlerContext
+    ) -> EventLoopFuture<Void> {
+        guard replayable else {
+            shared.metrics.proxyRejection(replayed: false)
+            return forwardHead(head, refresh: refresh, context: context)
+        }
+        exchange?.answer = .discarding
+        return succeeded()
+    }
+
+    /// The rejected answer is drained: waits for a token other than the rejected one, then sends
+    /// the request again.
+    private func replay() {
+        guard let current = exchange, let used = current.token, let context else { return }
+        let loop = context.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let attempt = current.attempt
+        let wake: @Sendable () -> Void = {
+            loop.execute {
+                let handler = bound.value
+                guard handler.current(attempt) != nil, case .token(_, let timeout)? = handler.exchange?.waiting else {
+                    return
+                }
+                timeout.cancel()
+                handler.exchange?.waiting = nil
+                handler.shared.metrics.proxyRejection(replayed: true)
+                handler.send()
+            }
+        }
+        guard let id = shared.board.wait(after: used.fingerprint, now: shared.clock(), wake: wake) else {
+            shared.metrics.proxyRejection(replayed: true)
+            return send()
+        }
+        let seconds = current.settings.tokenWaitSeconds
+        let timeout = loop.scheduleTask(in: .milliseconds(Int64(seconds * 1000))) {
+            let handler = bound.value
+            guard let current = handler.current(attempt), case .token(let id, _)? = current.waiting else { return }
+            handler.shared.board.cancelWait(id)
+            handler.exchange?.waiting = nil
+            handler.shared.metrics.proxyRejection(replayed: false)
+            handler.answerLocally(
+                current.head,
+                .serviceUnavailable,
+                "the upstream rejected the token and no new one came within \(Int(seconds)) s",
+                close: false,
+                extra: [("Retry-After", "5"), (ProxyRules.refreshHeader, "started")]
+            )
+        }
+        exchange?.waiting = .token(id: id, timeout: timeout)
+    }
+
+    // MARK: Answers the proxy gives itself
+
+    /// Answers `head` without the upstream, ending the exchange. `close`: the connection closes
+    /// after it (the request's body may be unread, so nothing after it can be trusted to line up).
+    private func answerLocally(
+        _ head: HTTPRequestHead,
+        _ status: HTTPResponseStatus,
+        _ message: String,
+        close: Bool,
+        extra: [(String, String)] = []
+    ) {
+        guard let context else { return }
+        abandon()
+        shared.metrics.proxyRequest(status: Int(status.code), byUpstream: false)
+        let close = close || !head.isKeepAlive
+        var body = ByteBuffer(bytes: (try? JSONEncoder().encode(["error": message])) ?? Data())
+        body.writeString("\n")
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Length", value: String(body.readableBytes))
+        headers.add(name: "Via", value: ProxyRules.via)
+        for (name, value) in extra { headers.add(name: name, value: value) }
+        if close { headers.add(name: "Connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))))
+            .whenFailure { _ in }
+        if head.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(body)))).whenFailure { _ in }
+        }
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            if close { context.close(promise: nil) }
+        }
+        resumeReading()
+    }
+
+    /// Ends the current exchange without answering: the upstream request is cancelled, waits for
+    /// the daemon are withdrawn, a streaming body fails.
+    private func abandon() {
+        guard let current = exchange else { return }
+        exchange = nil
+        current.task?.cancel()
+        current.stream?.done.fail(ChannelError.ioOnClosedChannel)
+        switch current.waiting {
+        case .report(let id, let timeout)?:
+            timeout.cancel()
+            shared.board.cancelRejection(id)
+        case .token(let id, let timeout)?:
+            timeout.cancel()
+            shared.board.cancelWait(id)
+        case nil:
+            break
+        }
+    }
+
+    private func succeeded() -> EventLoopFuture<Void> {
+        loop.makeSucceededVoidFuture()
+    }
+}
+
+/// Hands AsyncHTTPClient's callbacks for one attempt to the handler, on its loop
+/// (`.delegateAndChannel(on:)`: every callback runs there).
+private final class UpstreamDelegate: HTTPClientResponseDelegate {
+    typealias Response = Void
+
+    let handler: NIOLoopBound<ProxyHandler>
+    let attempt: Int
+
+    init(handler: NIOLoopBound<ProxyHandler>, attempt: Int) {
+        self.handler = handler
+        self.attempt = attempt
+    }
+
+    func didReceiveHead(task: HTTPClient.Task<Void>, _ head: HTTPResponseHead) -> EventLoopFuture<Void> {
+        handler.value.upstreamHead(head, attempt: attempt)
+    }
+
+    func didReceiveBodyPart(task: HTTPClient.Task<Void>, _ buffer: ByteBuffer) -> EventLoopFuture<Void> {
+        handler.value.upstreamBody(buffer, attempt: attempt)
+    }
+
+    func didFinishRequest(task: HTTPClient.Task<Void>) throws {
+        handler.value.upstreamEnd(attempt: attempt)
+    }
+
+    func didReceiveError(task: HTTPClient.Task<Void>, _ error: any Error) {
+        handler.value.upstreamFailed(error, attempt: attempt)
+    }
+}

@@ -1,0 +1,213 @@
+import AsyncHTTPClient
+import Dispatch
+import Glibc
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// The API proxy (README "Consumers"): HTTP/1.1 on a Unix socket, and optionally on a loopback TCP
+/// address, forwarded to `outputs.proxy.upstream` with the daemon's credentials in place of the
+/// client's. One event loop, as the token socket.
+///
+/// Limits: request heads up to 32 KiB, bodies up to `maxRequestBodyBytes`, connections idle for
+/// 60 s closed, at most `maxConnections` at once (the longest-idle one gives way, as on the token
+/// socket), at most `maxUpstreamConnections` kept open to the upstream.
+public final class ProxyServer: Sendable {
+    static let headLimit = 32 * 1024
+    static let idleTimeout = TimeAmount.seconds(60)
+
+    private let channels: [any Channel]
+    private let shared: ProxyShared
+    private let ownedPath: String
+    private let ownedIdentity: FileIdentity?
+    private let logger: Logger
+
+    private init(channels: [any Channel], shared: ProxyShared, ownedPath: String, logger: Logger) {
+        self.channels = channels
+        self.shared = shared
+        self.ownedPath = ownedPath
+        self.ownedIdentity = FileIdentity(path: ownedPath)
+        self.logger = logger
+    }
+
+    /// Starts listening on `proxy.path` (and `proxy.listen`).
+    public static func start(
+        _ proxy: Configuration.Proxy,
+        board: TokenBoard,
+        metrics: DaemonMetrics,
+        logger: Logger,
+        clock: @escaping @Sendable () -> Date
+    ) async throws -> ProxyServer {
+        let shared = ProxyShared(proxy, board: board, metrics: metrics, logger: logger, clock: clock)
+        var limits = NIOHTTPDecoderLimitConfiguration()
+        limits.maxHeaderFieldSize = headLimit
+        limits.maxHeaderListSize = headLimit
+        limits.maxHeaderFieldCount = 200
+        let decoderLimits = limits
+        func bootstrap(_ listener: ProxyRules.Listener) -> ServerBootstrap {
+            ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton.next())
+                .serverChannelOption(.backlog, value: 256)
+                .childChannelInitializer { channel in
+                    let admission = shared.connections.admit(channel)
+                    guard admission != .refused else { return channel.close() }
+                    channel.closeFuture.whenComplete { _ in shared.connections.remove(channel) }
+                    return channel.eventLoop.makeCompletedFuture {
+                        let sync = channel.pipeline.syncOperations
+                        try sync.addHandler(IdleStateHandler(readTimeout: idleTimeout))
+                        try sync.addHandler(HTTPResponseEncoder())
+                        try sync.addHandler(
+                            ByteToMessageHandler(
+                                HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits)
+                            )
+                        )
+                        // One request at a time per connection, answers in order (pipelined
+                        // requests wait, and reading stops while they do).
+                        try sync.addHandler(HTTPServerPipelineHandler())
+                        try sync.addHandler(HTTPServerProtocolErrorHandler())
+                        try sync.addHandler(ProxyHandler(shared: shared, listener: listener, loop: channel.eventLoop))
+                    }
+                }
+        }
+        var channels: [any Channel] = []
+        do {
+            channels.append(try await SocketServer.bind(bootstrap(.unixSocket), path: proxy.path, mode: proxy.mode))
+            if let listen = proxy.listen {
+                channels.append(try await bootstrap(.tcp(listen)).bind(host: listen.host, port: listen.port).get())
+            }
+        } catch {
+            for channel in channels { try? await channel.close() }
+            if !channels.isEmpty { unlink(proxy.path) }
+            await shared.shutdown()
+            throw error
+        }
+        logger.info(
+            "API proxy on \(proxy.path)\(proxy.listen.map { " and \($0)" } ?? "") to \(proxy.upstream)",
+            metadata: ["event": "proxy_listening", "mode": "\(FileMode.format(proxy.mode))"]
+        )
+        return ProxyServer(channels: channels, shared: shared, ownedPath: proxy.path, logger: logger)
+    }
+
+    /// A reload's proxy settings that apply live (ConfigChange says which need a restart): the
+    /// allow lists and limits from the next request on, the socket's mode now.
+    public func apply(_ proxy: Configuration.Proxy) throws(SystemError) {
+        shared.apply(proxy)
+        try SocketServer.setMode(ofSocketAt: ownedPath, proxy.mode)
+    }
+
+    /// Stops listening, removes the socket file if it is still ours, and closes the upstream
+    /// connections (requests in flight fail).
+    public func stop() async {
+        for channel in channels { try? await channel.close() }
+        if let ownedIdentity, FileIdentity(path: ownedPath) == ownedIdentity { unlink(ownedPath) }
+        await shared.shutdown()
+    }
+}
+
+/// What every proxy connection shares: the board, the upstream client, the access rules and the
+/// settings a reload may change (read per request).
+final class ProxyShared: Sendable {
+    /// The settings that apply live.
+    struct Live: Sendable {
+        var rejectedStatuses: Set<Int>
+        var allowBrowsers: Bool
+        var maxRequestBodyBytes: Int
+        /// Longest wait for a new token after the upstream rejected one, before answering 503.
+        var tokenWaitSeconds: Double
+    }
+
+    let board: TokenBoard
+    let metrics: DaemonMetrics
+    let logger: Logger
+    let clock: @Sendable () -> Date
+    let http: HTTPClient
+    let upstream: String
+    let access: SocketAccess
+    let connections: ConnectionTable
+    private let live: NIOLockedValueBox<Live>
+    private let upstreamErrorLogged = NIOLockedValueBox<NIODeadline?>(nil)
+
+    init(
+        _ proxy: Configuration.Proxy,
+        board: TokenBoard,
+        metrics: DaemonMetrics,
+        logger: Logger,
+        clock: @escaping @Sendable () -> Date
+    ) {
+        self.board = board
+        self.metrics = metrics
+        self.logger = logger
+        self.clock = clock
+        self.upstream = proxy.upstream
+        self.access = SocketAccess(allow: .init(uids: proxy.allowUIDs, gids: proxy.allowGIDs))
+        self.connections = ConnectionTable(
+            capacity: SocketServer.connectionCapacity(proxy.maxConnections, logger: logger)
+        )
+        self.live = NIOLockedValueBox(Self.live(proxy))
+        let configuration = HTTPClient.Configuration(
+            tlsConfiguration: AuthClient.tlsConfiguration(caFile: proxy.caFile),
+            // A redirect is the client's to follow (with the credentials it does not have).
+            redirectConfiguration: .disallow,
+            timeout: .init(
+                connect: .milliseconds(Int64(proxy.connectTimeoutSeconds * 1000)),
+                read: .milliseconds(Int64(proxy.timeoutSeconds * 1000))
+            ),
+            connectionPool: .init(
+                idleTimeout: .seconds(60),
+                concurrentHTTP1ConnectionsPerHostSoftLimit: proxy.maxUpstreamConnections
+            ),
+            // Bodies pass as the upstream sent them; the client asked for its encodings itself.
+            decompression: .disabled
+        )
+        http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
+    }
+
+    private static func live(_ proxy: Configuration.Proxy) -> Live {
+        Live(
+            rejectedStatuses: proxy.rejectedStatuses,
+            allowBrowsers: proxy.allowBrowsers,
+            maxRequestBodyBytes: proxy.maxRequestBodyBytes,
+            tokenWaitSeconds: min(proxy.timeoutSeconds, 30)
+        )
+    }
+
+    var settings: Live { live.withLockedValue { $0 } }
+
+    func apply(_ proxy: Configuration.Proxy) {
+        live.withLockedValue { $0 = Self.live(proxy) }
+        access.update(allow: .init(uids: proxy.allowUIDs, gids: proxy.allowGIDs))
+        connections.setCapacity(SocketServer.connectionCapacity(proxy.maxConnections, logger: logger))
+    }
+
+    /// Logs an upstream failure at most once a minute: an unreachable upstream fails every request,
+    /// and the journal must keep room for other events (every failure is counted in the metrics).
+    func logUpstreamFailure(_ message: String, now: NIODeadline = .now()) {
+        let due = upstreamErrorLogged.withLockedValue { last -> Bool in
+            if let last, now - last < .seconds(60) { return false }
+            last = now
+            return true
+        }
+        if due {
+            logger.warning(
+                "API proxy: \(message)",
+                metadata: ["event": "proxy_upstream_failed", "upstream": "\(upstream)"]
+            )
+        }
+    }
+
+    func shutdown() async {
+        // On a serial queue, as AuthClient.shutdown explains.
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            http.shutdown(queue: Self.shutdownQueue) { _ in done.resume() }
+        }
+    }
+
+    private static let shutdownQueue = DispatchQueue(label: "fts-tokend.proxy-shutdown")
+}
