@@ -39,7 +39,7 @@ enum ProxyRules {
             else { continue }
             headers.add(name: name, value: value)
         }
-        headers.add(name: "Via", value: (client[canonicalForm: "via"].map(String.init) + [via]).joined(separator: ", "))
+        headers.add(name: "Via", value: withOurVia(client))
         return headers
     }
 
@@ -55,8 +55,13 @@ enum ProxyRules {
             guard !hopByHop.contains(lower), !listed.contains(lower), lower != "via" else { continue }
             headers.add(name: name, value: value)
         }
-        headers.add(name: "Via", value: (upstream[canonicalForm: "via"].map(String.init) + [via]).joined(separator: ", "))
+        headers.add(name: "Via", value: withOurVia(upstream))
         return headers
+    }
+
+    /// The message's `Via` hops with this proxy's last.
+    static func withOurVia(_ headers: HTTPHeaders) -> String {
+        (headers[canonicalForm: "via"].map(String.init) + [via]).joined(separator: ", ")
     }
 
     /// The field names a `Connection` header lists, lowercased.
