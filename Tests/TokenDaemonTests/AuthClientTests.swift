@@ -215,8 +215,11 @@ import Testing
     }
 
     /// A client of the mock's HTTPS on `port`.
+    /// 60 s for the login: the connect phase gets 10 s of it (AuthClient's cap), and a refused
+    /// handshake is reported as itself once the connect phase gives up, not as the whole login's
+    /// timeout (which a loaded machine reached first with 5 s).
     static func httpsClient(port: Int, caFile: String?) -> AuthClient {
-        client(baseURL: "https://127.0.0.1:\(port)", caFile: caFile)
+        client(baseURL: "https://127.0.0.1:\(port)", timeoutSeconds: 60, caFile: caFile)
     }
 
     @Test func httpsIsVerifiedAgainstTheSystemRootsPlusCAFile() async throws {
