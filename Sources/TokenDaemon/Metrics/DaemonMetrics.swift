@@ -127,12 +127,22 @@ public final class DaemonMetrics: Sendable {
     /// A request through the API proxy was answered: by the upstream (`byUpstream`) or by the proxy
     /// itself (refused, no token, upstream unreachable). Status classes only: the upstream chooses
     /// the codes, and must not choose how many series there are.
-    public func proxyRequest(status: Int, byUpstream: Bool) {
+    public func proxyRequest(method: String, status: Int, byUpstream: Bool) {
         counter(
-            Self.name("proxy_requests", "total", "API proxy answers by status class and source (upstream, proxy)."),
-            [("code", "\(min(max(status / 100, 1), 5))xx"), ("source", byUpstream ? "upstream" : "proxy")]
+            Self.name(
+                "proxy_requests",
+                "total",
+                "API proxy answers by method, status class and source (upstream, proxy)."
+            ),
+            [
+                ("method", Self.knownMethods.contains(method) ? method : "other"),
+                ("code", "\(min(max(status / 100, 1), 5))xx"), ("source", byUpstream ? "upstream" : "proxy"),
+            ]
         ).increment()
     }
+
+    /// Methods with their own label value; a client's invented ones count as "other".
+    static let knownMethods: Set<String> = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
     /// The upstream rejected the proxy's token: the request was `replayed` with the next one, or the
     /// rejection `forwarded` to the client (not replayable, no new token, rate limited).

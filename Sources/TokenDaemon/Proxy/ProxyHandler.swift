@@ -63,6 +63,8 @@ final class ProxyHandler: ChannelDuplexHandler {
         var token: TokenBoard.Entry?
         var task: HTTPClient.Task<Void>?
         var sentAt = NIODeadline.now()
+        /// When the request's head arrived.
+        let began = NIODeadline.now()
         var answer: Answer = .waiting
         /// A wait for the daemon (its answer to the report, or a new token), to cancel on close.
         var waiting: Waiting?
@@ -375,7 +377,7 @@ final class ProxyHandler: ChannelDuplexHandler {
         if let refresh { head.headers.replaceOrAdd(name: ProxyRules.refreshHeader, value: refresh) }
         if !current.head.isKeepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
         exchange?.answer = .streaming
-        shared.metrics.proxyRequest(status: Int(upstream.status.code), byUpstream: true)
+        answered(current.head, status: upstream.status, byUpstream: true, began: current.began)
         return context.writeAndFlush(wrapOutboundOut(.head(head)))
     }
 
@@ -549,8 +551,9 @@ final class ProxyHandler: ChannelDuplexHandler {
         extra: [(String, String)] = []
     ) {
         guard let context else { return }
+        let began = exchange?.began ?? .now()
         abandon()
-        shared.metrics.proxyRequest(status: Int(status.code), byUpstream: false)
+        answered(head, status: status, byUpstream: false, began: began)
         let close = close || !head.isKeepAlive
         var body = ByteBuffer(bytes: (try? JSONEncoder().encode(["error": message])) ?? Data())
         body.writeString("\n")
@@ -569,6 +572,24 @@ final class ProxyHandler: ChannelDuplexHandler {
             if close { context.close(promise: nil) }
         }
         resumeReading()
+    }
+
+    /// Counts an answer, and logs it at debug level: method, path without the query (which may
+    /// carry the consumer's data), status, time since the request's head; never a header value.
+    private func answered(_ head: HTTPRequestHead, status: HTTPResponseStatus, byUpstream: Bool, began: NIODeadline) {
+        shared.metrics.proxyRequest(method: head.method.rawValue, status: Int(status.code), byUpstream: byUpstream)
+        guard shared.logger.logLevel <= .debug else { return }
+        let path = (head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? "").prefix(
+            256
+        )
+        shared.logger.debug(
+            "proxied",
+            metadata: [
+                "event": "proxy_request", "method": "\(head.method.rawValue)", "path": "\(path)",
+                "status": "\(status.code)", "source": "\(byUpstream ? "upstream" : "proxy")",
+                "ms": "\((NIODeadline.now() - began).nanoseconds / 1_000_000)",
+            ]
+        )
     }
 
     /// Ends the current exchange without answering: the upstream request is cancelled, waits for
