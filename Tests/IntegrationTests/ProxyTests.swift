@@ -270,3 +270,91 @@ import Testing
         return Int(UInt16(bigEndian: address.sin_port))
     }
 }
+
+/// The proxy under many clients, revocations in a row, and clients that stop reading.
+@Suite struct ProxyLoadTests {
+    @Test func aHundredConcurrentRequestsThatSeeTheRevocationCauseOneLogin() async throws {
+        let harness = try await ProxyTests.harness()
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        _ = harness.mock.revokeAll()
+        let answers = try UnixSocketClient.concurrentRequests(
+            "GET /api/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            count: 100,
+            socket: ProxyTests.apiSocket(harness)
+        )
+        #expect(answers.filter { $0.status == 200 }.count == 100, "\(Set(answers.map(\.status)))")
+        #expect(answers.allSatisfy { ProxyTests.echo($0.body)?.tokenValid == true })
+        #expect(harness.mock.stats.loginRequests == 2, "one forced login for all of them")
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
+    @Test func aSecondRevocationWithinTheFloorGetsNoSecondLogin() async throws {
+        let harness = try await ProxyTests.harness()
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        _ = harness.mock.revokeAll()
+        #expect(try await Command.curl("/api/echo", socket: ProxyTests.apiSocket(harness)).status == 200)
+        _ = harness.mock.revokeAll()
+        let second = try await Command.curl("/api/echo", socket: ProxyTests.apiSocket(harness))
+        #expect(second.status == 401, "within refresh.minForcedRefreshSeconds (30 s): the rejection goes back")
+        #expect(ProxyTests.header("X-Token-Refresh", in: second.headers) == "rate-limited")
+        #expect(harness.mock.stats.loginRequests == 2)
+        await harness.stop()
+    }
+
+    @Test func aClientThatStopsReadingAStreamedAnswerCostsTheDaemonNoMemory() async throws {
+        let harness = try await ProxyTests.harness()
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        // Warm up the pool and the allocator with one whole answer.
+        _ = try await Command.curl("/api/stream?bytes=\(1 << 20)", socket: ProxyTests.apiSocket(harness))
+        let before = try #require(ProcessFigures(pid: child.pid))
+        let stalled = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+        try stalled.send(Array("GET /api/stream?bytes=\(1 << 30) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8))
+        // Whatever the kernel buffers hold, the daemon holds no more than a part or two: sample for
+        // a while (each sample is a moment the daemon could have been filling up).
+        var peak = before.rssKiB
+        for _ in 0..<30 {
+            try await Task.sleep(for: .milliseconds(100))
+            peak = max(peak, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
+        }
+        let growth = peak - before.rssKiB
+        #expect(growth < 4096, "RSS grew \(growth) KiB while a client read nothing of a 1 GiB answer")
+        // Others are served meanwhile.
+        #expect(try await Command.curl("/api/echo", socket: ProxyTests.apiSocket(harness)).status == 200)
+        Scenario.report(growth < 4096, "a client stops reading a 1 GiB answer through the proxy: RSS +\(growth) KiB")
+        _ = stalled
+        await harness.stop()
+    }
+
+    @Test func aHundredMegabyteAnswerStreamsThroughWithoutGrowth() async throws {
+        let harness = try await ProxyTests.harness()
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        _ = try await Command.curl("/api/stream?bytes=\(1 << 20)", socket: ProxyTests.apiSocket(harness))
+        let before = try #require(ProcessFigures(pid: child.pid))
+        let sampler = Task {
+            var peak = 0
+            while !Task.isCancelled {
+                peak = max(peak, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
+                try? await Task.sleep(for: .milliseconds(20))
+            }
+            return peak
+        }
+        let download = try await Command.run(
+            "/usr/bin/curl",
+            [
+                "-s", "--max-time", "120", "--unix-socket", ProxyTests.apiSocket(harness), "-o", "/dev/null",
+                "-w", "%{http_code} %{size_download}", "http://localhost/api/stream?bytes=\(100_000_000)",
+            ]
+        )
+        sampler.cancel()
+        let growth = await sampler.value - before.rssKiB
+        #expect(download.output == "200 100000000")
+        #expect(growth < 4096, "RSS grew \(growth) KiB while 100 MB passed")
+        Scenario.report(growth < 4096, "100 MB answer through the proxy: RSS +\(growth) KiB (peak during the transfer)")
+        await harness.stop()
+    }
+}
