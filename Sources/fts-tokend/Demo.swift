@@ -15,7 +15,7 @@ struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "See it work: the mock auth server and the daemon in one process, tokens rotating.",
         discussion:
-            "Writes the token files to a new temporary folder, proves every few seconds that the current token file works against the mock's /api/whoami, and removes the folder on Ctrl-C."
+            "Writes the token files to a new temporary folder and serves the API proxy there; every few seconds calls the mock's /api/whoami through the proxy with no credentials at all and with the current token file, revokes every token server-side once to show the proxy recover with one forced login, and removes the folder on Ctrl-C."
     )
 
     @Option(help: "Stop after this many seconds (default: run until Ctrl-C).")
@@ -43,6 +43,7 @@ struct Demo: AsyncParsableCommand {
             """
             mock FTS auth server: http://127.0.0.1:\(port) (tokens live \(FormatTime.seconds(ttl)))
             token files:          \(folder)/run/  (token, token.json, headers)
+            API proxy:            \(folder)/run/api.sock  (calls the API with the daemon's credentials)
             config:               \(configPath)
             Ctrl-C stops the demo and removes the folder.
 
@@ -55,7 +56,7 @@ struct Demo: AsyncParsableCommand {
             dependencies: .init(loader: loader, watchdogInterval: nil, version: FTSTokend.version),
             logger: logger
         )
-        let checker = Task { await Self.proveTokens(folder: folder, port: port) }
+        let checker = Task { await Self.proveTokens(folder: folder, port: port, mock: mock) }
         let stopper = Task {
             guard let duration else { return }
             try await Task.sleep(for: .milliseconds(Int(duration * 1000)))
@@ -72,12 +73,37 @@ struct Demo: AsyncParsableCommand {
         if status != ExitStatus.success { throw ExitCode(status) }
     }
 
-    /// Every 3 s: read the token file and call whoami with it, as a consumer would.
-    static func proveTokens(folder: String, port: Int) async {
+    /// Every 3 s: call whoami through the proxy with no credentials, then with the token file as a
+    /// consumer reading files would. At the second round every token is revoked server-side first:
+    /// the proxy's call meets a 401, reports it, and is replayed with the token of one forced login.
+    static func proveTokens(folder: String, port: Int, mock: MockFTSServer) async {
         let url = "http://127.0.0.1:\(port)/api/whoami"
+        let proxied =
+            "http+unix://"
+            + (folder + "/run/api.sock").split(separator: "/", omittingEmptySubsequences: false).joined(
+                separator: "%2F"
+            ) + "/api/whoami"
+        var round = 0
         while !Task.isCancelled {
             try? await Task.sleep(for: .seconds(3))
             guard !Task.isCancelled else { return }
+            round += 1
+            let loginsBefore = mock.stats.loginRequests
+            if round == 2 {
+                Console.out(
+                    "revoke: every token issued so far is refused by the API from now on (\(mock.revokeAll()) tokens)"
+                )
+            }
+            let viaProxy =
+                (try? await HTTPClient.shared.execute(HTTPClientRequest(url: proxied), timeout: .seconds(30)))?
+                .status.code
+            Console.out(
+                "proxy: GET /api/whoami through api.sock, no credentials -> \(viaProxy.map { "HTTP \($0)" } ?? "no answer")"
+            )
+            if round == 2 {
+                let forced = mock.stats.loginRequests - loginsBefore
+                Console.out("proxy: recovered from the revocation with \(forced) forced login\(forced == 1 ? "" : "s")")
+            }
             guard let token = try? SmallFile.read(folder + "/run/token", limit: 64 * 1024).bytes else {
                 Console.out("check: no token file yet")
                 continue
@@ -109,7 +135,8 @@ struct Demo: AsyncParsableCommand {
                            "backoffInitialSeconds": 1, "backoffMaxSeconds": \(Int(ttl / 2)) },
               "outputs": { "tokenFile":   { "path": "\(folder)/run/token",      "mode": "0640" },
                            "jsonFile":    { "path": "\(folder)/run/token.json", "mode": "0640" },
-                           "headersFile": { "path": "\(folder)/run/headers",    "mode": "0640" } },
+                           "headersFile": { "path": "\(folder)/run/headers",    "mode": "0640" },
+                           "proxy":       { "path": "\(folder)/run/api.sock" } },
               "stateFile": "\(folder)/state/state.json",
               "logLevel": "info"
             }

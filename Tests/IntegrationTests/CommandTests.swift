@@ -59,12 +59,15 @@ import Testing
 
     @Test func theDemoRotatesTokensAndProvesThem() async throws {
         let harness = try await DaemonHarness()
-        let demo = try harness.start(["demo", "--duration", "9", "--ttl", "4"])
+        // 20 s tokens: no scheduled refresh within the 9 s, so the one rotation is the forced one.
+        let demo = try harness.start(["demo", "--duration", "9", "--ttl", "20"])
         #expect(await demo.waitForExit(timeout: 60) == 0)
         let output = demo.standardOutput
-        #expect(output.contains("-> HTTP 200"))
-        #expect(!output.contains("-> HTTP 401"))
-        #expect(output.contains("demo finished"))
+        #expect(output.contains("check: GET /api/whoami with token"))
+        #expect(output.contains("proxy: GET /api/whoami through api.sock, no credentials -> HTTP 200"))
+        #expect(!output.contains("-> HTTP 401"), "\(output)")
+        #expect(output.contains("proxy: recovered from the revocation with 1 forced login\n"), "\(output)")
+        #expect(output.contains("demo finished: 2 tokens issued"), "\(output)")
         #expect(demo.standardError.contains("login ok"))
         // The temporary folder it printed is gone.
         let folder = output.split(separator: "\n").first { $0.hasPrefix("token files:") }?.split(separator: " ").last(
