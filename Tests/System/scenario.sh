@@ -121,6 +121,32 @@ check "reload: an allow list naming 65534 is refused, loudly" sh -c 'systemctl s
 install -m 0644 /tmp/config.good /etc/fts-tokend/config.json
 systemctl reload fts-tokend
 
+# --- 10. the API proxy under the unit: consumers call the API with no credentials
+echo_as() { runuser -u "$1" -- curl -s --max-time 60 --unix-socket /run/fts-tokend/api.sock http://localhost/api/echo; }
+pcode() { runuser -u "$1" -- curl -s -o /dev/null -w '%{http_code}' --max-time 60 --unix-socket /run/fts-tokend/api.sock http://localhost/api/echo; }
+check "proxy socket fts-tokend:fts-token 0660" sh -c '[ "$(stat -c "%U:%G %a %F" /run/fts-tokend/api.sock)" = "fts-tokend:fts-token 660 socket" ]'
+check "proxy: a member of fts-token calls the API with no credentials of its own" sh -c "$(declare -f echo_as); echo_as reader | jq -e '.keyValid and .tokenValid and .headers.via == \"1.1 fts-tokend\"'"
+check "proxy: another user cannot connect" sh -c "[ \"\$(runuser -u stranger -- curl -s -o /dev/null -w '%{http_code}' --unix-socket /run/fts-tokend/api.sock http://localhost/api/echo)\" = 000 ]"
+# The reader's report above forced a login moments ago: a 1 s floor lets this one force another.
+jq '.refresh.minForcedRefreshSeconds = 1' /tmp/config.good > /tmp/config.floor
+install -m 0644 /tmp/config.floor /etc/fts-tokend/config.json
+systemctl reload fts-tokend
+sleep 1.5
+logins_before=$(logins)
+curl -sf -X POST http://127.0.0.1:8080/_mock/revoke >/dev/null
+check "proxy: after a server-side revocation the request is replayed with one forced login" sh -c "$(declare -f echo_as); echo_as reader | jq -e .tokenValid && [ \"\$(curl -sf http://127.0.0.1:8080/_mock/stats | jq .loginRequests)\" = $((logins_before + 1)) ]"
+jq --argjson u "$(id -u listed)" --argjson g "$allowed_gid" '.outputs.proxy.allowUIDs = [$u] | .outputs.proxy.allowGIDs = [$g]' \
+    /tmp/config.good > /tmp/config.proxy-allow
+install -m 0644 /tmp/config.proxy-allow /etc/fts-tokend/config.json
+systemctl reload fts-tokend
+check "proxy allow list: applied by a reload, no restart" sh -c "[ \"\$(systemctl show -p MainPID --value fts-tokend)\" = $pid ] && journalctl -u fts-tokend FTS_EVENT=reload -o json | jq -r .FTS_CHANGED | grep -q proxy_access"
+[ "$(pcode listed)" = 200 ] && ok "proxy allow list: a listed uid is served" || bad "proxy allow list: a listed uid is served"
+[ "$(pcode unlisted)" = 403 ] && ok "proxy allow list: an unlisted member of the socket's group gets 403" || bad "proxy allow list: an unlisted member of the socket's group gets 403"
+[ "$(pcode supplementary)" = 200 ] && ok "proxy allow list: a supplementary member of a listed group is served" || bad "proxy allow list: a supplementary member of a listed group is served"
+check "proxy allow list: the log shows the refused peer's real uid" eventually 10 sh -c "journalctl -u fts-tokend FTS_EVENT=peer_refused FTS_LISTENER=proxy -o json | jq -r .FTS_UID | grep -qx $(id -u unlisted)"
+install -m 0644 /tmp/config.good /etc/fts-tokend/config.json
+systemctl reload fts-tokend
+
 # --- 6. journald fields
 check "journal entries carry FTS_EVENT=login_ok" sh -c 'journalctl -u fts-tokend FTS_EVENT=login_ok -o json | jq -e "select(.FTS_TOKEN_FP != null and .FTS_EXPIRES_AT != null)" | grep -q .'
 check "journal entries carry PRIORITY and CODE_FILE" sh -c 'journalctl -u fts-tokend FTS_EVENT=token_written -o json | jq -e "select(.PRIORITY == \"6\" and .CODE_FILE != null and .SYSLOG_IDENTIFIER == \"fts-tokend\")" | grep -q .'
