@@ -313,6 +313,173 @@ http {{
     return process, sock
 
 
+def start_nginx_config(folder, name, body):
+    """An nginx of its own (one worker) with `body` as its http block's servers; returns the process."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    folder = os.path.join(folder, name)
+    os.makedirs(folder, exist_ok=True)
+    config = os.path.join(folder, "nginx.conf")
+    with open(config, "w") as handle:
+        handle.write(f"""
+worker_processes 1;
+daemon off;
+pid {folder}/nginx.pid;
+error_log {folder}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 60s;
+  client_body_temp_path {folder}; proxy_temp_path {folder}; fastcgi_temp_path {folder}; uwsgi_temp_path {folder}; scgi_temp_path {folder};
+{body}
+}}
+""")
+    return subprocess.Popen([nginx, "-c", config, "-e", f"{folder}/nginx-error.log"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def proxy_benchmark(args, say, goals):
+    """Section 7: the API proxy against nginx as a reverse proxy, both in front of one nginx upstream
+    (a 1 KB JSON and a 100 MB file, over HTTP and HTTPS), both reached on Unix sockets."""
+    if not os.path.exists(shutil.which("nginx") or "/usr/sbin/nginx"):
+        say("## 7. API proxy\n\nnginx is not installed: not measured.\n")
+        return
+    lab = Lab(args.binary, ttl=3600, tls=True)  # the CA and localhost certificate serve the upstream
+    processes = []
+    try:
+        # nginx's workers run as nobody: they need to reach the files they serve (the secrets stay 0600).
+        os.chmod(lab.folder, 0o711)
+        www = lab.path("www")
+        os.makedirs(www)
+        os.chmod(www, 0o755)
+        record = '{"id":%d,"headline":"Markets open higher as rates hold","source":"fts","score":0.%04d}'
+        items, size = [], 2
+        while size < 1000:
+            items.append(record % (len(items), len(items)))
+            size += len(items[-1]) + 1
+        with open(os.path.join(www, "data.json"), "w") as handle:
+            handle.write("[" + ",".join(items) + "]")
+        os.chmod(os.path.join(www, "data.json"), 0o644)
+        big = 20_000_000 if args.smoke else 100_000_000
+        with open(os.path.join(www, "big.bin"), "wb") as handle:
+            handle.truncate(big)
+        os.chmod(os.path.join(www, "big.bin"), 0o644)
+        plain_port, tls_port = free_port(), free_port()
+        processes.append(start_nginx_config(lab.folder, "upstream", f"""
+  server {{
+    listen 127.0.0.1:{plain_port};
+    listen 127.0.0.1:{tls_port} ssl;
+    ssl_certificate {lab.path("server.pem")}; ssl_certificate_key {lab.path("server.key")};
+    root {www};
+    location = /data.json {{ default_type application/json; }}
+  }}"""))
+        Lab.wait_for(lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{plain_port}/data.json"]).returncode == 0, 10)
+        lab.configure()
+        results = {}
+        for scheme, upstream in (("http", f"http://127.0.0.1:{plain_port}"), ("https", f"https://localhost:{tls_port}")):
+            import json
+            config = json.load(open(lab.path("config.json")))
+            config["api"]["baseURL"] = f"https://localhost:{lab.port}"
+            config["api"]["caFile"] = lab.path("ca.pem")
+            config["outputs"]["proxy"] = {"path": lab.path("run/api.sock"), "upstream": upstream, "caFile": lab.path("ca.pem")}
+            lab.write("config.json", json.dumps(config))
+            lab.start()
+            token = open(lab.path("run/token")).read()
+            ours = lab.path("run/api.sock")
+            theirs = lab.path(f"nginx-proxy-{scheme}.sock")
+            ssl = f"proxy_ssl_trusted_certificate {lab.path('ca.pem')}; proxy_ssl_verify on; proxy_ssl_name localhost; proxy_ssl_session_reuse on;" if scheme == "https" else ""
+            port = tls_port if scheme == "https" else plain_port
+            nginx_proxy = start_nginx_config(lab.folder, f"proxy-{scheme}", f"""
+  upstream api {{ server 127.0.0.1:{port}; keepalive 64; }}
+  server {{
+    listen unix:{theirs};
+    location / {{
+      proxy_pass {scheme}://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host localhost;
+      proxy_set_header Authorization "Bearer {token}";
+      proxy_set_header x-api-key "{lab.key}";
+      proxy_buffering off;
+      {ssl}
+    }}
+  }}""")
+            Lab.wait_for(lambda: os.path.exists(theirs), 10)
+            for clients in (1, 8, 64):
+                rows = results.setdefault((scheme, clients), {"ours": [], "theirs": [], "ratio": [], "p_ours": [], "p_theirs": []})
+                for _ in range(args.rounds):
+                    a = run_load(args.load, ours, clients, args.seconds, "/data.json")
+                    b = run_load(args.load, theirs, clients, args.seconds, "/data.json")
+                    if not a.get("rps") or not b.get("rps"):
+                        continue
+                    rows["ours"].append(a["rps"])
+                    rows["theirs"].append(b["rps"])
+                    rows["ratio"].append(a["rps"] / b["rps"])
+                    rows["p_ours"].append((a["p50_us"], a["p99_us"]))
+                    rows["p_theirs"].append((b["p50_us"], b["p99_us"]))
+            if scheme == "http":
+                # The 100 MB answer, with the daemon's RSS sampled throughout.
+                streams = {"ours": [], "theirs": [], "ratio": [], "growth": []}
+                for _ in range(max(1, min(args.rounds, 3))):
+                    speeds = {}
+                    for name, sock in (("ours", ours), ("theirs", theirs)):
+                        before = kib(proc_status(lab.daemon.pid)["VmRSS"])
+                        peak = [before]
+                        done = threading.Event()
+                        def sample():
+                            while not done.is_set():
+                                peak[0] = max(peak[0], kib(proc_status(lab.daemon.pid)["VmRSS"]))
+                                time.sleep(0.01)
+                        sampler = threading.Thread(target=sample)
+                        sampler.start()
+                        out = subprocess.run(["curl", "-s", "--unix-socket", sock, "-o", "/dev/null", "-w", "%{speed_download} %{size_download}",
+                                              "http://localhost/big.bin"], capture_output=True, text=True).stdout.split()
+                        done.set()
+                        sampler.join()
+                        speeds[name] = float(out[0]) / 1e6 if out and int(out[1]) == big else 0
+                        if name == "ours":
+                            streams["growth"].append((peak[0] - before) / 1024)
+                    streams["ours"].append(speeds["ours"])
+                    streams["theirs"].append(speeds["theirs"])
+                    if speeds["theirs"]:
+                        streams["ratio"].append(speeds["ours"] / speeds["theirs"])
+                results["stream"] = streams
+            nginx_proxy.terminate()
+            nginx_proxy.wait(10)
+            lab.stop()
+        say("## 7. API proxy")
+        say()
+        say("Requests per second through each proxy on a Unix socket (`bench/uds-load.c`, keep-alive clients, `GET /data.json`), "
+            "both in front of the same nginx upstream (a 1 KB JSON over loopback HTTP, and over HTTPS to `localhost` with a "
+            "private CA). nginx as the reference reverse proxy: 1 worker (the daemon has one event loop), `proxy_pass` to an "
+            "upstream block with `keepalive 64`, HTTP/1.1, both credential headers set by `proxy_set_header`, `proxy_buffering "
+            "off` (it streams, as the daemon does).")
+        say()
+        say("| upstream | clients | fts-tokend req/s | nginx req/s | fts-tokend ÷ nginx | fts-tokend p50 / p99 µs | nginx p50 / p99 µs |")
+        say("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        p = lambda pairs: f"{statistics.median(x for x, _ in pairs):.0f} / {statistics.median(y for _, y in pairs):.0f}" if pairs else "–"
+        for (scheme, clients), rows in ((key, value) for key, value in results.items() if key != "stream"):
+            if not rows["ratio"]:
+                say(f"| {scheme} | {clients} | – | – | – | – | – |")
+                continue
+            goals[f"proxy_{scheme}{clients}"] = statistics.median(rows["ratio"])
+            goals[f"proxy_{scheme}{clients}_p99"] = (statistics.median(y for _, y in rows["p_ours"]), statistics.median(y for _, y in rows["p_theirs"]))
+            say(f"| {scheme} | {clients} | {cell(rows['ours'])} | {cell(rows['theirs'])} | {cell(rows['ratio'], 2)} | {p(rows['p_ours'])} | {p(rows['p_theirs'])} |")
+        say()
+        streams = results.get("stream")
+        if streams and streams["ratio"]:
+            goals["proxy_stream"] = statistics.median(streams["ratio"])
+            goals["proxy_stream_growth"] = max(streams["growth"])
+            say(f"A {big / 1e6:.0f} MB answer through each (curl, HTTP upstream): fts-tokend {cell(streams['ours'])} MB/s, "
+                f"nginx {cell(streams['theirs'])} MB/s, ratio {cell(streams['ratio'], 2)}; the daemon's RSS grew at most "
+                f"{max(streams['growth']):.2f} MiB during the transfer (sampled every 10 ms).")
+            say()
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+        lab.close()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", required=True)
@@ -325,7 +492,13 @@ def main():
     parser.add_argument("--lifetimes", type=int, default=100)
     parser.add_argument("--smoke", action="store_true", help="one short round of everything, to keep the script working")
     parser.add_argument("--output", default=os.path.join(ROOT, "docs/benchmarks.md"))
+    parser.add_argument("--only-proxy", action="store_true", help="section 7 alone, printed (docs/benchmarks.md untouched)")
     args = parser.parse_args()
+    if args.only_proxy:
+        goals = {}
+        proxy_benchmark(args, lambda text="": print(text, flush=True), goals)
+        print("\n".join(row for row in goals_table(goals) if "proxy" in row))
+        return 0
     if args.smoke:
         args.rounds, args.seconds, args.idle_seconds, args.lifetimes = 1, 0.5, 2, 2
 
@@ -581,9 +754,12 @@ def main():
                 say(line)
         say()
 
-    # 7. Build cost.
+    # 7. The API proxy.
+    proxy_benchmark(args, say, goals)
+
+    # 8. Build cost.
     if args.build_cost:
-        say("## 7. Build cost")
+        say("## 8. Build cost")
         say()
         say("Clean builds of the commit measured into an empty scratch folder (dependencies already fetched), as CI pays them on every change.")
         say()
@@ -651,6 +827,16 @@ def goals_table(goals):
             goals.get("outage", 99) <= 15,
             "the first hour climbs the backoff from 1 s; with the default backoffMaxSeconds 300 (Vault agent's "
             "default too) later hours make 16; 600 s would halve that and double the wait after an outage ends"),
+        *[row(f"API proxy, {scheme.upper()} upstream, {clients} client{'s' if clients > 1 else ''}: ≥ 1.0× nginx req/s, p99 ≤ nginx",
+              ratio(f"proxy_{scheme}{clients}"),
+              f"{ratio(f'proxy_{scheme}{clients}') or 0:.2f}×, p99 {goals.get(f'proxy_{scheme}{clients}_p99', (0, 0))[0]:.0f} vs {goals.get(f'proxy_{scheme}{clients}_p99', (0, 0))[1]:.0f} µs",
+              (ratio(f"proxy_{scheme}{clients}") or 0) >= 1
+              and goals.get(f"proxy_{scheme}{clients}_p99", (1, 0))[0] <= goals.get(f"proxy_{scheme}{clients}_p99", (1, 0))[1],
+              "see section 7")
+          for scheme in ("http", "https") for clients in (1, 8, 64)],
+        row("API proxy, 100 MB answer: ≥ 0.9× nginx's throughput, RSS growth < 2 MiB", goals.get("proxy_stream"),
+            f"{goals.get('proxy_stream', 0):.2f}×, +{goals.get('proxy_stream_growth', 0):.2f} MiB",
+            goals.get("proxy_stream", 0) >= 0.9 and goals.get("proxy_stream_growth", 9) < 2, "see section 7"),
         row("fleet peak ≤ 2× mean, default jitter, all hosts booting at once", goals.get("fleet"), f"{goals.get('fleet', 0):.2f}×",
             goals.get("fleet", 99) <= 2, "–"),
         row("logins caused by a simultaneous restart: 0", goals.get("fleet_restart"), f"{goals.get('fleet_restart', 9)}",
