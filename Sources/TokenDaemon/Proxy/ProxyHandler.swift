@@ -1,4 +1,3 @@
-import AsyncHTTPClient
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -28,7 +27,7 @@ import Foundation
 ///    `replay-rejected`);
 /// 5. an upstream that cannot be reached or does not answer in time: 502 or 504 if nothing was
 ///    sent back yet, otherwise the connection is closed (a truncated answer must not look whole).
-final class ProxyHandler: ChannelDuplexHandler {
+final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
@@ -49,7 +48,8 @@ final class ProxyHandler: ChannelDuplexHandler {
         let head: HTTPRequestHead
         /// The client's headers as the upstream gets them, before the credentials are added.
         let headers: HTTPHeaders
-        let url: String
+        /// The request target on the upstream (its base path, then the client's target).
+        let target: String
         let settings: ProxyShared.Live
         /// The body while it fits in the replay buffer.
         var body = ByteBuffer()
@@ -61,7 +61,10 @@ final class ProxyHandler: ChannelDuplexHandler {
         var attempts = 0
         var attempt = 0
         var token: TokenBoard.Entry?
-        var task: HTTPClient.Task<Void>?
+        /// The upstream connection of the current attempt.
+        var connection: UpstreamConnection?
+        /// A failure on a reused connection before any answer was retried once on a new one.
+        var retriedStale = false
         var sentAt = NIODeadline.now()
         /// When the request's head arrived.
         let began = NIODeadline.now()
@@ -92,14 +95,13 @@ final class ProxyHandler: ChannelDuplexHandler {
 
     /// A request body on its way upstream once it outgrew the replay buffer.
     private final class BodyStream {
-        var writer: HTTPClient.Body.StreamWriter?
-        /// Parts read before the upstream connection asked for the body.
+        var connection: UpstreamConnection?
+        /// Parts read before the upstream connection was there.
         var queued: [ByteBuffer] = []
         var writesInFlight = 0
+        /// The client's body ended; the upstream is told once every part is written.
         var ended = false
-        let done: EventLoopPromise<Void>
-
-        init(done: EventLoopPromise<Void>) { self.done = done }
+        var endSent = false
 
         /// Whether the client should not be read: the upstream has not taken what was read.
         var isFull: Bool { writesInFlight > 0 || !queued.isEmpty }
@@ -213,7 +215,7 @@ final class ProxyHandler: ChannelDuplexHandler {
         exchange = Exchange(
             head: head,
             headers: ProxyRules.forwardedHeaders(head.headers),
-            url: shared.upstream + head.uri,
+            target: shared.target.basePath + head.uri,
             settings: settings
         )
     }
@@ -248,7 +250,7 @@ final class ProxyHandler: ChannelDuplexHandler {
         exchange = current
         if current.body.readableBytes > ProxyRules.replayBufferBytes {
             // Too large to keep for a replay: it streams from here on.
-            let stream = BodyStream(done: context.eventLoop.makePromise())
+            let stream = BodyStream()
             stream.queued.append(current.body)
             exchange?.body = ByteBuffer()
             exchange?.stream = stream
@@ -257,26 +259,23 @@ final class ProxyHandler: ChannelDuplexHandler {
     }
 
     private func forward(_ part: ByteBuffer, on stream: BodyStream) {
-        guard let writer = stream.writer else {
+        guard let connection = stream.connection else {
             stream.queued.append(part)
             return
         }
         stream.writesInFlight += 1
-        writer.write(.byteBuffer(part)).hop(to: loop)
-            .assumeIsolated().whenComplete { [weak self] result in
-                stream.writesInFlight -= 1
-                if case .failure(let error) = result {
-                    stream.done.fail(error)
-                    return
-                }
-                self?.finishStreamIfDone(stream)
-                if !stream.isFull { self?.resumeReading() }
-            }
+        connection.writeBody(part).assumeIsolated().whenComplete { [weak self] result in
+            stream.writesInFlight -= 1
+            // A failed write means the connection failed: its responder hears of it.
+            guard case .success = result else { return }
+            self?.finishStreamIfDone(stream)
+            if !stream.isFull { self?.resumeReading() }
+        }
     }
 
-    /// The upstream connection is ready for the body: what was read so far goes out.
-    private func attach(_ writer: HTTPClient.Body.StreamWriter, to stream: BodyStream) {
-        stream.writer = writer
+    /// The upstream connection took the request head: the body read so far goes out.
+    private func attach(_ connection: UpstreamConnection, to stream: BodyStream) {
+        stream.connection = connection
         let queued = stream.queued
         stream.queued = []
         for part in queued { forward(part, on: stream) }
@@ -285,14 +284,16 @@ final class ProxyHandler: ChannelDuplexHandler {
     }
 
     private func finishStreamIfDone(_ stream: BodyStream) {
-        if stream.ended, stream.writer != nil, !stream.isFull { stream.done.succeed() }
+        guard stream.ended, !stream.endSent, let connection = stream.connection, !stream.isFull else { return }
+        stream.endSent = true
+        connection.endBody()
     }
 
     // MARK: Upstream attempts
 
     /// Sends the request upstream with the current token (a replay with the next one).
     private func send() {
-        guard var current = exchange, let context else { return }
+        guard var current = exchange else { return }
         guard let entry = shared.board.validEntry(at: shared.clock()) else {
             return answerLocally(
                 current.head,
@@ -303,49 +304,50 @@ final class ProxyHandler: ChannelDuplexHandler {
             )
         }
         attemptSerial += 1
+        let attempt = attemptSerial
         current.attempts += 1
-        current.attempt = attemptSerial
+        current.attempt = attempt
         current.token = entry
         current.answer = .waiting
         current.sentAt = .now()
         var headers = current.headers
+        headers.add(name: "Host", value: shared.target.hostHeader)
         headers.add(name: "Authorization", value: entry.authorization)
         headers.add(name: "x-api-key", value: entry.apiKey)
-        let body: HTTPClient.Body?
-        let loop = context.eventLoop
-        let bound = NIOLoopBound(self, eventLoop: loop)
-        if let stream = current.stream {
-            let length = current.head.headers.first(name: "content-length").flatMap { Int($0) }
-            let boundStream = NIOLoopBound(stream, eventLoop: loop)
-            body = .stream(contentLength: length.map { Int64($0) }) { writer in
-                loop.flatSubmit {
-                    bound.value.attach(writer, to: boundStream.value)
-                    return boundStream.value.done.futureResult
-                }
+        let stream = current.stream
+        if stream != nil {
+            // The client's framing when it declared a length; chunked otherwise.
+            if let length = current.head.headers.first(name: "content-length") {
+                headers.add(name: "Content-Length", value: length)
+            } else {
+                headers.add(name: "Transfer-Encoding", value: "chunked")
             }
         } else if current.hasBody {
-            body = .byteBuffer(current.body)
-        } else {
-            body = nil
+            headers.add(name: "Content-Length", value: String(current.body.readableBytes))
         }
-        let request: HTTPClient.Request
-        do {
-            request = try HTTPClient.Request(
-                url: current.url,
-                method: current.head.method,
-                headers: headers,
-                body: body
-            )
-        } catch {
-            exchange = current
-            return answerLocally(current.head, .badRequest, "cannot forward this request: \(error)", close: true)
-        }
-        current.task = shared.http.execute(
-            request: request,
-            delegate: UpstreamDelegate(handler: bound, attempt: attemptSerial),
-            eventLoop: .delegateAndChannel(on: loop)
+        let head = HTTPRequestHead(
+            version: .http1_1,
+            method: current.head.method,
+            uri: current.target,
+            headers: headers
         )
+        let body = stream == nil ? current.body : nil
         exchange = current
+        shared.pool.value.acquire { [weak self] result in
+            guard let self, self.current(attempt) != nil else {
+                // The exchange ended while the connection was made: the pool gets it back unused.
+                if case .success(let connection) = result { connection.cancel() }
+                return
+            }
+            switch result {
+            case .success(let connection):
+                self.exchange?.connection = connection
+                connection.send(head, body: body, streamed: stream != nil, to: self, attempt: attempt)
+                if let stream { self.attach(connection, to: stream) }
+            case .failure(let error):
+                self.upstreamFailed(error, attempt: attempt)
+            }
+        }
     }
 
     /// Callbacks of attempt `attempt`, or nil when it is not the current one.
@@ -354,7 +356,7 @@ final class ProxyHandler: ChannelDuplexHandler {
         return exchange
     }
 
-    fileprivate func upstreamHead(_ head: HTTPResponseHead, attempt: Int) -> EventLoopFuture<Void> {
+    func upstreamHead(_ head: HTTPResponseHead, attempt: Int) -> EventLoopFuture<Void> {
         guard let context, let current = current(attempt) else { return succeeded() }
         shared.metrics.proxyUpstreamHead(.nanoseconds((NIODeadline.now() - current.sentAt).nanoseconds))
         if current.settings.rejectedStatuses.contains(Int(head.status.code)) {
@@ -381,13 +383,13 @@ final class ProxyHandler: ChannelDuplexHandler {
         return context.writeAndFlush(wrapOutboundOut(.head(head)))
     }
 
-    fileprivate func upstreamBody(_ part: ByteBuffer, attempt: Int) -> EventLoopFuture<Void> {
+    func upstreamBody(_ part: ByteBuffer, attempt: Int) -> EventLoopFuture<Void> {
         guard let context, let current = current(attempt), current.answer == .streaming else { return succeeded() }
         // The upstream is read again once the client took this part (backpressure).
         return context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(part))))
     }
 
-    fileprivate func upstreamEnd(attempt: Int) {
+    func upstreamEnd(attempt: Int) {
         guard let context, let current = current(attempt) else { return }
         switch current.answer {
         case .discarding:
@@ -404,12 +406,17 @@ final class ProxyHandler: ChannelDuplexHandler {
         }
     }
 
-    fileprivate func upstreamFailed(_ error: any Error, attempt: Int) {
+    func upstreamFailed(_ error: UpstreamError, attempt: Int) {
         guard let context, let current = current(attempt) else { return }
-        let timedOut: Bool
-        switch error as? HTTPClientError {
-        case .readTimeout?, .connectTimeout?, .deadlineExceeded?: timedOut = true
-        default: timedOut = false
+        exchange?.connection = nil
+        // A kept-alive connection the upstream closed just as it was reused: once more, on a new one,
+        // if nothing of the answer came and the request can be sent again.
+        if case .closed = error, current.answer == .waiting, !current.retriedStale, current.isReplayable,
+            (current.connection?.servedBefore ?? 0) > 0
+        {
+            exchange?.retriedStale = true
+            exchange?.attempts -= 1
+            return send()
         }
         shared.logUpstreamFailure("\(current.head.method) request failed: \(error)")
         guard current.answer == .waiting else {
@@ -418,10 +425,12 @@ final class ProxyHandler: ChannelDuplexHandler {
             context.close(promise: nil)
             return
         }
+        let timedOut: Bool
+        if case .timeout = error { timedOut = true } else { timedOut = false }
         answerLocally(
             current.head,
             timedOut ? .gatewayTimeout : .badGateway,
-            timedOut ? "the upstream did not answer in time" : "the upstream cannot be reached",
+            timedOut ? "the upstream did not answer in time" : "the upstream cannot be reached (\(error))",
             close: true
         )
     }
@@ -597,8 +606,7 @@ final class ProxyHandler: ChannelDuplexHandler {
     private func abandon() {
         guard let current = exchange else { return }
         exchange = nil
-        current.task?.cancel()
-        current.stream?.done.fail(ChannelError.ioOnClosedChannel)
+        current.connection?.cancel()
         switch current.waiting {
         case .report(let id, let timeout)?:
             timeout.cancel()
@@ -613,35 +621,5 @@ final class ProxyHandler: ChannelDuplexHandler {
 
     private func succeeded() -> EventLoopFuture<Void> {
         loop.makeSucceededVoidFuture()
-    }
-}
-
-/// Hands AsyncHTTPClient's callbacks for one attempt to the handler, on its loop
-/// (`.delegateAndChannel(on:)`: every callback runs there).
-private final class UpstreamDelegate: HTTPClientResponseDelegate {
-    typealias Response = Void
-
-    let handler: NIOLoopBound<ProxyHandler>
-    let attempt: Int
-
-    init(handler: NIOLoopBound<ProxyHandler>, attempt: Int) {
-        self.handler = handler
-        self.attempt = attempt
-    }
-
-    func didReceiveHead(task: HTTPClient.Task<Void>, _ head: HTTPResponseHead) -> EventLoopFuture<Void> {
-        handler.value.upstreamHead(head, attempt: attempt)
-    }
-
-    func didReceiveBodyPart(task: HTTPClient.Task<Void>, _ buffer: ByteBuffer) -> EventLoopFuture<Void> {
-        handler.value.upstreamBody(buffer, attempt: attempt)
-    }
-
-    func didFinishRequest(task: HTTPClient.Task<Void>) throws {
-        handler.value.upstreamEnd(attempt: attempt)
-    }
-
-    func didReceiveError(task: HTTPClient.Task<Void>, _ error: any Error) {
-        handler.value.upstreamFailed(error, attempt: attempt)
     }
 }

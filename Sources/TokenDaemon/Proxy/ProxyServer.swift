@@ -1,11 +1,10 @@
-import AsyncHTTPClient
-import Dispatch
 import Glibc
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -46,14 +45,18 @@ public final class ProxyServer: Sendable {
         logger: Logger,
         clock: @escaping @Sendable () -> Date
     ) async throws -> ProxyServer {
-        let shared = ProxyShared(proxy, board: board, metrics: metrics, logger: logger, clock: clock)
+        // One loop for the listeners, their connections and the upstream pool (the pool is used from it only).
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let shared = try await loop.submit {
+            try ProxyShared(proxy, board: board, metrics: metrics, logger: logger, clock: clock, loop: loop)
+        }.get()
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderFieldSize = headLimit
         limits.maxHeaderListSize = headLimit
         limits.maxHeaderFieldCount = 200
         let decoderLimits = limits
         func bootstrap(_ listener: ProxyRules.Listener) -> ServerBootstrap {
-            ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton.next())
+            ServerBootstrap(group: loop)
                 .serverChannelOption(.backlog, value: 256)
                 .childChannelInitializer { channel in
                     let admission = shared.connections.admit(channel)
@@ -127,7 +130,9 @@ final class ProxyShared: Sendable {
     let metrics: DaemonMetrics
     let logger: Logger
     let clock: @Sendable () -> Date
-    let http: HTTPClient
+    /// The upstream's keep-alive connections, on `loop`.
+    let pool: NIOLoopBound<UpstreamPool>
+    let target: UpstreamTarget
     let upstream: String
     let access: SocketAccess
     let connections: ConnectionTable
@@ -139,8 +144,9 @@ final class ProxyShared: Sendable {
         board: TokenBoard,
         metrics: DaemonMetrics,
         logger: Logger,
-        clock: @escaping @Sendable () -> Date
-    ) {
+        clock: @escaping @Sendable () -> Date,
+        loop: any EventLoop
+    ) throws {
         self.board = board
         self.metrics = metrics
         self.logger = logger
@@ -151,22 +157,21 @@ final class ProxyShared: Sendable {
             capacity: SocketServer.connectionCapacity(proxy.maxConnections, logger: logger)
         )
         self.live = NIOLockedValueBox(Self.live(proxy))
-        let configuration = HTTPClient.Configuration(
-            tlsConfiguration: AuthClient.tlsConfiguration(caFile: proxy.caFile),
-            // A redirect is the client's to follow (with the credentials it does not have).
-            redirectConfiguration: .disallow,
-            timeout: .init(
-                connect: .milliseconds(Int64(proxy.connectTimeoutSeconds * 1000)),
-                read: .milliseconds(Int64(proxy.timeoutSeconds * 1000))
+        target = try UpstreamTarget(proxy.upstream)
+        // Built once: it reads the system's trust roots and the CA file.
+        let tls =
+            target.secure ? try NIOSSLContext(configuration: AuthClient.tlsConfiguration(caFile: proxy.caFile)) : nil
+        pool = NIOLoopBound(
+            UpstreamPool(
+                target: target,
+                tls: tls,
+                connectTimeout: .milliseconds(Int64(proxy.connectTimeoutSeconds * 1000)),
+                readTimeout: .milliseconds(Int64(proxy.timeoutSeconds * 1000)),
+                limit: proxy.maxUpstreamConnections,
+                loop: loop
             ),
-            connectionPool: .init(
-                idleTimeout: .seconds(60),
-                concurrentHTTP1ConnectionsPerHostSoftLimit: proxy.maxUpstreamConnections
-            ),
-            // Bodies pass as the upstream sent them; the client asked for its encodings itself.
-            decompression: .disabled
+            eventLoop: loop
         )
-        http = HTTPClient(eventLoopGroup: MultiThreadedEventLoopGroup.singleton, configuration: configuration)
     }
 
     private static func live(_ proxy: Configuration.Proxy) -> Live {
@@ -203,11 +208,7 @@ final class ProxyShared: Sendable {
     }
 
     func shutdown() async {
-        // On a serial queue, as AuthClient.shutdown explains.
-        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            http.shutdown(queue: Self.shutdownQueue) { _ in done.resume() }
-        }
+        let pool = self.pool
+        try? await pool.eventLoop.submit { pool.value.shutdown() }.get()
     }
-
-    private static let shutdownQueue = DispatchQueue(label: "fts-tokend.proxy-shutdown")
 }

@@ -1,0 +1,374 @@
+import Glibc
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// Where the proxy sends requests: `outputs.proxy.upstream`, parsed once.
+struct UpstreamTarget: Sendable, Equatable {
+    var secure: Bool
+    var host: String
+    var port: Int
+    /// The upstream URL's path, put before each request's target ("" or "/v2").
+    var basePath: String
+    /// The `Host` header: the host, with the port unless it is the scheme's default.
+    var hostHeader: String
+
+    init(_ url: String) throws(SystemError) {
+        guard let parsed = URL(string: url), let scheme = parsed.scheme?.lowercased(), let host = parsed.host,
+            scheme == "http" || scheme == "https"
+        else { throw SystemError("\(url) is not an http(s) URL", errno: nil) }
+        secure = scheme == "https"
+        // URL keeps an IPv6 literal's brackets in `host` on some platforms and not on others.
+        self.host = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
+        port = parsed.port ?? (secure ? 443 : 80)
+        basePath = parsed.path == "/" ? "" : parsed.path
+        let shown = self.host.contains(":") ? "[\(self.host)]" : self.host
+        hostHeader = parsed.port == nil ? shown : "\(shown):\(port)"
+    }
+
+    /// Whether `host` is an IP literal: TLS then checks the certificate against the address (no SNI).
+    var hostIsAddress: Bool {
+        var v4 = in_addr()
+        var v6 = in6_addr()
+        return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
+    }
+}
+
+/// Why an upstream request failed.
+enum UpstreamError: Error, CustomStringConvertible {
+    /// No connection could be made (refused, unreachable, TLS handshake failed, connect timeout).
+    case connect(String)
+    /// The upstream was silent for longer than `outputs.proxy.timeoutSeconds`.
+    case timeout
+    /// The connection closed before the answer was whole.
+    case closed
+    /// The answer was not valid HTTP.
+    case malformed(String)
+
+    var description: String {
+        switch self {
+        case .connect(let reason): "cannot connect: \(reason)"
+        case .timeout: "no answer in time"
+        case .closed: "the connection closed before the answer was whole"
+        case .malformed(let reason): "not a valid HTTP answer: \(reason)"
+        }
+    }
+}
+
+/// Receives one upstream answer, on the pool's loop. The upstream is read no faster than the
+/// futures complete: each part is handed on only once the future of the one before has.
+protocol UpstreamResponder: AnyObject {
+    func upstreamHead(_ head: HTTPResponseHead, attempt: Int) -> EventLoopFuture<Void>
+    func upstreamBody(_ part: ByteBuffer, attempt: Int) -> EventLoopFuture<Void>
+    func upstreamEnd(attempt: Int)
+    func upstreamFailed(_ error: UpstreamError, attempt: Int)
+}
+
+/// Keep-alive HTTP/1.1 connections to the upstream, all on one event loop (the proxy's; used from
+/// there only, so it needs no lock).
+///
+/// Guarantees: at most `limit` connections open (requests beyond wait, first come first served);
+/// a connection serves one request at a time and returns to the pool only after a whole answer that
+/// allows keep-alive; idle connections close after `idleTimeout` (and any the upstream closes
+/// leave the pool at once).
+final class UpstreamPool {
+    static let idleTimeout = TimeAmount.seconds(60)
+
+    let loop: any EventLoop
+    let target: UpstreamTarget
+    private let tls: NIOSSLContext?
+    private let connectTimeout: TimeAmount
+    let readTimeout: TimeAmount
+    private let limit: Int
+    /// Most recently used last: reuse the warmest, let the coldest time out.
+    private var idle: [UpstreamConnection] = []
+    private var open = 0
+    private var waiters = CircularBuffer<Acquired>()
+    private var isShutDown = false
+
+    init(
+        target: UpstreamTarget,
+        tls: NIOSSLContext?,
+        connectTimeout: TimeAmount,
+        readTimeout: TimeAmount,
+        limit: Int,
+        loop: any EventLoop
+    ) {
+        self.target = target
+        self.tls = tls
+        self.connectTimeout = connectTimeout
+        self.readTimeout = readTimeout
+        self.limit = limit
+        self.loop = loop
+    }
+
+    typealias Acquired = (Result<UpstreamConnection, UpstreamError>) -> Void
+
+    /// Hands `then` a connection for one request: an idle one, a new one, or the next to be
+    /// released; or why none could be had. Called back on the loop, possibly before returning.
+    func acquire(_ then: @escaping Acquired) {
+        guard !isShutDown else { return then(.failure(.connect("the proxy is stopping"))) }
+        while let connection = idle.popLast() {
+            if connection.takeFromPool() { return then(.success(connection)) }
+        }
+        guard open < limit else {
+            waiters.append(then)
+            return
+        }
+        connect(then)
+    }
+
+    private func connect(_ then: @escaping Acquired) {
+        open += 1
+        let (tls, target, readTimeout) = (self.tls, self.target, self.readTimeout)
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        ClientBootstrap(group: loop)
+            .connectTimeout(connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    if let tls {
+                        try sync.addHandler(
+                            try NIOSSLClientHandler(
+                                context: tls,
+                                serverHostname: target.hostIsAddress ? nil : target.host
+                            )
+                        )
+                    }
+                    try sync.addHTTPClientHandlers(leftOverBytesStrategy: .fireError)
+                    try sync.addHandler(UpstreamConnection(pool: bound, readTimeout: readTimeout))
+                }
+            }
+            .connect(host: target.host, port: target.port)
+            .assumeIsolated()
+            .whenComplete { [self] result in
+                switch result {
+                case .success(let channel):
+                    do {
+                        then(.success(try channel.pipeline.syncOperations.handler(type: UpstreamConnection.self)))
+                    } catch {
+                        channel.close(promise: nil)
+                        then(.failure(.connect("\(error)")))
+                    }
+                case .failure(let error):
+                    open -= 1
+                    then(.failure(.connect("\(error)")))
+                    // The slot is free again: the next waiter tries a connection of its own.
+                    if let waiter = waiters.popFirst() { connect(waiter) }
+                }
+            }
+    }
+
+    /// `connection` finished a whole answer and may serve another.
+    func release(_ connection: UpstreamConnection) {
+        if let waiter = waiters.popFirst() {
+            connection.reuse()
+            return waiter(.success(connection))
+        }
+        guard !isShutDown else { return connection.close() }
+        connection.park(idleTimeout: Self.idleTimeout)
+        idle.append(connection)
+    }
+
+    /// `connection` closed (or will not be reused).
+    func closed(_ connection: UpstreamConnection) {
+        open -= 1
+        idle.removeAll { $0 === connection }
+        // Its slot can serve the next waiter.
+        if let waiter = waiters.popFirst() { connect(waiter) }
+    }
+
+    func shutdown() {
+        isShutDown = true
+        for connection in idle { connection.close() }
+        idle.removeAll()
+        while let waiter = waiters.popFirst() { waiter(.failure(.connect("the proxy is stopping"))) }
+    }
+}
+
+/// One connection to the upstream: sends a request, hands its answer to the responder part by part,
+/// and returns to the pool after a whole keep-alive answer.
+final class UpstreamConnection: ChannelDuplexHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    typealias OutboundIn = HTTPClientRequestPart
+    typealias OutboundOut = HTTPClientRequestPart
+
+    private let pool: NIOLoopBound<UpstreamPool>
+    private let readTimeout: TimeAmount
+    private var context: ChannelHandlerContext?
+    private var responder: (UpstreamResponder, attempt: Int)?
+    /// Answer parts read but not handed on yet (the previous part's future is pending).
+    private var parts = CircularBuffer<HTTPClientResponsePart>()
+    private var delivering = false
+    private var readHeld = false
+    private var requestEnded = false
+    private var keepAlive = true
+    private var silence: Scheduled<Void>?
+    private var idleClose: Scheduled<Void>?
+    /// Requests served before the current one: a failure before any answer on a reused connection
+    /// may be the upstream closing it as it was reused (worth one retry on a new connection).
+    private(set) var servedBefore = 0
+
+    init(pool: NIOLoopBound<UpstreamPool>, readTimeout: TimeAmount) {
+        self.pool = pool
+        self.readTimeout = readTimeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        silence?.cancel()
+        idleClose?.cancel()
+        self.context = nil
+        pool.value.closed(self)
+        fail(.closed)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail(error is HTTPParserError ? .malformed("\(error)") : .closed)
+        context.close(promise: nil)
+    }
+
+    // MARK: The pool's side
+
+    /// Taken from the idle list; false when it closed meanwhile.
+    func takeFromPool() -> Bool {
+        idleClose?.cancel()
+        guard context?.channel.isActive == true else { return false }
+        reuse()
+        return true
+    }
+
+    func reuse() {
+        idleClose?.cancel()
+        servedBefore += 1
+    }
+
+    func park(idleTimeout: TimeAmount) {
+        idleClose = context?.eventLoop.scheduleTask(in: idleTimeout) { [weak self] in self?.close() }
+    }
+
+    func close() {
+        context?.close(promise: nil)
+    }
+
+    // MARK: The request
+
+    /// Sends `head` (and `body` when the body is known whole); a streamed body follows through
+    /// `writeBody` and `endBody`.
+    func send(_ head: HTTPRequestHead, body: ByteBuffer?, streamed: Bool, to responder: UpstreamResponder, attempt: Int)
+    {
+        guard let context else { return responder.upstreamFailed(.closed, attempt: attempt) }
+        self.responder = (responder, attempt)
+        requestEnded = !streamed
+        keepAlive = true
+        armSilence()
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        if let body, body.readableBytes > 0 { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
+        if !streamed {
+            context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        } else {
+            context.flush()
+        }
+    }
+
+    /// A part of a streamed request body; the future completes once it is written (backpressure).
+    func writeBody(_ part: ByteBuffer) -> EventLoopFuture<Void> {
+        guard let context else { return pool.value.loop.makeFailedFuture(UpstreamError.closed) }
+        armSilence()
+        return context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(part))))
+    }
+
+    func endBody() {
+        requestEnded = true
+        context?.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+
+    /// The client went away: the answer is not wanted, and the connection cannot be reused.
+    func cancel() {
+        responder = nil
+        close()
+    }
+
+    // MARK: The answer
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        armSilence()
+        parts.append(unwrapInboundIn(data))
+        deliver()
+    }
+
+    func read(context: ChannelHandlerContext) {
+        guard parts.isEmpty, !delivering else {
+            readHeld = true
+            return
+        }
+        context.read()
+    }
+
+    private func deliver() {
+        while !delivering, let part = parts.popFirst() {
+            guard let (responder, attempt) = responder else { return }
+            switch part {
+            case .head(let head):
+                keepAlive = head.isKeepAlive
+                wait(for: responder.upstreamHead(head, attempt: attempt))
+            case .body(let body):
+                wait(for: responder.upstreamBody(body, attempt: attempt))
+            case .end:
+                finish()
+            }
+        }
+        if !delivering, parts.isEmpty, readHeld, let context {
+            readHeld = false
+            context.read()
+        }
+    }
+
+    private func wait(for future: EventLoopFuture<Void>) {
+        delivering = true
+        future.hop(to: pool.value.loop).assumeIsolated().whenComplete { [weak self] _ in
+            self?.delivering = false
+            self?.deliver()
+        }
+    }
+
+    private func finish() {
+        silence?.cancel()
+        guard let (responder, attempt) = responder else { return }
+        self.responder = nil
+        // Back to the pool first: a replay the responder starts at once can have this connection.
+        if keepAlive && requestEnded && parts.isEmpty {
+            pool.value.release(self)
+        } else {
+            close()
+        }
+        responder.upstreamEnd(attempt: attempt)
+    }
+
+    private func fail(_ error: UpstreamError) {
+        silence?.cancel()
+        guard let (responder, attempt) = responder else { return }
+        self.responder = nil
+        parts.removeAll()
+        responder.upstreamFailed(error, attempt: attempt)
+    }
+
+    /// Restarts the silence timer: the upstream must send something within `readTimeout`.
+    private func armSilence() {
+        silence?.cancel()
+        silence = context?.eventLoop.scheduleTask(in: readTimeout) { [weak self] in
+            self?.fail(.timeout)
+            self?.close()
+        }
+    }
+}
