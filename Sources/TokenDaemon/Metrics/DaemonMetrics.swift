@@ -128,18 +128,36 @@ public final class DaemonMetrics: Sendable {
     /// itself (refused, no token, upstream unreachable). Status classes only: the upstream chooses
     /// the codes, and must not choose how many series there are.
     public func proxyRequest(method: String, status: Int, byUpstream: Bool) {
-        counter(
-            Self.name(
-                "proxy_requests",
-                "total",
-                "API proxy answers by method, status class and source (upstream, proxy)."
-            ),
-            [
-                ("method", Self.knownMethods.contains(method) ? method : "other"),
-                ("code", "\(min(max(status / 100, 1), 5))xx"), ("source", byUpstream ? "upstream" : "proxy"),
-            ]
-        ).increment()
+        let key = ProxyKey(
+            method: Self.knownMethods.contains(method) ? method : "other",
+            statusClass: min(max(status / 100, 1), 5),
+            byUpstream: byUpstream
+        )
+        proxyCounters.withLockedValue { cache in
+            if let counter = cache[key] { return counter }
+            let counter = registry.makeCounter(
+                descriptor: Self.name(
+                    "proxy_requests",
+                    "total",
+                    "API proxy answers by method, status class and source (upstream, proxy)."
+                ),
+                labels: [
+                    ("method", key.method), ("code", "\(key.statusClass)xx"),
+                    ("source", byUpstream ? "upstream" : "proxy"),
+                ]
+            )
+            cache[key] = counter
+            return counter
+        }.increment()
     }
+
+    /// The proxy's counters, keyed without building any string (this runs on every request).
+    private struct ProxyKey: Hashable {
+        var method: String
+        var statusClass: Int
+        var byUpstream: Bool
+    }
+    private let proxyCounters = NIOLockedValueBox<[ProxyKey: Counter]>([:])
 
     /// Methods with their own label value; a client's invented ones count as "other".
     static let knownMethods: Set<String> = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

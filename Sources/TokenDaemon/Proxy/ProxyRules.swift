@@ -14,9 +14,9 @@ enum ProxyRules {
     /// The client's credentials, replaced by the daemon's.
     static let credentials: Set<String> = ["authorization", "x-api-key"]
 
-    /// Set by the upstream connection itself: the upstream's `Host`, and the framing of the body
-    /// the proxy sends (AsyncHTTPClient writes `Content-Length` or chunked encoding). `Expect` is
-    /// answered by the proxy (it reads the body before it calls the upstream).
+    /// Set by the proxy itself: the upstream's `Host`, and the framing of the body it sends
+    /// (`Content-Length` or chunked encoding). `Expect` is answered by the proxy (it reads the body
+    /// before it calls the upstream).
     static let setByProxy: Set<String> = ["host", "content-length", "expect"]
 
     /// RFC 9110 §7.6.3: a proxy names itself in every message it forwards.
@@ -33,10 +33,9 @@ enum ProxyRules {
         headers.reserveCapacity(client.count + 3)
         let listed = connectionListed(client)
         for (name, value) in client {
-            let lower = name.lowercased()
-            guard !hopByHop.contains(lower), !credentials.contains(lower), !setByProxy.contains(lower),
-                !listed.contains(lower), lower != "via"
-            else { continue }
+            guard !droppedFromRequests.contains(where: { $0.matches(name) }), !isListed(name, in: listed) else {
+                continue
+            }
             headers.add(name: name, value: value)
         }
         headers.add(name: "Via", value: withOurVia(client))
@@ -51,12 +50,35 @@ enum ProxyRules {
         headers.reserveCapacity(upstream.count + 1)
         let listed = connectionListed(upstream)
         for (name, value) in upstream {
-            let lower = name.lowercased()
-            guard !hopByHop.contains(lower), !listed.contains(lower), lower != "via" else { continue }
+            guard !droppedFromAnswers.contains(where: { $0.matches(name) }), !isListed(name, in: listed) else {
+                continue
+            }
             headers.add(name: name, value: value)
         }
         headers.add(name: "Via", value: withOurVia(upstream))
         return headers
+    }
+
+    /// Field names compared without allocating (this runs for every header of every request).
+    struct FieldName: Sendable {
+        let lowercased: [UInt8]
+
+        init(_ name: String) { lowercased = Array(name.lowercased().utf8) }
+
+        func matches(_ name: String) -> Bool {
+            name.utf8.count == lowercased.count
+                && zip(name.utf8, lowercased).allSatisfy { byte, lower in
+                    (byte >= 0x41 && byte <= 0x5A ? byte + 0x20 : byte) == lower
+                }
+        }
+    }
+
+    /// `Via` is rewritten with this proxy's hop added, not copied.
+    static let droppedFromRequests = (hopByHop.union(credentials).union(setByProxy).union(["via"])).map(FieldName.init)
+    static let droppedFromAnswers = hopByHop.union(["via"]).map(FieldName.init)
+
+    private static func isListed(_ name: String, in listed: Set<String>) -> Bool {
+        !listed.isEmpty && listed.contains(name.lowercased())
     }
 
     /// The message's `Via` hops with this proxy's last.
