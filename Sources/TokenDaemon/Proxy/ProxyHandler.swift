@@ -42,6 +42,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     private var attemptSerial = 0
     /// A read was asked for while the request body waited for the upstream; passed on later.
     private var readHeld = false
+    /// Completed when the client's channel takes more again (the upstream waits for it).
+    private var writable: EventLoopPromise<Void>?
 
     /// One request, from its head to the end of its answer.
     private struct Exchange {
@@ -128,6 +130,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
 
     func channelInactive(context: ChannelHandlerContext) {
         abandon()
+        writable?.fail(ChannelError.ioOnClosedChannel)
+        writable = nil
         context.fireChannelInactive()
     }
 
@@ -380,13 +384,40 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         if !current.head.isKeepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
         exchange?.answer = .streaming
         answered(current.head, status: upstream.status, byUpstream: true, began: current.began)
-        return context.writeAndFlush(wrapOutboundOut(.head(head)))
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        return untilWritable(context)
+    }
+
+    /// Written parts go out at the next flush (the upstream's read burst ends, or the answer does):
+    /// a small answer leaves in one write. The upstream is read on at once while the client's
+    /// channel takes more, and only once it drained otherwise (backpressure).
+    private func untilWritable(_ context: ChannelHandlerContext) -> EventLoopFuture<Void> {
+        guard !context.channel.isWritable else { return succeeded() }
+        context.flush()
+        // The flush may have drained it (and told so already).
+        guard !context.channel.isWritable else { return succeeded() }
+        let promise = writable ?? loop.makePromise(of: Void.self)
+        writable = promise
+        return promise.futureResult
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, let writable {
+            self.writable = nil
+            writable.succeed()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func upstreamReadComplete(attempt: Int) {
+        guard current(attempt) != nil else { return }
+        context?.flush()
     }
 
     func upstreamBody(_ part: ByteBuffer, attempt: Int) -> EventLoopFuture<Void> {
         guard let context, let current = current(attempt), current.answer == .streaming else { return succeeded() }
-        // The upstream is read again once the client took this part (backpressure).
-        return context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(part))))
+        context.write(wrapOutboundOut(.body(.byteBuffer(part))), promise: nil)
+        return untilWritable(context)
     }
 
     func upstreamEnd(attempt: Int) {

@@ -69,6 +69,8 @@ protocol UpstreamResponder: AnyObject {
     func upstreamBody(_ part: ByteBuffer, attempt: Int) -> EventLoopFuture<Void>
     func upstreamEnd(attempt: Int)
     func upstreamFailed(_ error: UpstreamError, attempt: Int)
+    /// The upstream's read burst ended: what was handed on may be flushed.
+    func upstreamReadComplete(attempt: Int)
 }
 
 /// Keep-alive HTTP/1.1 connections to the upstream, all on one event loop (the proxy's; used from
@@ -305,6 +307,11 @@ final class UpstreamConnection: ChannelDuplexHandler {
         armSilence()
         parts.append(unwrapInboundIn(data))
         deliver()
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if let (responder, attempt) = responder { responder.upstreamReadComplete(attempt: attempt) }
+        context.fireChannelReadComplete()
     }
 
     func read(context: ChannelHandlerContext) {
