@@ -158,7 +158,9 @@ import Testing
         let notBefore = date.timeIntervalSince1970.rounded(.down)
         let secondEarly = times.count > 2 ? notBefore - times[2] : .infinity
         await run.finish(
-            ready && times.count == 3 && firstWait >= 1.95 && secondEarly <= 0.05,
+            // Three requests to READY; a fourth may follow (the chaos policy's jitter draws the
+            // first refresh after a cold start from the whole refresh period).
+            ready && times.count >= 3 && firstWait >= 1.95 && secondEarly <= 0.05,
             String(
                 format:
                     "429 with Retry-After: 2 then with an HTTP date: next requests %.2f s later and %.2f s after the date (goal: not before), %d requests",
