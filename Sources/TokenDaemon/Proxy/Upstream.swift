@@ -131,9 +131,10 @@ final class UpstreamPool {
         open += 1
         let (tls, target, readTimeout) = (self.tls, self.target, self.readTimeout)
         let bound = NIOLoopBound(self, eventLoop: loop)
+        // No socket options of its own: NIO sets TCP_NODELAY (a `.socketOption(.tcp_nodelay)` here
+        // was SOL_SOCKET's option 1, SO_DEBUG, which the unit refuses: seen in `make test-system`).
         ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
