@@ -171,6 +171,8 @@ import Testing
         #expect(text.contains("fts_tokend_login_duration_seconds_count 1"))
         #expect(text.contains("fts_tokend_token_expiry_timestamp_seconds "))
         #expect(text.contains("fts_tokend_last_success_timestamp_seconds "))
+        // The harness's refresh.minRemainingSeconds, for the alert rules (contrib/prometheus).
+        #expect(text.contains("fts_tokend_refresh_min_remaining_seconds 1.0\n"), "\(text)")
         let validity = text.split(separator: "\n").first { $0.hasPrefix("fts_tokend_token_validity_seconds ") }
             .flatMap { Double($0.split(separator: " ").last ?? "") }
         #expect(validity.map { $0 > 500 && $0 <= 600 } == true)

@@ -396,6 +396,7 @@ public final class Daemon {
             )
             metrics.tokenAdopted(token)
         }
+        metrics.policy(minRemainingSeconds: configuration.refresh.minRemainingSeconds)
         board.update(health: snapshot.health(now: now), nextLogin: snapshot.nextLogin)
         var states: [NotifyState] = [.status(snapshot.statusLine(now: now))]
         if notice != nil { states.insert(.ready, at: 0) }

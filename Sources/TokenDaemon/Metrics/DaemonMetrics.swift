@@ -17,6 +17,7 @@ public final class DaemonMetrics: Sendable {
     private let expiry: Gauge
     private let validity: Gauge
     private let lastSuccess: Gauge
+    private let minRemaining: Gauge
     private let loginDuration: DurationHistogram
     private let proxyUpstreamDuration: DurationHistogram
     /// Per-label counters, looked up once and kept (the registry would look them up on every call).
@@ -50,6 +51,13 @@ public final class DaemonMetrics: Sendable {
                 "last_success_timestamp",
                 "seconds",
                 "When the current token was obtained, Unix seconds."
+            )
+        )
+        minRemaining = registry.makeGauge(
+            descriptor: Self.name(
+                "refresh_min_remaining",
+                "seconds",
+                "refresh.minRemainingSeconds: a refresh is never scheduled later than this before expiry."
             )
         )
         loginDuration = registry.makeDurationHistogram(
@@ -89,6 +97,22 @@ public final class DaemonMetrics: Sendable {
             [("result", ok ? "ok" : "failed"), ("status_class", ok ? "2xx" : statusClass)]
         ).increment()
         loginDuration.record(duration)
+        if status == 429 {
+            counter(
+                Self.name(
+                    "login_rate_limited",
+                    "total",
+                    "Logins the server refused with 429 (FTS throttles accounts that log in too often)."
+                ),
+                []
+            ).increment()
+        }
+    }
+
+    /// The refresh settings alerts compare with (contrib/prometheus): set at every publication,
+    /// so a reload's new values show at once.
+    public func policy(minRemainingSeconds: Double) {
+        minRemaining.set(minRemainingSeconds)
     }
 
     /// A token became current.
