@@ -17,7 +17,7 @@ SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
 DEB := dist/fts-tokend_$(VERSION)_amd64.deb
 
-.PHONY: all deps build test lint format test-system soak demo release install deb bench bench-smoke clean
+.PHONY: all deps build test test-contrib lint format test-system soak demo release install deb bench bench-smoke clean
 
 all: build
 
@@ -37,6 +37,13 @@ build: deps
 test: deps
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+
+## test-contrib: the Prometheus alert rules checked and unit-tested by promtool (Debian's prometheus package)
+test-contrib:
+	@command -v promtool >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq prometheus >/dev/null; }
+	promtool check rules contrib/prometheus/fts-tokend.rules.yml
+	cd contrib/prometheus && promtool test rules fts-tokend.rules.test.yml
+	python3 -m json.tool contrib/grafana/fts-tokend.json >/dev/null
 
 ## lint: swift-format (the toolchain's) with the rules in .swift-format; any finding fails
 FORMATTED := Sources Tests Fuzz Package.swift
@@ -70,6 +77,8 @@ install: release
 	install -D -m 0644 systemd/config.json $(DESTDIR)/etc/fts-tokend/config.json
 	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/README.md
 	install -D -m 0644 config.example.json $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/config.example.json
+	install -D -m 0644 contrib/prometheus/fts-tokend.rules.yml $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/contrib/prometheus/fts-tokend.rules.yml
+	install -D -m 0644 contrib/grafana/fts-tokend.json $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/contrib/grafana/fts-tokend.json
 
 ## deb: an installable Debian package (dist/fts-tokend_VERSION_amd64.deb); units ship disabled
 deb:
