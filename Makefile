@@ -17,7 +17,7 @@ SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
 DEB := dist/fts-tokend_$(VERSION)_amd64.deb
 
-.PHONY: all deps build test test-contrib lint format test-system soak demo release install deb bench bench-smoke clean
+.PHONY: all deps build test test-contrib test-examples lint format test-system soak demo release install deb bench bench-smoke clean
 
 all: build
 
@@ -44,6 +44,11 @@ test-contrib:
 	promtool check rules contrib/prometheus/fts-tokend.rules.yml
 	cd contrib/prometheus && promtool test rules fts-tokend.rules.test.yml
 	python3 -m json.tool contrib/grafana/fts-tokend.json >/dev/null
+
+## test-examples: every client example (examples/) against the mock server and a real daemon
+test-examples: build
+	@command -v node >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq nodejs >/dev/null; }
+	bash examples/run-tests.sh $(SCRATCH)/debug/fts-tokend
 
 ## lint: swift-format (the toolchain's) with the rules in .swift-format; any finding fails
 FORMATTED := Sources Tests Fuzz Package.swift
