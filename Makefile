@@ -47,7 +47,7 @@ test-contrib:
 
 ## test-examples: every client example (examples/) against the mock server and a real daemon
 test-examples: build
-	@command -v node >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq nodejs >/dev/null; }
+	@command -v node >/dev/null && command -v jq >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq nodejs jq >/dev/null; }
 	bash examples/run-tests.sh $(SCRATCH)/debug/fts-tokend
 
 ## lint: swift-format (the toolchain's) with the rules in .swift-format; any finding fails

@@ -83,7 +83,15 @@ for example in "python:python3 $here/python/fts_client.py" "node:node $here/node
     # A server-side revocation: the example meets a 401 and must recover (the floor is 1 s here).
     sleep 1.2
     curl -sf -X POST "$mock/_mock/revoke" >/dev/null
+    before=$(curl -sf "$mock/_mock/stats")
     step "$name" rejected "${command[@]}"
+    after=$(curl -sf "$mock/_mock/stats")
+    # It met the 401 (once), and its report made exactly one login.
+    if [ "$(jq -n --argjson a "$before" --argjson b "$after" '($b.whoamiRejected - $a.whoamiRejected) == 1 and ($b.loginRequests - $a.loginRequests) == 1')" = true ]; then
+        echo "ok - $name rejected: one 401 seen, one forced login"; passed=$((passed + 1))
+    else
+        echo "FAILED - $name rejected: expected one 401 and one forced login"; failed=$((failed + 1))
+    fi
     step "$name" proxy "${command[@]}"
 done
 

@@ -48,7 +48,8 @@ import Testing
     @Test func theConfigurationPageListsExactlyTheKeysTheParserAccepts() throws {
         var accepted = Set(Self.acceptedKeys(at: nil, in: Self.everything))
         for section in [
-            "api", "refresh", "outputs", "outputs.tokenFile", "outputs.jsonFile", "outputs.headersFile", "outputs.socket",
+            "api", "refresh", "outputs", "outputs.tokenFile", "outputs.jsonFile", "outputs.headersFile",
+            "outputs.socket",
             "outputs.proxy",
         ] {
             accepted.formUnion(Self.acceptedKeys(at: section, in: Self.everything).map { section + "." + $0 })
@@ -57,13 +58,24 @@ import Testing
             ["exec": ["/usr/bin/true"], "zzUnknown": 1] as [String: Any],
             ["signal": "HUP", "pidFile": "/run/app.pid", "zzUnknown": 1],
         ] {
-            let error = parseError(config { Self.everything(&$0); $0["onRotate"] = [action] })
+            let error = parseError(
+                config {
+                    Self.everything(&$0)
+                    $0["onRotate"] = [action]
+                }
+            )
             let known = error?.problem.components(separatedBy: "known here: ").last?.dropLast() ?? ""
             accepted.formUnion(known.components(separatedBy: ", ").map { "onRotate[]." + $0 })
         }
         let documented = try Self.documentedKeys()
         #expect(accepted.count > 50, "\(accepted.sorted())")
-        #expect(accepted.subtracting(documented).isEmpty, "accepted but not in the page: \(accepted.subtracting(documented).sorted())")
-        #expect(documented.subtracting(accepted).isEmpty, "in the page but not accepted: \(documented.subtracting(accepted).sorted())")
+        #expect(
+            accepted.subtracting(documented).isEmpty,
+            "accepted but not in the page: \(accepted.subtracting(documented).sorted())"
+        )
+        #expect(
+            documented.subtracting(accepted).isEmpty,
+            "in the page but not accepted: \(documented.subtracting(accepted).sorted())"
+        )
     }
 }
