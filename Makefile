@@ -17,7 +17,7 @@ SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
 DEB := dist/fts-tokend_$(VERSION)_amd64.deb
 
-.PHONY: all deps build test test-contrib test-examples lint format test-system soak demo release install deb bench bench-smoke clean
+.PHONY: all deps build test test-contrib test-examples man completions lint format test-system soak demo release install deb bench bench-smoke clean
 
 all: build
 
@@ -84,6 +84,30 @@ install: release
 	install -D -m 0644 config.example.json $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/config.example.json
 	install -D -m 0644 contrib/prometheus/fts-tokend.rules.yml $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/contrib/prometheus/fts-tokend.rules.yml
 	install -D -m 0644 contrib/grafana/fts-tokend.json $(DESTDIR)$(PREFIX)/share/doc/fts-tokend/contrib/grafana/fts-tokend.json
+	$(MAKE) man completions
+	install -D -m 0644 dist/man/fts-tokend.8.gz $(DESTDIR)$(PREFIX)/share/man/man8/fts-tokend.8.gz
+	install -D -m 0644 dist/man/fts-tokend.json.5.gz $(DESTDIR)$(PREFIX)/share/man/man5/fts-tokend.json.5.gz
+	install -D -m 0644 dist/completions/fts-tokend.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/fts-tokend
+	install -D -m 0644 dist/completions/_fts-tokend $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_fts-tokend
+	install -D -m 0644 dist/completions/fts-tokend.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/fts-tokend.fish
+
+## man: fts-tokend(8) generated from the command definitions (swift-argument-parser's generate-manual,
+## run on the release binary), and fts-tokend.json(5) from docs/man; gzipped as Debian ships them
+MANUAL_TOOL := $(SCRATCH)/debug/generate-manual
+man: release
+	$(SWIFT) build --product generate-manual --scratch-path $(SCRATCH)
+	mkdir -p dist/man
+	$(MANUAL_TOOL) $(RELEASE_BIN) --section 8 --date "$$(git log -1 --format=%cs 2>/dev/null || date +%F)" \
+	    --authors "the fts-tokend maintainers" --output-directory dist/man
+	gzip -9n -c dist/man/fts-tokend.8 > dist/man/fts-tokend.8.gz
+	gzip -9n -c docs/man/fts-tokend.json.5 > dist/man/fts-tokend.json.5.gz
+
+## completions: bash, zsh and fish completion scripts from the same command definitions
+completions: release
+	mkdir -p dist/completions
+	$(RELEASE_BIN) --generate-completion-script bash > dist/completions/fts-tokend.bash
+	$(RELEASE_BIN) --generate-completion-script zsh > dist/completions/_fts-tokend
+	$(RELEASE_BIN) --generate-completion-script fish > dist/completions/fts-tokend.fish
 
 ## deb: an installable Debian package (dist/fts-tokend_VERSION_amd64.deb); units ship disabled
 deb:
@@ -98,6 +122,7 @@ deb:
 
 ## test-system: the .deb installed into a real systemd 252 (../shared/systemd-lab; needs root)
 test-system: deb
+	bash Tests/System/package-checks.sh $(DEB)
 	bash Tests/System/run.sh $(DEB)
 
 ## bench: release binary against nginx and the floor; writes docs/benchmarks.md (BENCH_FLAGS for bench.py;

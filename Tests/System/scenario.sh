@@ -25,6 +25,8 @@ export DEBIAN_FRONTEND=noninteractive
 dpkg -i /root/fts-tokend.deb >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; bad "dpkg -i"; }
 check "package created user fts-tokend and group fts-token" sh -c 'id fts-tokend && getent group fts-token'
 check "units ship disabled" sh -c '[ "$(systemctl is-enabled fts-tokend.service)" = disabled ]'
+check "man pages installed" test -s /usr/share/man/man8/fts-tokend.8.gz -a -s /usr/share/man/man5/fts-tokend.json.5.gz
+check "bash completion: fts-tokend t completes to token" bash -c 'source /usr/share/bash-completion/completions/fts-tokend && COMP_WORDS=(fts-tokend t) COMP_CWORD=1 COMP_LINE="fts-tokend t" COMP_POINT=12 && _fts-tokend fts-tokend t fts-tokend && [ "${COMPREPLY[*]}" = token ]'
 useradd -m -G fts-token reader
 useradd -m stranger
 
