@@ -99,13 +99,15 @@ man: release
 	mkdir -p dist/man
 	$(MANUAL_TOOL) $(RELEASE_BIN) --section 8 --date "$$(git log -1 --format=%cs 2>/dev/null || date +%F)" \
 	    --authors "the fts-tokend maintainers" --output-directory dist/man
-	gzip -9n -c dist/man/fts-tokend.8 > dist/man/fts-tokend.8.gz
+	# mdoc has no blank lines (groff warns of each: lintian's groff-message).
+	sed '/^$$/d' dist/man/fts-tokend.8 | gzip -9n > dist/man/fts-tokend.8.gz
 	gzip -9n -c docs/man/fts-tokend.json.5 > dist/man/fts-tokend.json.5.gz
 
 ## completions: bash, zsh and fish completion scripts from the same command definitions
 completions: release
 	mkdir -p dist/completions
-	$(RELEASE_BIN) --generate-completion-script bash > dist/completions/fts-tokend.bash
+	# Sourced by bash-completion, not run: no #! line (lintian's bash-completion-with-hashbang).
+	$(RELEASE_BIN) --generate-completion-script bash | sed '1{/^#!/d}' > dist/completions/fts-tokend.bash
 	$(RELEASE_BIN) --generate-completion-script zsh > dist/completions/_fts-tokend
 	$(RELEASE_BIN) --generate-completion-script fish > dist/completions/fts-tokend.fish
 
