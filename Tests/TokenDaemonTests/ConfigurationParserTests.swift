@@ -530,6 +530,12 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         #expect(proxy.maxConnections == 512 && proxy.maxUpstreamConnections == 64)
     }
 
+    @Test func aProxyAloneIsAValidOutput() throws {
+        let text = #"{"api":{"baseURL":"https://x.example"},"outputs":{"proxy":{}}}"#
+        let outputs = try ConfigurationParser().parse(Array(text.utf8)).outputs
+        #expect(outputs.proxy?.upstream == "https://x.example" && outputs.files.isEmpty && outputs.socket == nil)
+    }
+
     @Test func parsesAProxyWithEverySetting() throws {
         let parsed = try ConfigurationParser().parse(
             config {
