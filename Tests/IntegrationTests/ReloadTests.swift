@@ -65,6 +65,9 @@ import Testing
         let scheduledAgain = try #require(before)
         harness.refresh.refreshAt = 0.5
         try harness.writeConfig()
+        // The listener keeps what it received: without this the start's READY=1 answers at once,
+        // before the reload (seen in CI: the health read was the old one).
+        harness.notify.reset()
         child.signal(SIGHUP)
         #expect(await harness.notify.waitFor { $0.contains("READY=1") && !$0.contains("reload failed") } != nil)
         let after = try #require(try await Self.health(harness)["nextRefreshAt"] as? String)
