@@ -286,29 +286,12 @@ def start_nginx(folder, token_file):
         token = handle.read()
     # A folder of its own: nginx hands its temp paths to its worker user (nobody), and the daemon
     # refuses a config in a folder another user owns.
-    folder = os.path.join(folder, "nginx")
-    os.makedirs(folder, exist_ok=True)
-    config = os.path.join(folder, "nginx.conf")
-    sock = os.path.join(folder, "nginx.sock")
-    with open(config, "w") as handle:
-        handle.write(f"""
-worker_processes 1;
-daemon off;
-pid {folder}/nginx.pid;
-error_log {folder}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  keepalive_requests 100000000;
-  keepalive_timeout 60s;
-  client_body_temp_path {folder}; proxy_temp_path {folder}; fastcgi_temp_path {folder}; uwsgi_temp_path {folder}; scgi_temp_path {folder};
+    sock = os.path.join(folder, "nginx", "nginx.sock")
+    process = start_nginx_config(folder, "nginx", f"""
   server {{
     listen unix:{sock};
     location = /token {{ default_type text/plain; add_header Cache-Control no-store; return 200 "{token}"; }}
-  }}
-}}
-""")
-    process = subprocess.Popen([nginx, "-c", config, "-e", f"{folder}/nginx-error.log"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  }}""")
     Lab.wait_for(lambda: os.path.exists(sock), 10)
     return process, sock
 

@@ -369,6 +369,19 @@ public final class MockFTSServer: Sendable {
         return (headers.first(name: "x-api-key") == configuration.apiKey, subject)
     }
 
+    /// What `/api/echo` answers (and tests decode).
+    public struct Echo: Codable, Sendable {
+        public var method: String
+        public var path: String
+        public var query: String
+        public var bodyLength: Int
+        public var bodySHA256: String
+        public var keyValid: Bool
+        public var tokenValid: Bool
+        /// The headers received (names lowercased), without `Authorization` and `x-api-key`.
+        public var headers: [String: String]
+    }
+
     private func echo(
         method: HTTPMethod,
         path: String,
@@ -377,16 +390,6 @@ public final class MockFTSServer: Sendable {
         body: ReceivedBody,
         now: Date
     ) -> Response {
-        struct Echo: Encodable {
-            var method: String
-            var path: String
-            var query: String
-            var bodyLength: Int
-            var bodySHA256: String
-            var keyValid: Bool
-            var tokenValid: Bool
-            var headers: [String: String]
-        }
         let (keyValid, subject) = authenticate(headers, now: now)
         let valid = keyValid && subject != nil
         state.withLockedValue { state in

@@ -18,19 +18,8 @@ import Testing
 
     static func apiSocket(_ harness: DaemonHarness) -> String { harness.folder.file("run/api.sock") }
 
-    struct Echo: Decodable {
-        var method: String
-        var path: String
-        var query: String
-        var bodyLength: Int
-        var bodySHA256: String
-        var keyValid: Bool
-        var tokenValid: Bool
-        var headers: [String: String]
-    }
-
-    static func echo(_ body: String) -> Echo? {
-        try? JSONDecoder().decode(Echo.self, from: Data(body.utf8))
+    static func echo(_ body: String) -> MockFTSServer.Echo? {
+        try? JSONDecoder().decode(MockFTSServer.Echo.self, from: Data(body.utf8))
     }
 
     static func header(_ name: String, in headers: String) -> String? {
@@ -273,6 +262,26 @@ import Testing
 
 /// The proxy under many clients, revocations in a row, and clients that stop reading.
 @Suite struct ProxyLoadTests {
+    /// `body`'s result, and how far above its level before `body` the resident memory of process
+    /// `pid` rose meanwhile (KiB; sampled every 20 ms).
+    static func rssGrowth<T>(
+        of pid: Int32,
+        during body: () async throws -> T
+    ) async throws -> (T, Int) {
+        let before = try #require(ProcessFigures(pid: pid)).rssKiB
+        let sampler = Task {
+            var peak = before
+            while !Task.isCancelled {
+                peak = max(peak, ProcessFigures(pid: pid)?.rssKiB ?? 0)
+                try? await Task.sleep(for: .milliseconds(20))
+            }
+            return peak
+        }
+        let result = try await body()
+        sampler.cancel()
+        return (result, await sampler.value - before)
+    }
+
     @Test func aHundredConcurrentRequestsThatSeeTheRevocationCauseOneLogin() async throws {
         let harness = try await ProxyTests.harness()
         try harness.start()
@@ -310,17 +319,13 @@ import Testing
         #expect(await harness.waitUntilReady() != nil)
         // Warm up the pool and the allocator with one whole answer.
         _ = try await Command.curl("/api/stream?bytes=\(1 << 20)", socket: ProxyTests.apiSocket(harness))
-        let before = try #require(ProcessFigures(pid: child.pid))
         let stalled = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
-        try stalled.send(Array("GET /api/stream?bytes=\(1 << 30) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8))
-        // Whatever the kernel buffers hold, the daemon holds no more than a part or two: sample for
-        // a while (each sample is a moment the daemon could have been filling up).
-        var peak = before.rssKiB
-        for _ in 0..<30 {
-            try await Task.sleep(for: .milliseconds(100))
-            peak = max(peak, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
+        // Whatever the kernel buffers hold, the daemon holds no more than a part or two: sampled for
+        // 3 s (each sample is a moment the daemon could have been filling up).
+        let (_, growth) = try await Self.rssGrowth(of: child.pid) {
+            try stalled.send(Array("GET /api/stream?bytes=\(1 << 30) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8))
+            try await Task.sleep(for: .seconds(3))
         }
-        let growth = peak - before.rssKiB
         #expect(growth < 4096, "RSS grew \(growth) KiB while a client read nothing of a 1 GiB answer")
         // Others are served meanwhile.
         #expect(try await Command.curl("/api/echo", socket: ProxyTests.apiSocket(harness)).status == 200)
@@ -334,24 +339,15 @@ import Testing
         let child = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         _ = try await Command.curl("/api/stream?bytes=\(1 << 20)", socket: ProxyTests.apiSocket(harness))
-        let before = try #require(ProcessFigures(pid: child.pid))
-        let sampler = Task {
-            var peak = 0
-            while !Task.isCancelled {
-                peak = max(peak, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
-                try? await Task.sleep(for: .milliseconds(20))
-            }
-            return peak
+        let (download, growth) = try await Self.rssGrowth(of: child.pid) {
+            try await Command.run(
+                "/usr/bin/curl",
+                [
+                    "-s", "--max-time", "120", "--unix-socket", ProxyTests.apiSocket(harness), "-o", "/dev/null",
+                    "-w", "%{http_code} %{size_download}", "http://localhost/api/stream?bytes=\(100_000_000)",
+                ]
+            )
         }
-        let download = try await Command.run(
-            "/usr/bin/curl",
-            [
-                "-s", "--max-time", "120", "--unix-socket", ProxyTests.apiSocket(harness), "-o", "/dev/null",
-                "-w", "%{http_code} %{size_download}", "http://localhost/api/stream?bytes=\(100_000_000)",
-            ]
-        )
-        sampler.cancel()
-        let growth = await sampler.value - before.rssKiB
         #expect(download.output == "200 100000000")
         #expect(growth < 4096, "RSS grew \(growth) KiB while 100 MB passed")
         Scenario.report(growth < 4096, "100 MB answer through the proxy: RSS +\(growth) KiB (peak during the transfer)")

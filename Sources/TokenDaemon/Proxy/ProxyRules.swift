@@ -29,33 +29,27 @@ enum ProxyRules {
     /// each attempt): the client's, less hop-by-hop fields, the client's credentials and what the
     /// proxy sets itself, with `Via`.
     static func forwardedHeaders(_ client: HTTPHeaders) -> HTTPHeaders {
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(client.count + 3)
-        let listed = connectionListed(client)
-        for (name, value) in client {
-            guard !droppedFromRequests.contains(where: { $0.matches(name) }), !isListed(name, in: listed) else {
-                continue
-            }
-            headers.add(name: name, value: value)
-        }
-        headers.add(name: "Via", value: withOurVia(client))
-        return headers
+        copy(client, dropping: droppedFromRequests, reserving: 3)
     }
 
     /// An answer's headers as the client gets them: the upstream's, less hop-by-hop fields, with
     /// `Via`. `Content-Length` passes (the body passes byte for byte); a chunked body is chunked
     /// again by the client connection.
     static func clientHeaders(_ upstream: HTTPHeaders) -> HTTPHeaders {
+        copy(upstream, dropping: droppedFromAnswers, reserving: 1)
+    }
+
+    /// `message`'s fields less `dropped` and those its `Connection` header names, then `Via` with
+    /// this proxy's hop; room for `reserving` more.
+    private static func copy(_ message: HTTPHeaders, dropping dropped: [FieldName], reserving: Int) -> HTTPHeaders {
         var headers = HTTPHeaders()
-        headers.reserveCapacity(upstream.count + 1)
-        let listed = connectionListed(upstream)
-        for (name, value) in upstream {
-            guard !droppedFromAnswers.contains(where: { $0.matches(name) }), !isListed(name, in: listed) else {
-                continue
-            }
+        headers.reserveCapacity(message.count + reserving)
+        let listed = connectionListed(message)
+        for (name, value) in message {
+            guard !dropped.contains(where: { $0.matches(name) }), !isListed(name, in: listed) else { continue }
             headers.add(name: name, value: value)
         }
-        headers.add(name: "Via", value: withOurVia(upstream))
+        headers.add(name: "Via", value: withOurVia(message))
         return headers
     }
 
