@@ -209,9 +209,12 @@ import Testing
             ttl: 3,
             refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1, backoffInitialSeconds: 5, backoffMaxSeconds: 10)
         )
+        // The first login answers, every later one fails: set before the start (set after READY, a
+        // loaded machine let the 1.5 s refresh succeed first).
+        harness.mock.always(.status(503))
+        harness.mock.enqueue(MockFault())
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
-        harness.mock.always(.status(503))
         #expect(await harness.notify.waitFor(timeout: 30) { $0.contains("token expired at") } != nil)
         #expect(harness.folder.entries("run").isEmpty, "no expired token left for readers")
         #expect(harness.child?.standardError.contains("event=token_expired") == true)
