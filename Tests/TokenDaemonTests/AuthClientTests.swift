@@ -9,10 +9,12 @@ import Testing
 @Suite struct AuthClientTests {
     static let secrets = LoginSecrets(email: "svc@example.com", password: "pw-1", apiKey: "key-1")
 
+    /// A client against a fresh mock. The login timeout is generous (60 s) unless a test is about
+    /// timeouts: at the suite's start a loaded machine stalled a 100 KiB answer past 5 s (CI).
     func withMock(
         ttl: TimeInterval = 600,
         milliseconds: Bool = false,
-        timeout: Double = 5,
+        timeout: Double = 60,
         tokenPath: String = "/auth/token",
         _ body: (MockFTSServer, AuthClient) async throws -> Void
     ) async throws {
@@ -196,7 +198,7 @@ import Testing
     static func client(
         baseURL: String,
         tokenPath: String = "/auth/token",
-        timeoutSeconds: Double = 5,
+        timeoutSeconds: Double = 60,
         caFile: String? = nil,
         version: String = "1"
     ) -> AuthClient {
