@@ -19,10 +19,15 @@ struct RejectionAnswer: Equatable {
 struct CoreDriver {
     var core: DaemonCore
     var now = Date(timeIntervalSince1970: 1_800_000_000)
-    /// What the next writes report (nil: success).
+    /// What the next writes report (nil: success): the first configured file fails with it.
     var writeFailure: String?
+    /// What the next saves of the state file and writes of the metrics file report (nil: success).
+    var stateFailure: String?
+    var metricsFailure: String?
     /// What the next `.loadConfiguration` returns.
     var nextConfiguration: Result<LoadedConfiguration, ConfigurationError>?
+    /// What `/healthz` says: the last `.publish` or `.updateHealth`, at the instant it went out.
+    var health: TokenBoard.Health?
 
     init(
         _ configuration: LoadedConfiguration = CoreFixtures.configuration(),
@@ -49,7 +54,10 @@ struct CoreDriver {
             for action in actions {
                 all.append(action)
                 switch action {
-                case .writeFiles(let request): inputs.append(.filesWritten(id: request.id, failure: writeFailure))
+                case .writeFiles(let request): inputs.append(.filesWritten(id: request.id, writeOutcome))
+                case .publish(let snapshot, _), .updateHealth(let snapshot): health = snapshot.health(now: now)
+                case .saveState: inputs.append(.stateSaved(failure: stateFailure))
+                case .writeMetricsFile: inputs.append(.metricsFileWritten(failure: metricsFailure))
                 case .loadConfiguration:
                     if let result = nextConfiguration { inputs.append(.configurationLoaded(result)) }
                 default: break
@@ -57,6 +65,13 @@ struct CoreDriver {
             }
         }
         return all
+    }
+
+    /// What a write of the current configuration's files reports, as `TokenOutputs.write` would.
+    var writeOutcome: TokenOutputs.WriteOutcome {
+        let paths = core.configuration.configuration.outputs.files.map(\.path)
+        guard let writeFailure, let first = paths.first else { return .init(written: paths) }
+        return .init(written: [], failure: .init(path: first, error: writeFailure))
     }
 
     /// Moves the clock on by `seconds` and ticks.
@@ -777,5 +792,154 @@ extension [DaemonCore.Action] {
         var driver = CoreDriver()
         driver.send(.start(stored: nil))
         #expect(driver.send(Self.report("0badf00d", id: 5)).answers == [.init(5, .stale(current: nil))])
+    }
+}
+
+/// What `/healthz` says of the outputs, the last login and the forced-refresh floor (issue 14 item 6).
+@Suite struct DaemonCoreHealthTests {
+    static let metrics = "/var/lib/node/fts.prom"
+
+    func output(_ driver: CoreDriver, _ key: String) -> TokenBoard.Health.Output? {
+        driver.health?.outputs?.first { $0.output == key }
+    }
+
+    @Test func everyFileTheDaemonWritesIsListedWithItsLastWrite() throws {
+        var driver = CoreDriver(
+            CoreFixtures.configuration(
+                files: ["/run/fts/token", "/run/fts/token.json"],
+                headersFile: "/run/fts/headers",
+                metricsFile: Self.metrics
+            )
+        )
+        driver.send(.start(stored: nil))
+        let written = FormatTime.iso8601(driver.now)
+        driver.loginSucceeds()
+        let outputs = try #require(driver.health?.outputs)
+        #expect(
+            outputs.map(\.output) == [
+                "outputs.tokenFile", "outputs.jsonFile", "outputs.headersFile", "stateFile", "metricsFile",
+            ]
+        )
+        #expect(
+            outputs.map(\.path) == [
+                "/run/fts/token", "/run/fts/token.json", "/run/fts/headers", "/var/lib/fts/state.json", Self.metrics,
+            ]
+        )
+        #expect(outputs.allSatisfy { $0.lastWriteAt == written && $0.lastError == nil })
+    }
+
+    @Test func aWriteErrorNamesItsFileAndStaysAfterTheRecovery() throws {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        let firstWrite = FormatTime.iso8601(driver.now)
+        driver.advance(60)
+        driver.writeFailure = "rename to /run/fts/token: No space left on device"
+        driver.send(.signal(.refresh))
+        driver.loginSucceeds(token: "new.tok.en")
+        let failedAt = FormatTime.iso8601(driver.now)
+        var token = try #require(output(driver, "outputs.tokenFile"))
+        #expect(token.lastWriteAt == firstWrite)
+        #expect(token.lastError == .init(at: failedAt, error: "rename to /run/fts/token: No space left on device"))
+        #expect(driver.health?.status == "degraded")
+        // The retry lands: the write time moves on, the error stays for the operator to see.
+        driver.writeFailure = nil
+        driver.advance(DaemonCore.writeRetry)
+        token = try #require(output(driver, "outputs.tokenFile"))
+        #expect(token.lastWriteAt == FormatTime.iso8601(driver.now))
+        #expect(token.lastError?.at == failedAt)
+        #expect(driver.health?.status == "ok")
+    }
+
+    @Test func aStateFileThatCannotBeSavedIsShownWithoutDegradingTheToken() throws {
+        var driver = CoreDriver()
+        driver.stateFailure = "create /var/lib/fts/state.json.tmp: Read-only file system"
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        let state = try #require(output(driver, "stateFile"))
+        #expect(state.lastWriteAt == nil)
+        #expect(state.lastError?.error == "create /var/lib/fts/state.json.tmp: Read-only file system")
+        #expect(driver.health?.status == "ok")
+    }
+
+    /// The metrics file is written after every publication: its record reaches `/healthz` alone,
+    /// without a publication that would write it again.
+    @Test func theMetricsFileRecordUpdatesHealthWithoutAnotherPublication() throws {
+        var driver = CoreDriver(CoreFixtures.configuration(metricsFile: Self.metrics))
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        driver.metricsFailure = "rename to \(Self.metrics): Permission denied"
+        let actions = driver.advance(10)
+        #expect(actions.filter { if case .writeMetricsFile = $0 { true } else { false } }.count == 1)
+        #expect(!actions.contains { if case .publish = $0 { true } else { false } })
+        #expect(actions.contains { if case .updateHealth = $0 { true } else { false } })
+        let metrics = try #require(output(driver, "metricsFile"))
+        #expect(
+            metrics.lastError
+                == .init(at: FormatTime.iso8601(driver.now), error: "rename to \(Self.metrics): Permission denied")
+        )
+    }
+
+    @Test func aReloadForgetsTheFilesItNoLongerConfigures() throws {
+        var driver = CoreDriver(CoreFixtures.configuration(files: ["/run/fts/token", "/run/fts/token.json"]))
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        driver.nextConfiguration = .success(CoreFixtures.configuration(files: ["/run/fts/token"]))
+        driver.send(.signal(.reload))
+        #expect(driver.health?.outputs?.map(\.output) == ["outputs.tokenFile", "stateFile"])
+        // Configured again, the file starts afresh (its old write time was another configuration's).
+        driver.advance(30)
+        driver.writeFailure = "disk full"
+        driver.nextConfiguration = .success(
+            CoreFixtures.configuration(files: ["/run/fts/token", "/run/fts/token.json"])
+        )
+        driver.send(.signal(.reload))
+        let json = try #require(output(driver, "outputs.jsonFile"))
+        #expect(json.lastWriteAt == nil)
+    }
+
+    @Test func theLastLoginShowsItsResultDurationAndToken() throws {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        let started = FormatTime.iso8601(driver.now)
+        driver.now = driver.now.addingTimeInterval(0.25)
+        driver.loginSucceeds()
+        var login = try #require(driver.health?.lastLogin)
+        #expect(login.result == "ok" && login.startedAt == started && login.durationSeconds == 0.25)
+        #expect(login.tokenFingerprint == driver.grant().fingerprint && login.error == nil)
+        #expect(driver.health?.tokenFingerprint == driver.grant().fingerprint)
+
+        driver.send(.signal(.refresh))
+        driver.loginFails(CoreFixtures.unavailable)
+        login = try #require(driver.health?.lastLogin)
+        #expect(login.result == "failed" && login.httpStatus == 503 && login.tokenFingerprint == nil)
+        #expect(login.error == CoreFixtures.unavailable.description)
+
+        driver.advance(try #require(driver.core.nextDeadline()).timeIntervalSince(driver.now))
+        driver.loginFails(.httpStatus(429, retryAfter: 60))
+        #expect(driver.health?.lastLogin?.result == "rate-limited")
+        driver.advance(61)
+        driver.loginFails(CoreFixtures.rejected)
+        #expect(driver.health?.lastLogin?.result == "rejected")
+    }
+
+    @Test func theForcedRefreshFloorAndItsNextInstantAreShown() throws {
+        var refresh = CoreFixtures.noJitter
+        refresh.minForcedRefreshSeconds = 120
+        var driver = CoreDriver(CoreFixtures.configuration(refresh: refresh))
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        #expect(driver.health?.forcedRefresh == .init(minIntervalSeconds: 120, lastAt: nil, nextAllowedAt: nil))
+        driver.send(DaemonCoreRejectionTests.report(driver.grant().fingerprint))
+        let forcedAt = driver.now
+        driver.loginSucceeds(token: "new.tok.en")
+        #expect(
+            driver.health?.forcedRefresh
+                == .init(
+                    minIntervalSeconds: 120,
+                    lastAt: FormatTime.iso8601(forcedAt),
+                    nextAllowedAt: FormatTime.iso8601(forcedAt.addingTimeInterval(120))
+                )
+        )
     }
 }

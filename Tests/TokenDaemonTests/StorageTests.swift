@@ -29,7 +29,8 @@ let sampleGrant = TokenGrant(
 
     @Test func writesTheThreeFormats() throws {
         let folder = try TemporaryDirectory()
-        try outputs(in: folder).write(sampleGrant, apiKey: "key-1")
+        let outcome = outputs(in: folder).write(sampleGrant, apiKey: "key-1")
+        #expect(outcome == .init(written: ["run/token", "run/token.json", "run/headers"].map(folder.file)))
         #expect(folder.read("run/token") == "aaa.bbb.ccc")
         #expect(folder.read("run/headers") == "x-api-key: key-1\nAuthorization: Bearer aaa.bbb.ccc\n")
         #expect(folder.mode("run/token.json") == 0o600)
@@ -42,9 +43,24 @@ let sampleGrant = TokenGrant(
         #expect(json["tenantId"] as? String == "acme")
     }
 
+    /// `/healthz` reports each file on its own: the outcome says which were written before the one
+    /// that failed, and that the files after it were not tried.
+    @Test func aFailedFileIsNamedAndTheFilesAfterItAreNotTried() throws {
+        let folder = try TemporaryDirectory()
+        // The JSON file's folder is a regular file: its write fails with ENOTDIR.
+        _ = try folder.write("run/token.json.d", "not a folder")
+        var outputs = outputs(in: folder)
+        outputs.outputs.jsonFile = .init(path: folder.file("run/token.json.d/token.json"), mode: 0o600)
+        let outcome = outputs.write(sampleGrant, apiKey: "k")
+        #expect(outcome.written == [folder.file("run/token")])
+        #expect(outcome.failure?.path == folder.file("run/token.json.d/token.json"))
+        #expect(outcome.failure?.error.contains("token.json.d") == true, "\(outcome)")
+        #expect(folder.read("run/headers") == nil)
+    }
+
     @Test func bareSchemeWritesTheTokenAlone() throws {
         let folder = try TemporaryDirectory()
-        try outputs(in: folder, scheme: "").write(sampleGrant, apiKey: "key-1")
+        #expect(outputs(in: folder, scheme: "").write(sampleGrant, apiKey: "key-1").failure == nil)
         #expect(folder.read("run/headers") == "x-api-key: key-1\nAuthorization: aaa.bbb.ccc\n")
     }
 
@@ -58,7 +74,7 @@ let sampleGrant = TokenGrant(
     @Test func removeDeletesEveryFile() throws {
         let folder = try TemporaryDirectory()
         let outputs = outputs(in: folder)
-        try outputs.write(sampleGrant, apiKey: "k")
+        #expect(outputs.write(sampleGrant, apiKey: "k").failure == nil)
         try outputs.remove()
         #expect(folder.entries("run").isEmpty)
     }

@@ -240,7 +240,7 @@ public final class Daemon {
             login?.cancel()
             login = nil
         case .writeFiles(let request):
-            return .filesWritten(id: request.id, failure: writeFiles(request))
+            return .filesWritten(id: request.id, writeFiles(request))
         case .withdrawFiles:
             do {
                 try TokenOutputs(configuration.outputs).remove()
@@ -263,11 +263,13 @@ public final class Daemon {
             guard let path = configuration.stateFile else { break }
             do {
                 try StateStore(path: path).save(grant, identity: core.configuration.identity)
+                return .stateSaved(failure: nil)
             } catch {
                 logger.warning(
                     "cannot save state, a restart will log in again",
                     metadata: ["event": "state_write_failed", "reason": "\(error)"]
                 )
+                return .stateSaved(failure: "\(error)")
             }
         case .runRotateActions(let grant):
             RotateActionRunner(logger: logger).run(
@@ -286,6 +288,8 @@ public final class Daemon {
             apply(change)
         case .publish(let snapshot, let notice):
             publish(snapshot, notice: notice)
+        case .updateHealth(let snapshot):
+            board.update(health: snapshot.health(now: deps.clock()), nextLogin: snapshot.nextLogin)
         case .pingWatchdog:
             deps.notifier.notify(.watchdog)
         case .extendStartTimeout(let seconds):
@@ -333,13 +337,13 @@ public final class Daemon {
         }
     }
 
-    /// Writes the outputs; returns why it failed, or nil.
-    private func writeFiles(_ request: DaemonCore.WriteRequest) -> String? {
-        do {
-            try TokenOutputs(configuration.outputs).write(request.grant, apiKey: core.configuration.secrets.apiKey)
-        } catch {
-            return error.description
-        }
+    /// Writes the outputs; logs the write when every file landed.
+    private func writeFiles(_ request: DaemonCore.WriteRequest) -> TokenOutputs.WriteOutcome {
+        let outcome = TokenOutputs(configuration.outputs).write(
+            request.grant,
+            apiKey: core.configuration.secrets.apiKey
+        )
+        guard outcome.failure == nil else { return outcome }
         var metadata: Logger.Metadata = ["event": "token_written", "token_fp": "\(request.grant.fingerprint)"]
         if request.reason == .newToken {
             // From the login answer's arrival to every file renamed and fsynced.
@@ -347,7 +351,7 @@ public final class Daemon {
                 "\((deps.clock().timeIntervalSince(request.grant.obtainedAt) * 100_000).rounded() / 100)"
         }
         logger.info("token written", metadata: metadata)
-        return nil
+        return outcome
     }
 
     private func logWarnings() {

@@ -48,12 +48,14 @@ public struct DaemonCore: Sendable {
         case signal(Signal)
         /// The login started by `.startLogin(generation:)` ended.
         case loginFinished(generation: Int, Result<TokenResponseParser.Result, LoginError>)
-        /// The outcome of `.writeFiles` with this `id`: nil when every file was written.
-        case filesWritten(id: Int, failure: String?)
+        /// The outcome of `.writeFiles` with this `id`.
+        case filesWritten(id: Int, TokenOutputs.WriteOutcome)
         /// The outcome of `.loadConfiguration`.
         case configurationLoaded(Result<LoadedConfiguration, ConfigurationError>)
         /// The outcome of `.writeMetricsFile`.
         case metricsFileWritten(failure: String?)
+        /// The outcome of `.saveState`.
+        case stateSaved(failure: String?)
         /// A consumer (`reporterUID`: its uid, when known) reports that the API rejected the token
         /// with this fingerprint. The answer goes out as `.answerRejection(reportID:)`.
         case tokenRejected(fingerprint: String, reporterUID: UInt32?, reportID: Int)
@@ -113,7 +115,7 @@ public struct DaemonCore: Sendable {
         case tokenRejected(fingerprint: String, reporterUID: UInt32?, RejectionOutcome)
     }
 
-    /// One write of the outputs; its outcome comes back as `.filesWritten(id:failure:)`.
+    /// One write of the outputs; its outcome comes back as `.filesWritten(id:_:)`.
     public struct WriteRequest: Sendable, Equatable {
         public var id: Int
         public var grant: TokenGrant
@@ -138,6 +140,9 @@ public struct DaemonCore: Sendable {
         /// The core now runs on a new configuration: rebuild what `change` says.
         case applyConfiguration(ConfigChange)
         case publish(Snapshot, ReadyNotice?)
+        /// Only what `/healthz` shows of the outputs changed (the metrics file was written): the socket
+        /// takes it; systemd and the metrics file hear nothing (writing it again would loop).
+        case updateHealth(Snapshot)
         case pingWatchdog
         /// `EXTEND_TIMEOUT_USEC`: keeps systemd's start job alive until the first token.
         case extendStartTimeout(seconds: Double)
@@ -163,6 +168,13 @@ public struct DaemonCore: Sendable {
         public var reloadProblem: String?
         /// The daemon is stopping with this status.
         public var exitStatus: Int32?
+        /// Every file the daemon writes, in the order of `OutputRecords.outputs(of:)`.
+        public var outputs: [OutputRecords.Output] = []
+        public var lastLogin: LoginRecord?
+        /// `refresh.minForcedRefreshSeconds`.
+        public var forcedRefreshFloor: TimeInterval = Configuration.Refresh.defaults.minForcedRefreshSeconds
+        /// The last login forced by a rejected-token report.
+        public var lastForcedLogin: Date?
 
         /// The token the socket serves: nil once withdrawn.
         public var servedToken: TokenGrant? { withdrawn ? nil : token }
@@ -181,7 +193,15 @@ public struct DaemonCore: Sendable {
                 nextRefreshAt: nextLogin.map(FormatTime.iso8601),
                 lastError: lastError?.description ?? writeError.map { "writing outputs failed: \($0)" }
                     ?? reloadProblem,
-                lastSuccessAt: token.map { FormatTime.iso8601($0.obtainedAt) }
+                lastSuccessAt: token.map { FormatTime.iso8601($0.obtainedAt) },
+                tokenFingerprint: token?.fingerprint,
+                lastLogin: lastLogin.map(\.health),
+                forcedRefresh: .init(
+                    minIntervalSeconds: forcedRefreshFloor,
+                    lastAt: lastForcedLogin.map(FormatTime.iso8601),
+                    nextAllowedAt: lastForcedLogin.map { FormatTime.iso8601($0.addingTimeInterval(forcedRefreshFloor)) }
+                ),
+                outputs: outputs.map(\.health)
             )
         }
 
@@ -260,6 +280,10 @@ public struct DaemonCore: Sendable {
     private var lastPublished: Snapshot?
     private var metricsFileFailing = false
     private var lastForcedLogin: Date?
+    private var outputRecords = OutputRecords()
+    private var lastLogin: LoginRecord?
+    /// When the login in flight started.
+    private var loginStartedAt: Date?
     /// A token whose files just landed: its rotate actions run once it is published.
     private var pendingRotation: TokenGrant?
 
@@ -308,14 +332,26 @@ public struct DaemonCore: Sendable {
         case .loginFinished(let generation, let result):
             guard case .loggingIn(generation) = phase else { return [] }
             guard loginFinished(result, now: now, &actions) else { return actions }
-        case .filesWritten(let id, let failure):
+        case .filesWritten(let id, let outcome):
             guard case .current(let grant, .writing(id, let rotate, let failedBefore)) = holding else { return [] }
-            filesWritten(grant, rotate: rotate, failedBefore: failedBefore, failure: failure, now: now, &actions)
+            outputRecords.record(outcome, at: now)
+            filesWritten(
+                grant,
+                rotate: rotate,
+                failedBefore: failedBefore,
+                failure: outcome.failure?.error,
+                now: now,
+                &actions
+            )
         case .configurationLoaded(let result):
             configurationLoaded(result, now: now, &actions)
         case .metricsFileWritten(let failure):
             if let failure, !metricsFileFailing { actions.append(.report(.metricsFileFailed(failure))) }
             metricsFileFailing = failure != nil
+            recordOnly(configuration.configuration.metricsFile, failure, now: now, &actions)
+            return actions
+        case .stateSaved(let failure):
+            recordOnly(configuration.configuration.stateFile, failure, now: now, &actions)
             return actions
         case .tokenRejected(let fingerprint, let reporterUID, let reportID):
             let outcome = tokenRejected(fingerprint, now: now)
@@ -398,6 +434,11 @@ public struct DaemonCore: Sendable {
         now: Date,
         _ actions: inout [Action]
     ) -> Bool {
+        lastLogin = LoginRecord(
+            startedAt: loginStartedAt ?? now,
+            finishedAt: now,
+            result: result.map(\.grant.fingerprint)
+        )
         switch result {
         case .success(let answer):
             failures = 0
@@ -514,6 +555,7 @@ public struct DaemonCore: Sendable {
         }
         reloadProblem = nil
         configuration = fresh
+        outputRecords.keepOnly(fresh.configuration)
         policy = RefreshPolicy(fresh.configuration.refresh)
         actions += [.applyConfiguration(change), .report(.reloaded(change))]
 
@@ -565,6 +607,17 @@ public struct DaemonCore: Sendable {
         return .accepted(startedLogin: true)
     }
 
+    /// Records a write of the metrics or state file. Not through afterEvent: a publication writes
+    /// the metrics file, whose outcome comes here; and only `/healthz` shows these records.
+    private mutating func recordOnly(_ path: String?, _ failure: String?, now: Date, _ actions: inout [Action]) {
+        guard let path else { return }
+        outputRecords.record(path, failure, at: now)
+        if let current = publishableSnapshot, current != lastPublished {
+            lastPublished = current
+            actions.append(.updateHealth(current))
+        }
+    }
+
     /// After every event: the watchdog, expiry, write retries, a due login, then the publication.
     private mutating func afterEvent(now: Date, isTick: Bool, _ actions: inout [Action]) {
         if let due = nextWatchdog, due <= now, let watchdogInterval {
@@ -587,14 +640,12 @@ public struct DaemonCore: Sendable {
             let generation = nextGeneration
             nextGeneration += 1
             phase = .loggingIn(generation: generation)
+            loginStartedAt = now
             actions += [.startLogin(generation: generation), .report(.loginStarted(attempt: failures + 1))]
         }
 
         var published = false
-        if case .current(_, .writing) = holding {
-            // Published once the files have landed (or failed): never ahead of the disk.
-        } else {
-            let current = snapshot
+        if let current = publishableSnapshot {
             var notice: ReadyNotice?
             if !announced, case .current(let grant, .written) = holding, grant.isValid(at: now) {
                 announced = true
@@ -626,6 +677,13 @@ public struct DaemonCore: Sendable {
         }
     }
 
+    /// What to publish; nil while files are being written: published once they have landed (or
+    /// failed), never ahead of the disk.
+    private var publishableSnapshot: Snapshot? {
+        if case .current(_, .writing) = holding { return nil }
+        return snapshot
+    }
+
     private var snapshot: Snapshot {
         var nextLogin: Date?
         if case .waiting(let until) = phase { nextLogin = until }
@@ -640,7 +698,11 @@ public struct DaemonCore: Sendable {
             lastError: lastError,
             writeError: writeError,
             reloadProblem: reloadProblem,
-            exitStatus: exitStatus
+            exitStatus: exitStatus,
+            outputs: outputRecords.outputs(of: configuration.configuration),
+            lastLogin: lastLogin,
+            forcedRefreshFloor: policy.settings.minForcedRefreshSeconds,
+            lastForcedLogin: lastForcedLogin
         )
     }
 }

@@ -290,8 +290,9 @@ final class SocketRequestHandler: ChannelDuplexHandler {
         }
         switch SocketRoute(rawValue: path) {
         case .healthz:
-            let health = board.health
-            let body = (try? JSONEncoder().encode(health)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            let body = (try? encoder.encode(board.health)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
             respond(
                 board.validEntry(at: now) != nil ? .ok : .serviceUnavailable,
                 path: path,

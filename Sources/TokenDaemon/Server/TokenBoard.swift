@@ -14,20 +14,28 @@ import Foundation
 /// lock, a copy-on-write buffer reference and a write: no per-request JSON or string formatting.
 /// Long polls register a waiter that is woken when a token with another fingerprint is posted.
 public final class TokenBoard: Sendable {
-    /// The daemon's view, as `/healthz` reports it.
+    /// The daemon's view, as `/healthz` reports it (README "Health"). Times are ISO 8601 UTC.
     public struct Health: Sendable, Equatable, Codable {
         public init(
             status: String,
             expiresAt: String? = nil,
             nextRefreshAt: String? = nil,
             lastError: String? = nil,
-            lastSuccessAt: String? = nil
+            lastSuccessAt: String? = nil,
+            tokenFingerprint: String? = nil,
+            lastLogin: Login? = nil,
+            forcedRefresh: ForcedRefresh? = nil,
+            outputs: [Output]? = nil
         ) {
             self.status = status
             self.expiresAt = expiresAt
             self.nextRefreshAt = nextRefreshAt
             self.lastError = lastError
             self.lastSuccessAt = lastSuccessAt
+            self.tokenFingerprint = tokenFingerprint
+            self.lastLogin = lastLogin
+            self.forcedRefresh = forcedRefresh
+            self.outputs = outputs
         }
 
         /// `ok`, `degraded` (valid token, but the last login or write failed), `expired`, `starting`.
@@ -35,7 +43,51 @@ public final class TokenBoard: Sendable {
         public var expiresAt: String?
         public var nextRefreshAt: String?
         public var lastError: String?
+        /// When the token held was obtained.
         public var lastSuccessAt: String?
+        public var tokenFingerprint: String?
+        /// The last login that finished, whatever its result. (The fields below are optional in
+        /// the document's type only so that `status` can read a daemon older than them.)
+        public var lastLogin: Login?
+        public var forcedRefresh: ForcedRefresh?
+        /// Every file the daemon writes, in the order it writes them.
+        public var outputs: [Output]?
+
+        public struct Login: Sendable, Equatable, Codable {
+            /// `ok`, `failed` (retried with backoff), `rate-limited` or `rejected` (credentials, key or URL).
+            public var result: String
+            public var startedAt: String
+            public var finishedAt: String
+            public var durationSeconds: Double
+            public var tokenFingerprint: String?
+            public var error: String?
+            public var httpStatus: Int?
+        }
+
+        /// The floor under logins forced by rejected-token reports (`refresh.minForcedRefreshSeconds`).
+        public struct ForcedRefresh: Sendable, Equatable, Codable {
+            public var minIntervalSeconds: Double
+            /// The last forced login, if any.
+            public var lastAt: String?
+            /// Reports before this instant are answered `rate-limited` (nil: none was ever forced).
+            public var nextAllowedAt: String?
+        }
+
+        public struct Output: Sendable, Equatable, Codable {
+            /// The configuration key: `outputs.tokenFile`, `outputs.jsonFile`, `outputs.headersFile`,
+            /// `stateFile`, `metricsFile`.
+            public var output: String
+            public var path: String
+            /// The last successful write by this process; nil if none yet.
+            public var lastWriteAt: String?
+            /// The last failed write, kept after a later success (compare the times).
+            public var lastError: Problem?
+        }
+
+        public struct Problem: Sendable, Equatable, Codable {
+            public var at: String
+            public var error: String
+        }
     }
 
     /// The three ways the socket serves the token.

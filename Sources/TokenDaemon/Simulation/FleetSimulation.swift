@@ -114,7 +114,7 @@ public struct FleetSimulation: Sendable {
                             (host, process[host], .answer(generation: generation))
                         )
                     case .writeFiles(let request):
-                        inputs.append(.filesWritten(id: request.id, failure: nil))
+                        inputs.append(.filesWritten(id: request.id, .init(written: [])))
                     case .saveState(let grant):
                         stored[host] = grant
                     default:

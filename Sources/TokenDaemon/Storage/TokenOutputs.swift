@@ -12,12 +12,43 @@ public struct TokenOutputs: Sendable, Equatable {
         self.outputs = outputs
     }
 
+    /// What one `write` did.
+    public struct WriteOutcome: Sendable, Equatable {
+        /// The files written, in order.
+        public var written: [String]
+        /// The file that could not be written; the files after it were not tried.
+        public var failure: Failure?
+
+        public struct Failure: Sendable, Equatable {
+            public var path: String
+            public var error: String
+
+            public init(path: String, error: String) {
+                self.path = path
+                self.error = error
+            }
+        }
+
+        public init(written: [String], failure: Failure? = nil) {
+            self.written = written
+            self.failure = failure
+        }
+    }
+
     /// Writes every configured file atomically, in order. Stops at the first failure, which names the
     /// file; files written before it hold the new token, the others still the old one.
-    public func write(_ grant: TokenGrant, apiKey: String) throws(SystemError) {
+    public func write(_ grant: TokenGrant, apiKey: String) -> WriteOutcome {
+        var outcome = WriteOutcome(written: [])
         for (file, bytes) in render(grant, apiKey: apiKey) {
-            try AtomicFileWriter.write(bytes, to: file.path, mode: file.mode)
+            do {
+                try AtomicFileWriter.write(bytes, to: file.path, mode: file.mode)
+            } catch {
+                outcome.failure = WriteOutcome.Failure(path: file.path, error: error.description)
+                break
+            }
+            outcome.written.append(file.path)
         }
+        return outcome
     }
 
     /// Removes every configured file, so that no one reads an expired token.
