@@ -19,6 +19,12 @@ struct Check: AsyncParsableCommand {
     @Flag(help: "Also log in once and report the token's expiry and fingerprint.")
     var login = false
 
+    @Flag(
+        help:
+            "Also print the configuration in force, defaults filled in, with each secret as its fingerprint (sha256: and 8 hex characters)."
+    )
+    var show = false
+
     func run() async throws {
         let loaded: LoadedConfiguration
         do {
@@ -37,6 +43,16 @@ struct Check: AsyncParsableCommand {
             "  outputs: \(configuration.outputs.files.map { "\($0.path) (\(FileMode.format($0.mode)))" }.joined(separator: ", "))"
         )
         Console.out("  state:   \(configuration.stateFile ?? "none (every start logs in)")")
+        if show {
+            Console.out("effective configuration (defaults filled in; secrets as their fingerprints):")
+            Console.out(loaded.effectiveDocument.rendered())
+            Console.out("secrets:")
+            let width = loaded.secretSources.map(\.key.count).max() ?? 0
+            for secret in loaded.secretSources {
+                let key = secret.key + String(repeating: " ", count: width - secret.key.count)
+                Console.out("  \(key)  \(secret.fingerprint)  from \(secret.source)")
+            }
+        }
         guard login else { return }
 
         let client = AuthClient(api: configuration.api, version: FTSTokend.version)

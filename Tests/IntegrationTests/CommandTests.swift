@@ -2,6 +2,7 @@ import Foundation
 import MockFTS
 import TestSupport
 import Testing
+import TokenDaemon
 
 @Suite struct CommandTests {
     @Test func checkValidatesAndLogsInWithoutPrintingTheToken() async throws {
@@ -38,6 +39,24 @@ import Testing
         let check = try harness.start(["check", "--config", harness.configPath, "--login"])
         #expect(await check.waitForExit(timeout: 30) == 78)
         #expect(check.standardError.contains("HTTP 403"))
+        await harness.stop()
+    }
+
+    /// An operator sees the configuration in force, defaults filled in, and which secret is which
+    /// by fingerprint; the secrets themselves never appear.
+    @Test func checkShowPrintsTheConfigurationInForceWithSecretsAsFingerprints() async throws {
+        let harness = try await DaemonHarness()
+        let check = try harness.start(["check", "--config", harness.configPath, "--show"])
+        #expect(await check.waitForExit(timeout: 30) == 0)
+        let output = check.standardOutput
+        #expect(output.contains(#""minForcedRefreshSeconds" : 30"#), "a default filled in")
+        #expect(output.contains(#""passwordFile" : "\#(harness.folder.file("secrets/password"))""#))
+        #expect(output.contains(#""email" : "sha256:\#(Fingerprint.of("svc@example.com"))""#))
+        #expect(output.contains("api.password  sha256:\(Fingerprint.of(harness.password))  from file "))
+        #expect(output.contains("api.apiKey    sha256:\(Fingerprint.of(harness.apiKey))  from file "))
+        #expect(!output.contains("svc@example.com"))
+        #expect(harness.mock.stats.loginRequests == 0)
+        harness.expectNoSecretsInOutput()
         await harness.stop()
     }
 

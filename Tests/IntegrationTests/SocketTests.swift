@@ -177,7 +177,9 @@ import TokenDaemon
             socket: path,
             shutdownWrite: true
         )
-        #expect(!halfClosed.contains("token"))
+        // Answered (a half-close is not an abort), and /healthz never carries the token itself.
+        #expect(halfClosed.hasPrefix("HTTP/1.1 200"))
+        #expect(!halfClosed.contains(try #require(harness.token)))
 
         // A slow client that never finishes its head is dropped after the idle timeout.
         let slow = try UnixSocketClient(socket: path)
@@ -416,9 +418,77 @@ import TokenDaemon
 
         let status = try harness.start(["status", "--socket", harness.socketPath])
         #expect(await status.waitForExit() == 0)
-        #expect(status.standardOutput.contains("status:       ok"))
-        #expect(status.standardOutput.contains("valid until:  "))
+        #expect(status.standardOutput.contains("status:         ok"))
+        #expect(status.standardOutput.contains("valid until:    "))
         #expect(!status.standardOutput.contains(token))
+        await harness.stop()
+    }
+
+    /// `fts-tokend status --json`, decoded; with its exit status.
+    func statusDocument(_ harness: DaemonHarness) async throws -> (Int32?, TokenBoard.Health) {
+        let status = try harness.start(["status", "--socket", harness.socketPath, "--json"])
+        let exit = await status.waitForExit()
+        let document = try JSONDecoder().decode(TokenBoard.Health.self, from: Data(status.standardOutput.utf8))
+        return (exit, document)
+    }
+
+    /// An operator finds the file that cannot be written, its path, when and why, from `status`;
+    /// after the recovery the write time moves on and the error stays, with its time.
+    @Test func statusNamesAFileThatCannotBeWrittenAndKeepsItsErrorAfterTheRecovery() async throws {
+        let harness = try await DaemonHarness(socket: "")
+        let daemon = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let token = try #require(harness.token)
+        let (exit, started) = try await statusDocument(harness)
+        #expect(exit == 0)
+        #expect(
+            started.outputs?.map(\.output) == [
+                "outputs.tokenFile", "outputs.jsonFile", "outputs.headersFile", "stateFile",
+            ]
+        )
+        #expect(started.outputs?.allSatisfy { $0.lastWriteAt != nil && $0.lastError == nil } == true)
+        #expect(started.lastLogin?.result == "ok")
+        #expect(started.lastLogin?.tokenFingerprint == Fingerprint.of(token))
+        #expect(started.tokenFingerprint == Fingerprint.of(token))
+        #expect(started.forcedRefresh?.minIntervalSeconds == 30 && started.forcedRefresh?.lastAt == nil)
+
+        // A folder where the JSON file goes: the rename onto it fails.
+        let json = harness.folder.file("run/token.json")
+        try FileManager.default.removeItem(atPath: json)
+        try FileManager.default.createDirectory(atPath: json, withIntermediateDirectories: false)
+        harness.notify.reset()
+        daemon.signal(SIGUSR1)
+        #expect(await harness.notify.waitFor(timeout: 60) { $0.contains("writing outputs failed") } != nil)
+        let (degradedExit, degraded) = try await statusDocument(harness)
+        #expect(degradedExit == 0, "the token is still valid")
+        #expect(degraded.status == "degraded")
+        let failed = try #require(degraded.outputs?.first { $0.output == "outputs.jsonFile" })
+        #expect(failed.path == json)
+        let problem = try #require(failed.lastError)
+        #expect(problem.error.contains(json))
+        #expect(degraded.outputs?.first { $0.output == "outputs.tokenFile" }?.lastError == nil)
+
+        let text = try harness.start(["status", "--socket", harness.socketPath])
+        #expect(await text.waitForExit() == 0)
+        #expect(text.standardOutput.contains("outputs.jsonFile"))
+        #expect(text.standardOutput.contains("last error \(problem.at)"))
+        #expect(text.standardOutput.contains("last login:     ok"))
+
+        // The folder goes; the retry (every 5 s) writes the file.
+        try FileManager.default.removeItem(atPath: json)
+        harness.notify.reset()
+        #expect(
+            await harness.notify.waitFor(timeout: 60) {
+                $0.contains("STATUS=token valid until") && !$0.contains("writing outputs failed")
+            } != nil
+        )
+        let (_, recovered) = try await statusDocument(harness)
+        let healed = try #require(recovered.outputs?.first { $0.output == "outputs.jsonFile" })
+        #expect(recovered.status == "ok")
+        #expect(healed.lastError == problem)
+        #expect((healed.lastWriteAt ?? "") >= problem.at, "ISO 8601 UTC times order as text")
+        #expect(!text.standardOutput.contains(token))
+        harness.expectNoSecretsInOutput()
         await harness.stop()
     }
 
