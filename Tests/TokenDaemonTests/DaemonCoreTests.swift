@@ -851,6 +851,25 @@ extension [DaemonCore.Action] {
         #expect(driver.health?.status == "ok")
     }
 
+    /// A file that keeps failing the same way is retried every 5 s: each retry is not news, so it
+    /// makes no publication (no STATUS= message, no metrics file), and the error keeps the time it began.
+    @Test func retriesThatFailTheSameWayKeepTheTimeTheErrorBeganAndPublishNothing() throws {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        driver.writeFailure = "rename to /run/fts/token: No space left on device"
+        driver.loginSucceeds()
+        let began = FormatTime.iso8601(driver.now)
+        let retry = driver.advance(DaemonCore.writeRetry)
+        #expect(retry.contains { if case .writeFiles = $0 { true } else { false } })
+        #expect(!retry.contains { if case .publish = $0 { true } else { false } })
+        #expect(output(driver, "outputs.tokenFile")?.lastError?.at == began)
+        // Another error is news.
+        driver.writeFailure = "rename to /run/fts/token: Read-only file system"
+        let other = driver.advance(DaemonCore.writeRetry)
+        #expect(other.contains { if case .publish = $0 { true } else { false } })
+        #expect(output(driver, "outputs.tokenFile")?.lastError?.at == FormatTime.iso8601(driver.now))
+    }
+
     @Test func aStateFileThatCannotBeSavedIsShownWithoutDegradingTheToken() throws {
         var driver = CoreDriver()
         driver.stateFailure = "create /var/lib/fts/state.json.tmp: Read-only file system"

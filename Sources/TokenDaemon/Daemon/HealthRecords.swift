@@ -13,6 +13,7 @@ public struct OutputRecords: Sendable, Equatable {
         public var key: String
         public var path: String
         public var lastWrite: Date?
+        /// The last error; its time is when it began (repeats of it keep that time).
         public var lastError: Problem?
 
         var health: TokenBoard.Health.Output {
@@ -60,18 +61,21 @@ public struct OutputRecords: Sendable, Equatable {
 
     mutating func record(_ outcome: TokenOutputs.WriteOutcome, at now: Date) {
         for path in outcome.written { records[path, default: Record()].lastWrite = now }
-        if let failure = outcome.failure {
-            records[failure.path, default: Record()].lastError = Problem(at: now, error: failure.error)
-        }
+        if let failure = outcome.failure { record(failure.path, failure.error, at: now) }
     }
 
-    /// One file's write: `failure` nil when it was written.
+    /// One file's write: `failure` nil when it was written. The same error again, with no success
+    /// in between, keeps the time it began: `/healthz` says since when a file fails, and a retry
+    /// every 5 s does not make a new publication (and a STATUS= message) each time.
     mutating func record(_ path: String, _ failure: String?, at now: Date) {
+        var record = records[path, default: Record()]
         if let failure {
-            records[path, default: Record()].lastError = Problem(at: now, error: failure)
+            let ongoing = record.lastError.map { $0.error == failure && (record.lastWrite ?? .distantPast) < $0.at }
+            if ongoing != true { record.lastError = Problem(at: now, error: failure) }
         } else {
-            records[path, default: Record()].lastWrite = now
+            record.lastWrite = now
         }
+        records[path] = record
     }
 
     /// Forgets the files a reload no longer configures (a file configured again starts afresh).

@@ -80,7 +80,8 @@ public final class TokenBoard: Sendable {
             public var path: String
             /// The last successful write by this process; nil if none yet.
             public var lastWriteAt: String?
-            /// The last failed write, kept after a later success (compare the times).
+            /// The last failed write, kept after a later success (compare the times). `at` is when
+            /// that error began: the same error again, with no success between, keeps it.
             public var lastError: Problem?
         }
 
