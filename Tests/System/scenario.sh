@@ -58,6 +58,11 @@ check "token file fts-tokend:fts-token 0640" sh -c '[ "$(stat -c "%U:%G %a" /run
 check "socket fts-tokend:fts-token 0660" sh -c '[ "$(stat -c "%U:%G %a %F" /run/fts-tokend/tokend.sock)" = "fts-tokend:fts-token 660 socket" ]'
 check "state file private" sh -c '[ "$(stat -c "%U %a" /var/lib/fts-tokend/state.json)" = "fts-tokend 600" ]'
 check "a member of fts-token reads the token" runuser -u reader -- test -s /run/fts-tokend/token
+# What an operator sees, under the unit (issue 14 item 6): each file's last write and the last login.
+check "status --json as a reader: every file written, the last login ok, the forced-refresh floor" sh -c 'runuser -u reader -- fts-tokend status --json | jq -e "([.outputs[].output] == [\"outputs.tokenFile\", \"outputs.jsonFile\", \"outputs.headersFile\", \"stateFile\"]) and all(.outputs[]; .lastWriteAt != null and .lastError == null) and .lastLogin.result == \"ok\" and .forcedRefresh.minIntervalSeconds == 30"'
+check "status as a reader names each file" sh -c 'runuser -u reader -- fts-tokend status | grep -q "^  outputs.headersFile  /run/fts-tokend/headers  *written "'
+CREDENTIALS_DIRECTORY=/etc/fts-tokend/credentials fts-tokend check --show > /tmp/check-show.txt 2>&1
+check "check --show: the configuration in force, each secret by fingerprint only" sh -c "grep -q '\"minForcedRefreshSeconds\" : 30' /tmp/check-show.txt && grep -q \"api.password  sha256:\$(printf %s '$password' | sha256sum | cut -c1-8)  from systemd credential password\" /tmp/check-show.txt && ! grep -qF '$password' /tmp/check-show.txt && ! grep -qF '$apikey' /tmp/check-show.txt"
 check "a member of fts-token reads it on the socket" sh -c 'runuser -u reader -- curl -sf --unix-socket /run/fts-tokend/tokend.sock http://localhost/token | grep -q "^ey"'
 check "another user cannot read the token" sh -c '! runuser -u stranger -- cat /run/fts-tokend/token'
 check "another user cannot use the socket" sh -c '! runuser -u stranger -- curl -sf --unix-socket /run/fts-tokend/tokend.sock http://localhost/token'
