@@ -57,7 +57,7 @@ struct StatusCommand: AsyncParsableCommand {
         if let login = health.lastLogin {
             var line =
                 "last login:     \(login.result), \(when(login.finishedAt) ?? login.finishedAt), took "
-                + FormatTime.seconds(login.durationSeconds)
+                + "\(Int((login.durationSeconds * 1000).rounded())) ms"
             if let fingerprint = login.tokenFingerprint { line += ", token \(fingerprint)" }
             if let error = login.error { line += ": \(error)" }
             lines.append(line)
