@@ -56,6 +56,24 @@ import Testing
         await harness.stop()
     }
 
+    /// The proxy's debug line per request follows the `logLevel` of a reload, as the daemon's own do.
+    @Test func aReloadedLogLevelReachesTheProxysRequestLines() async throws {
+        let harness = try await Self.harness()
+        try harness.writeConfig(logLevel: "info")
+        let daemon = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        #expect(try await Command.curl("/api/echo", socket: Self.apiSocket(harness)).status == 200)
+        #expect(!daemon.standardError.contains("event=proxy_request"))
+        try harness.writeConfig(logLevel: "debug")
+        harness.notify.reset()
+        daemon.signal(SIGHUP)
+        #expect(await harness.waitUntilReady(timeout: 60) != nil)
+        #expect(try await Command.curl("/api/echo", socket: Self.apiSocket(harness)).status == 200)
+        #expect(daemon.standardError.contains("event=proxy_request method=GET ms="), "\(daemon.standardError)")
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
     @Test func withNoValidTokenTheProxyAnswers503AndNeverCallsTheUpstream() async throws {
         let harness = try await Self.harness()
         harness.mock.always(.status(503))

@@ -361,6 +361,7 @@ public final class Daemon {
     }
 
     private func apply(_ change: ConfigChange) {
+        let levelChanged = logger.logLevel != configuration.logLevel
         logger.logLevel = configuration.logLevel
         logWarnings()
         if change.client {
@@ -380,9 +381,9 @@ public final class Daemon {
                 logger.error("cannot apply the socket's new mode: \(error)", metadata: ["event": "reload_failed"])
             }
         }
-        if change.proxyAccess, let settings = configuration.outputs.proxy {
+        if change.proxyAccess || levelChanged, let settings = configuration.outputs.proxy {
             do {
-                try proxy?.apply(settings)
+                try proxy?.apply(settings, logLevel: configuration.logLevel)
             } catch {
                 logger.error("cannot apply the API proxy's new mode: \(error)", metadata: ["event": "reload_failed"])
             }

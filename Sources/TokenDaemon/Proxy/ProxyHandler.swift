@@ -618,11 +618,12 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     /// carry the consumer's data), status, time since the request's head; never a header value.
     private func answered(_ head: HTTPRequestHead, status: HTTPResponseStatus, byUpstream: Bool, began: NIODeadline) {
         shared.metrics.proxyRequest(method: head.method.rawValue, status: Int(status.code), byUpstream: byUpstream)
-        guard shared.logger.logLevel <= .debug else { return }
+        let logger = shared.logger
+        guard logger.logLevel <= .debug else { return }
         let path = (head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? "").prefix(
             256
         )
-        shared.logger.debug(
+        logger.debug(
             "proxied",
             metadata: [
                 "event": "proxy_request", "method": "\(head.method.rawValue)", "path": "\(path)",

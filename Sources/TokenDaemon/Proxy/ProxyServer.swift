@@ -100,8 +100,8 @@ public final class ProxyServer: Sendable {
 
     /// A reload's proxy settings that apply live (ConfigChange says which need a restart): the
     /// allow lists and limits from the next request on, the socket's mode now.
-    public func apply(_ proxy: Configuration.Proxy) throws(SystemError) {
-        shared.apply(proxy)
+    public func apply(_ proxy: Configuration.Proxy, logLevel: Logger.Level) throws(SystemError) {
+        shared.apply(proxy, logLevel: logLevel)
         try SocketServer.setMode(ofSocketAt: ownedPath, proxy.mode)
     }
 
@@ -128,7 +128,9 @@ final class ProxyShared: Sendable {
 
     let board: TokenBoard
     let metrics: DaemonMetrics
-    let logger: Logger
+    /// The daemon's logger at the level in force: a reload's `logLevel` reaches the next request.
+    var logger: Logger { loggerBox.withLockedValue { $0 } }
+    private let loggerBox: NIOLockedValueBox<Logger>
     let clock: @Sendable () -> Date
     /// The upstream's keep-alive connections, on `loop`.
     let pool: NIOLoopBound<UpstreamPool>
@@ -149,7 +151,7 @@ final class ProxyShared: Sendable {
     ) throws {
         self.board = board
         self.metrics = metrics
-        self.logger = logger
+        self.loggerBox = NIOLockedValueBox(logger)
         self.clock = clock
         self.upstream = proxy.upstream
         self.access = SocketAccess(allow: .init(uids: proxy.allowUIDs, gids: proxy.allowGIDs))
@@ -185,7 +187,8 @@ final class ProxyShared: Sendable {
 
     var settings: Live { live.withLockedValue { $0 } }
 
-    func apply(_ proxy: Configuration.Proxy) {
+    func apply(_ proxy: Configuration.Proxy, logLevel: Logger.Level) {
+        loggerBox.withLockedValue { $0.logLevel = logLevel }
         live.withLockedValue { $0 = Self.live(proxy) }
         access.update(allow: .init(uids: proxy.allowUIDs, gids: proxy.allowGIDs))
         connections.setCapacity(SocketServer.connectionCapacity(proxy.maxConnections, logger: logger))
