@@ -134,7 +134,7 @@ deb:
 	  [ -n "$$depends" ] || { echo "dpkg-shlibdeps found no dependency" >&2; exit 1; }; \
 	  sed 's/@VERSION@/$(VERSION)/; s/@SIZE@/'"$$(du -sk --exclude=DEBIAN dist/deb | cut -f1)"'/; s/@DEPENDS@/'"$$depends"'/' \
 	    $(DEBIAN_SRC)/control > dist/deb/DEBIAN/control
-	install -m 0755 $(DEBIAN_SRC)/postinst $(DEBIAN_SRC)/postrm dist/deb/DEBIAN/
+	install -m 0755 $(DEBIAN_SRC)/postinst $(DEBIAN_SRC)/prerm $(DEBIAN_SRC)/postrm dist/deb/DEBIAN/
 	cd dist/deb && find . -path ./DEBIAN -prune -o -type f ! -path ./etc/fts-tokend/config.json -printf '%P\0' | sort -z | xargs -0 md5sum > DEBIAN/md5sums
 	dpkg-deb --root-owner-group --build dist/deb $(DEB)
 	@grep '^Depends:' dist/deb/DEBIAN/control
