@@ -71,7 +71,8 @@ release: deps
 ## install: the release binary, units, sysusers/tmpfiles snippets and the default config (PREFIX, DESTDIR)
 install: release
 	install -D -m 0755 $(RELEASE_BIN) $(DESTDIR)$(PREFIX)/bin/fts-tokend
-	strip $(DESTDIR)$(PREFIX)/bin/fts-tokend
+	# As dh_strip does: no .comment or .note sections either (lintian's binary-has-unneeded-section).
+	strip --remove-section=.comment --remove-section=.note $(DESTDIR)$(PREFIX)/bin/fts-tokend
 	install -D -m 0644 systemd/fts-tokend.service $(DESTDIR)$(UNITDIR)/fts-tokend.service
 	install -D -m 0644 systemd/fts-tokend@.service $(DESTDIR)$(UNITDIR)/fts-tokend@.service
 	install -D -m 0644 systemd/fts-tokend-identity@.service $(DESTDIR)$(UNITDIR)/fts-tokend-identity@.service
@@ -111,15 +112,32 @@ completions: release
 	$(RELEASE_BIN) --generate-completion-script zsh > dist/completions/_fts-tokend
 	$(RELEASE_BIN) --generate-completion-script fish > dist/completions/fts-tokend.fish
 
-## deb: an installable Debian package (dist/fts-tokend_VERSION_amd64.deb); units ship disabled
+## deb: an installable Debian package (dist/fts-tokend_VERSION_amd64.deb); units ship disabled.
+## Depends: is what dpkg-shlibdeps (dpkg-dev) finds the stripped binary linked against, plus systemd
+## (the maintainer scripts run systemd-sysusers and systemd-tmpfiles).
+DEBIAN_SRC := systemd/debian
 deb:
-	rm -rf dist/deb
+	@command -v dpkg-shlibdeps >/dev/null && command -v dpkg-parsechangelog >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq dpkg-dev >/dev/null; }
+	@changelog=$$(dpkg-parsechangelog -l $(DEBIAN_SRC)/changelog -S Version); [ "$$changelog" = "$(VERSION)" ] || \
+	  { echo "$(DEBIAN_SRC)/changelog's latest entry is $$changelog, the binary's version $(VERSION): add an entry" >&2; exit 1; }
+	rm -rf dist/deb dist/shlibdeps
 	$(MAKE) install DESTDIR=$(CURDIR)/dist/deb PREFIX=/usr
-	mkdir -p dist/deb/DEBIAN
+	install -D -m 0644 $(DEBIAN_SRC)/copyright dist/deb/usr/share/doc/fts-tokend/copyright
+	# A native package (no Debian revision in VERSION): the changelog is changelog.gz.
+	gzip -9n -c $(DEBIAN_SRC)/changelog > dist/deb/usr/share/doc/fts-tokend/changelog.gz
+	install -D -m 0644 $(DEBIAN_SRC)/lintian-overrides dist/deb/usr/share/lintian/overrides/fts-tokend
+	mkdir -p dist/deb/DEBIAN dist/shlibdeps/debian
 	echo /etc/fts-tokend/config.json > dist/deb/DEBIAN/conffiles
-	sed 's/@VERSION@/$(VERSION)/; s/@SIZE@/'"$$(du -sk dist/deb | cut -f1)"'/' systemd/debian/control > dist/deb/DEBIAN/control
-	install -m 0755 systemd/debian/postinst systemd/debian/postrm dist/deb/DEBIAN/
+	# dpkg-shlibdeps wants a source package's debian/control: a minimal one in a scratch folder.
+	printf 'Source: fts-tokend\n\nPackage: fts-tokend\nArchitecture: amd64\n' > dist/shlibdeps/debian/control
+	depends=$$(cd dist/shlibdeps && dpkg-shlibdeps -O -e$(CURDIR)/dist/deb/usr/bin/fts-tokend | sed -n 's/^shlibs:Depends=//p'); \
+	  [ -n "$$depends" ] || { echo "dpkg-shlibdeps found no dependency" >&2; exit 1; }; \
+	  sed 's/@VERSION@/$(VERSION)/; s/@SIZE@/'"$$(du -sk --exclude=DEBIAN dist/deb | cut -f1)"'/; s/@DEPENDS@/'"$$depends"'/' \
+	    $(DEBIAN_SRC)/control > dist/deb/DEBIAN/control
+	install -m 0755 $(DEBIAN_SRC)/postinst $(DEBIAN_SRC)/prerm $(DEBIAN_SRC)/postrm dist/deb/DEBIAN/
+	cd dist/deb && find . -path ./DEBIAN -prune -o -type f ! -path ./etc/fts-tokend/config.json -printf '%P\0' | sort -z | xargs -0 md5sum > DEBIAN/md5sums
 	dpkg-deb --root-owner-group --build dist/deb $(DEB)
+	@grep '^Depends:' dist/deb/DEBIAN/control
 	@ls -l $(DEB)
 
 ## test-system: the .deb installed into a real systemd 252 (../shared/systemd-lab; needs root)

@@ -215,6 +215,51 @@ check "not restarted (RestartPreventExitStatus=78)" sh -c '[ "$(systemctl show -
 fault '{}'
 systemctl reset-failed fts-tokend
 
+# --- 11. the package's life: an upgrade over the running service, a reinstall, remove, purge
+systemctl start fts-tokend fts-tokend@alpha
+tokens="$tokens $(cat /run/fts-tokend/token) $(cat /run/fts-tokend-alpha/token)"
+old_version=$(dpkg-query -W -f '${Version}' fts-tokend)
+new_version=$(dpkg-deb -f /root/fts-tokend-upgrade.deb Version)
+pid=$(prop fts-tokend MainPID)
+alpha_pid=$(prop fts-tokend@alpha MainPID)
+before=$(logins)
+dpkg -i /root/fts-tokend-upgrade.deb >/tmp/dpkg.log 2>&1 && ok "dpkg -i of version $new_version over $old_version" || { cat /tmp/dpkg.log; bad "dpkg -i of version $new_version over $old_version"; }
+check "after the upgrade the package is the new version" sh -c "[ \"\$(dpkg-query -W -f '\${Version} \${db:Status-Abbrev}' fts-tokend)\" = '$new_version ii ' ]"
+check "the upgrade restarted the running service: active, a new MainPID" sh -c "p=\$(systemctl show -p MainPID --value fts-tokend); [ \"\$(systemctl is-active fts-tokend)\" = active ] && [ \"\$p\" != 0 ] && [ \"\$p\" != $pid ]"
+check "the upgrade restarted a running template instance" sh -c "p=\$(systemctl show -p MainPID --value fts-tokend@alpha); [ \"\$(systemctl is-active fts-tokend@alpha)\" = active ] && [ \"\$p\" != 0 ] && [ \"\$p\" != $alpha_pid ]"
+check "the restarted daemon reused its stored token: no login" sh -c "[ \"\$(curl -sf http://127.0.0.1:8080/_mock/stats | jq .loginRequests)\" = $before ] && runuser -u reader -- fts-tokend status | grep -q 'status:       ok'"
+check "the upgrade left a stopped unit stopped and the units disabled" sh -c '[ "$(systemctl is-active fts-tokend.socket)" = inactive ] && [ "$(systemctl is-enabled fts-tokend.service)" = disabled ]'
+pid=$(prop fts-tokend MainPID)
+dpkg -i /root/fts-tokend-upgrade.deb >/tmp/dpkg.log 2>&1 && ok "reinstalling the same version succeeds" || { cat /tmp/dpkg.log; bad "reinstalling the same version succeeds"; }
+check "the reinstall restarted the service, again with no login" sh -c "p=\$(systemctl show -p MainPID --value fts-tokend); [ \"\$(systemctl is-active fts-tokend)\" = active ] && [ \"\$p\" != $pid ] && [ \"\$(curl -sf http://127.0.0.1:8080/_mock/stats | jq .loginRequests)\" = $before ]"
+# Each maintainer script, run a second time by hand, succeeds (the upgrade ran each once).
+check "postinst configure runs twice" sh -c "/var/lib/dpkg/info/fts-tokend.postinst configure $new_version && /var/lib/dpkg/info/fts-tokend.postinst configure $new_version"
+# Removal with the socket listening and the service socket-activated, as on a host that uses both.
+systemctl stop fts-tokend
+systemctl start fts-tokend.socket
+runuser -u reader -- curl -sf --max-time 30 --unix-socket /run/fts-tokend/tokend.sock "http://localhost/token?wait=20" >/dev/null
+check "before removal: socket, service and an instance run" sh -c '[ "$(systemctl is-active fts-tokend.socket fts-tokend.service fts-tokend@alpha | sort -u)" = active ]'
+dpkg -r fts-tokend >/tmp/dpkg.log 2>&1 && ok "dpkg -r" || { cat /tmp/dpkg.log; bad "dpkg -r"; }
+check "remove stopped the socket, the service and the instance" sh -c '[ "$(systemctl is-active fts-tokend.socket fts-tokend.service fts-tokend@alpha | sort -u)" = inactive ] && ! test -S /run/fts-tokend/tokend.sock'
+check "remove took the binary and the units" sh -c '! test -e /usr/bin/fts-tokend && ! test -e /lib/systemd/system/fts-tokend.service && [ "$(dpkg-query -W -f "\${db:Status-Abbrev}" fts-tokend)" = "rc " ]'
+check "remove kept the config, the credentials, the state and the user" sh -c 'test -s /etc/fts-tokend/config.json && test -s /etc/fts-tokend/credentials/password && test -s /var/lib/fts-tokend/state.json && test -s /var/lib/fts-tokend-alpha/state.json && id fts-tokend'
+dpkg -i /root/fts-tokend-upgrade.deb >/tmp/dpkg.log 2>&1 && ok "reinstall after remove" || { cat /tmp/dpkg.log; bad "reinstall after remove"; }
+before=$(logins)
+systemctl start fts-tokend
+check "after the reinstall the daemon starts on the kept config and state, with no login" sh -c "[ \"\$(systemctl is-active fts-tokend)\" = active ] && grep -q 127.0.0.1:8080 /etc/fts-tokend/config.json && [ \"\$(curl -sf http://127.0.0.1:8080/_mock/stats | jq .loginRequests)\" = $before ]"
+dpkg-deb -e /root/fts-tokend-upgrade.deb /tmp/control
+dpkg -P fts-tokend >/tmp/dpkg.log 2>&1 && ok "dpkg -P of the installed, running package" || { cat /tmp/dpkg.log; bad "dpkg -P of the installed, running package"; }
+check "purge stopped the service" sh -c '[ "$(systemctl is-active fts-tokend.service)" = inactive ]'
+check "purge removed the state, the token files, the config and the credentials" sh -c '! test -e /var/lib/fts-tokend && ! test -e /var/lib/fts-tokend-alpha && ! test -e /run/fts-tokend && ! test -e /run/fts-tokend-alpha && ! test -e /etc/fts-tokend/config.json && ! test -e /etc/fts-tokend/credentials'
+check "purge kept the instance config (the administrator's) and the system users" sh -c 'test -s /etc/fts-tokend/alpha.json && id fts-tokend && getent group fts-token && id fts-tokend-alpha'
+check "after purge the package is not installed, not even its config" sh -c 's=$(dpkg-query -W -f "\${db:Status-Abbrev}" fts-tokend 2>/dev/null); [ -z "$s" ] || [ "$(printf %s "$s" | cut -c2)" = n ]'
+check "prerm remove and postrm remove and purge run twice after a purge" sh -c '/tmp/control/prerm remove && /tmp/control/prerm remove && /tmp/control/postrm remove && /tmp/control/postrm remove && /tmp/control/postrm purge && /tmp/control/postrm purge'
+check "purging a purged package succeeds" dpkg -P fts-tokend
+dpkg -i /root/fts-tokend-upgrade.deb >/tmp/dpkg.log 2>&1 && dpkg -r fts-tokend >>/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; bad "install and remove before a purge"; }
+check "purging a removed package succeeds and removes its folders" sh -c 'dpkg -P fts-tokend && ! test -e /etc/fts-tokend/config.json && ! test -e /etc/fts-tokend/credentials'
+# Section 8 rates the installed unit: end installed, as a fresh install.
+dpkg -i /root/fts-tokend.deb >/tmp/dpkg.log 2>&1 && ok "a fresh install after the purge" || { cat /tmp/dpkg.log; bad "a fresh install after the purge"; }
+
 # --- 6. no secret anywhere in the journal
 journalctl -o export > /tmp/journal.export
 check "journal holds no password" sh -c "! grep -qF '$password' /tmp/journal.export"
