@@ -100,9 +100,10 @@ import TokenDaemon
             refresh: .init(refreshAt: 0.5, minRemainingSeconds: 1),
             socket: ""
         )
-        try harness.start()
+        let daemon = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         var failures = 0
+        var unavailable = 0
         var tokens = Set<String>()
         for _ in 0..<4 {
             // Judged as of the instant the batch was sent: on a loaded machine reading 200 answers
@@ -112,13 +113,25 @@ import TokenDaemon
             for (status, body) in answers {
                 if status == 200 && harness.mock.verdict(on: body, at: asked) == .accepted {
                     tokens.insert(body)
+                } else if status == 503 {
+                    unavailable += 1
                 } else {
                     failures += 1
                 }
             }
             try await Task.sleep(for: .milliseconds(700))
         }
+        // Never a partial, foreign or expired token, nor any other answer.
         #expect(failures == 0)
+        // "No valid token" only while there was none: a login that a loaded machine stalled past
+        // the second a 4 s token has after its withdrawal (seen with both cores loaded), which the
+        // daemon logs as the token's expiry.
+        if unavailable > 0 {
+            #expect(
+                daemon.standardError.contains("event=token_expired"),
+                "\(unavailable) answers were 503 while a token was held"
+            )
+        }
         #expect(tokens.count >= 2, "rotations happened during the run")
         await harness.stop()
     }
