@@ -12,19 +12,24 @@ extension LoadedConfiguration {
     public static func redacted(_ secret: String) -> String { "sha256:" + Fingerprint.of(secret) }
 
     /// Each secret with where it comes from and its fingerprint, for the lines below the document.
-    public var secretSources: [(key: String, source: String, fingerprint: String)] {
+    /// The three secrets: their key under `api`, where each comes from, and its value.
+    private var secretsByKey: [(key: String, source: SecretSource, value: String)] {
         let api = configuration.api
         return [
-            ("api.email", api.email, secrets.email), ("api.password", api.password, secrets.password),
-            ("api.apiKey", api.apiKey, secrets.apiKey),
-        ].map { key, source, value in
+            ("email", api.email, secrets.email), ("password", api.password, secrets.password),
+            ("apiKey", api.apiKey, secrets.apiKey),
+        ]
+    }
+
+    public var secretSources: [(key: String, source: String, fingerprint: String)] {
+        secretsByKey.map { key, source, value in
             let origin: String
             switch source {
             case .inline: origin = "the config file (inline)"
             case .file(let path): origin = "file \(path)"
             case .credential(let name): origin = "systemd credential \(name)"
             }
-            return (key, origin, Self.redacted(value))
+            return ("api." + key, origin, Self.redacted(value))
         }
     }
 
@@ -49,10 +54,7 @@ extension LoadedConfiguration {
             "timeoutSeconds": .number(api.timeoutSeconds),
         ]
         object["caFile"] = api.caFile.map(JSONValue.string)
-        for (key, source, value) in [
-            ("email", api.email, secrets.email), ("password", api.password, secrets.password),
-            ("apiKey", api.apiKey, secrets.apiKey),
-        ] {
+        for (key, source, value) in secretsByKey {
             switch source {
             case .inline: object[key] = .string(Self.redacted(value))
             case .file(let path): object[key + "File"] = .string(path)
