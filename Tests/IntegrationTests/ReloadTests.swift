@@ -40,29 +40,55 @@ import Testing
 
     @Test func healthzFollowsSigusr1AndAReloadAtOnce() async throws {
         // Regression (issue 12): reload and SIGUSR1 left /healthz's nextRefreshAt stale.
-        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        // The login's budget is far above the mock's delay: with the default 5 s, a loaded machine
+        // timed the 4 s answer out (seen in CI), and the retry was in flight during the reload.
+        let answerDelay = 4.0
+        let harness = try await DaemonHarness(
+            ttl: 600,
+            refresh: .init(loginTimeoutSeconds: 120),
+            socket: ""
+        )
         let child = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
-        #expect(try await Self.health(harness)["nextRefreshAt"] as? String != nil)
+        let first = try await Self.health(harness)
+        #expect(first["nextRefreshAt"] as? String != nil)
 
-        // A login in flight has no next refresh.
-        harness.mock.enqueue(MockFault(delaySeconds: 4))
+        // A login in flight has no next refresh. Once the mock holds the request, the login is in
+        // flight until at least `answerDelay` after the signal: reads that begin in between must see
+        // it. (If the machine stalls past that window before one can begin, nothing can be judged.)
+        harness.mock.enqueue(MockFault(delaySeconds: answerDelay))
+        let signalled = Date()
         child.signal(SIGUSR1)
+        #expect(await eventually(timeout: 120) { harness.mock.stats.loginRequests == 2 })
+        let windowEnd = signalled.addingTimeInterval(answerDelay)
         var inFlight = false
-        for _ in 0..<200 where !inFlight {
+        var judged = false
+        while !inFlight, Date() < windowEnd {
+            judged = true
             inFlight = try await Self.health(harness)["nextRefreshAt"] == nil
             if !inFlight { try await Task.sleep(for: .milliseconds(10)) }
         }
-        #expect(inFlight)
-        #expect(await eventually { harness.mock.stats.tokensIssued == 2 })
+        #expect(inFlight || !judged, "no read within \(answerDelay) s of SIGUSR1 saw the login in flight")
+        #expect(await eventually(timeout: 120) { harness.mock.stats.tokensIssued == 2 })
 
         // A new policy moves the refresh, and /healthz says so without waiting for another event.
-        var before: String?
-        for _ in 0..<3000 where before == nil {
-            before = try await Self.health(harness)["nextRefreshAt"] as? String
-            if before == nil { try await Task.sleep(for: .milliseconds(10)) }
+        // The new token is adopted once /healthz carries its fingerprint; then it is the only login
+        // (no error, no retry) and its refresh is scheduled.
+        let firstFingerprint = try #require(first["tokenFingerprint"] as? String)
+        var adopted: [String: Any] = [:]
+        let adoptionDeadline = Date().addingTimeInterval(120)
+        while Date() < adoptionDeadline {
+            adopted = try await Self.health(harness)
+            if let fingerprint = adopted["tokenFingerprint"] as? String, fingerprint != firstFingerprint,
+                adopted["nextRefreshAt"] != nil
+            {
+                break
+            }
+            try await Task.sleep(for: .milliseconds(10))
         }
-        let scheduledAgain = try #require(before)
+        #expect(adopted["lastError"] == nil)
+        #expect(harness.mock.stats.loginRequests == 2)
+        let scheduledAgain = try #require(adopted["nextRefreshAt"] as? String)
         harness.refresh.refreshAt = 0.5
         try harness.writeConfig()
         // The listener keeps what it received: without this the start's READY=1 answers at once,
