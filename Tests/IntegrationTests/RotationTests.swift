@@ -48,22 +48,36 @@ import TokenDaemon
         }
         #expect(seen.count >= 10, "tokens seen in 180 s: \(seen.count)")
         // One login per rotation, counted on the daemon's side (a reader stalled by a loaded machine
-        // may miss a token; the daemon's log does not): every token the mock issued was written,
-        // but the last, which may still be in flight.
+        // may miss a token; the daemon's log does not): every token the mock issued was written, but
+        // the last, which may still be in flight, and those of logins the daemon logged as failed
+        // (with the whole suite and both cores loaded, an answer came after the login's budget).
         let issued = harness.mock.issuedTokens.map { Fingerprint.of($0) }
-        let output = harness.child?.allOutput ?? ""
+        let lines = (harness.child?.allOutput ?? "").split(separator: "\n")
         let written = Set(
-            output.split(separator: "\n").filter { $0.contains("event=token_written") }
+            lines.filter { $0.contains("event=token_written") }
                 .compactMap { line in
                     line.split(separator: " ").first { $0.hasPrefix("token_fp=") }.map { String($0.dropFirst(9)) }
                 }
         )
+        let failedLogins = lines.filter { $0.contains("event=login_failed") }.count
         let unwritten = issued.dropLast().filter { !written.contains($0) }
-        #expect(unwritten.isEmpty, "\(unwritten.count) of \(issued.count) tokens logged in for were never written")
+        #expect(
+            unwritten.count <= failedLogins,
+            """
+            \(unwritten.count) of \(issued.count) tokens logged in for were never written, and \(failedLogins) \
+            logins failed; the daemon's lines other than writes and schedules:
+            \(lines.filter { !$0.contains("event=token_written") && !$0.contains("event=refresh_scheduled") }
+                .joined(separator: "\n"))
+            """
+        )
         // And no faster than the policy: a 4 s token (whose whole-second `exp` may leave 3 s) is
-        // refreshed at half its lifetime less 5% jitter, 1.425 s at the earliest.
+        // refreshed at half its lifetime less 5% jitter, 1.425 s at the earliest; each failed login
+        // adds its retry.
         let elapsed = Date().timeIntervalSince(began)
-        #expect(issued.count <= 2 + Int(elapsed / 1.425), "\(issued.count) logins in \(elapsed) s")
+        #expect(
+            issued.count <= 2 + Int(elapsed / 1.425) + failedLogins,
+            "\(issued.count) logins in \(elapsed) s, \(failedLogins) failed"
+        )
         #expect(harness.folder.entries("run").allSatisfy { !$0.hasPrefix(".") })
         harness.expectNoSecretsInOutput()
         await harness.stop()
