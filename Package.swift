@@ -85,6 +85,7 @@ let package = Package(
             dependencies: [
                 "TokenDaemon", "MockFTS", "TestSupport",
                 .product(name: "Logging", package: "swift-log"), .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
         .testTarget(

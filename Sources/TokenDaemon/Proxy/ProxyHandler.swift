@@ -91,7 +91,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     }
 
     private enum Waiting {
-        case report(id: Int, timeout: Scheduled<Void>)
+        case report(RejectionReport)
         case token(id: Int, timeout: Scheduled<Void>)
     }
 
@@ -480,46 +480,38 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
             // A new token came while the request was out: nothing to report.
             return decide(head, replayable: current.isReplayable, refresh: "newer-token", context: context)
         }
-        let loop = context.eventLoop
-        let bound = NIOLoopBound(self, eventLoop: loop)
-        let promise = loop.makePromise(of: Void.self)
+        let promise = context.eventLoop.makePromise(of: Void.self)
         let attempt = current.attempt
-        let answered = NIOLockedValueBox<Int?>(nil)
-        let reply: @Sendable (DaemonCore.RejectionOutcome?) -> Void = { outcome in
-            loop.execute {
-                let handler = bound.value
-                guard let context = handler.context, handler.current(attempt) != nil,
-                    case .report(let id, let timeout)? = handler.exchange?.waiting,
-                    id == answered.withLockedValue({ $0 })
-                else { return }
-                timeout.cancel()
-                handler.exchange?.waiting = nil
-                let replayable = handler.exchange?.isReplayable ?? false
-                let decided: EventLoopFuture<Void>
-                switch outcome {
-                case .accepted?:
-                    decided = handler.decide(head, replayable: replayable, refresh: "started", context: context)
-                case .stale?:
-                    decided = handler.decide(head, replayable: replayable, refresh: "newer-token", context: context)
-                case .rateLimited?:
-                    handler.shared.metrics.proxyRejection(replayed: false)
-                    decided = handler.forwardHead(head, refresh: "rate-limited", context: context)
-                case nil:
-                    handler.shared.metrics.proxyRejection(replayed: false)
-                    decided = handler.forwardHead(head, refresh: "unavailable", context: context)
-                }
-                decided.cascade(to: promise)
+        let sent = RejectionReport.send(
+            to: shared.board,
+            fingerprint: used.fingerprint,
+            reporterUID: peer?.uid,
+            on: context.eventLoop
+        ) { outcome in
+            guard let context = self.context, self.current(attempt) != nil, case .report? = self.exchange?.waiting
+            else { return }
+            self.exchange?.waiting = nil
+            let replayable = self.exchange?.isReplayable ?? false
+            let decided: EventLoopFuture<Void>
+            switch outcome {
+            case .accepted?:
+                decided = self.decide(head, replayable: replayable, refresh: "started", context: context)
+            case .stale?:
+                decided = self.decide(head, replayable: replayable, refresh: "newer-token", context: context)
+            case .rateLimited?:
+                self.shared.metrics.proxyRejection(replayed: false)
+                decided = self.forwardHead(head, refresh: "rate-limited", context: context)
+            case nil:
+                self.shared.metrics.proxyRejection(replayed: false)
+                decided = self.forwardHead(head, refresh: "unavailable", context: context)
             }
+            decided.cascade(to: promise)
         }
-        guard
-            let id = shared.board.reportRejection(fingerprint: used.fingerprint, reporterUID: peer?.uid, reply: reply)
-        else {
+        guard let sent else {
             shared.metrics.proxyRejection(replayed: false)
             return forwardHead(head, refresh: "unavailable", context: context)
         }
-        answered.withLockedValue { $0 = id }
-        let timeout = loop.scheduleTask(in: SocketRequestHandler.reportTimeout) { reply(nil) }
-        exchange?.waiting = .report(id: id, timeout: timeout)
+        exchange?.waiting = .report(sent)
         return promise.futureResult
     }
 
@@ -640,9 +632,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         exchange = nil
         current.connection?.cancel()
         switch current.waiting {
-        case .report(let id, let timeout)?:
-            timeout.cancel()
-            shared.board.cancelRejection(id)
+        case .report(let report)?:
+            report.cancel()
         case .token(let id, let timeout)?:
             timeout.cancel()
             shared.board.cancelWait(id)

@@ -95,8 +95,6 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     static let maxUnwritable = 16
     /// Body of a rejected-token report accepted (a fingerprint, optionally with a newline).
     static let maxReportBody = 256
-    /// Longest wait for the daemon's answer to a report (its loop answers in microseconds).
-    static let reportTimeout: TimeAmount = .seconds(10)
 
     /// One request as read: its head, and the body of a report (other bodies are not kept).
     struct Request {
@@ -109,8 +107,8 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     private enum Pending {
         /// A long poll: its board waiter and timeout.
         case longPoll(id: Int, timeout: Scheduled<Void>)
-        /// A rejected-token report: the daemon's answer, and the timeout.
-        case report(id: Int, timeout: Scheduled<Void>)
+        /// A rejected-token report waiting for the daemon's answer.
+        case report(RejectionReport)
     }
 
     private let board: TokenBoard
@@ -408,9 +406,8 @@ final class SocketRequestHandler: ChannelDuplexHandler {
             timeout.cancel()
             board.cancelWait(id)
             connections.endWait(context.channel)
-        case .report(let id, let timeout):
-            timeout.cancel()
-            board.cancelRejection(id)
+        case .report(let report):
+            report.cancel()
         }
     }
 
@@ -476,24 +473,18 @@ final class SocketRequestHandler: ChannelDuplexHandler {
                 context: context
             )
         }
-        let loop = context.eventLoop
-        let bound = NIOLoopBound((self, context), eventLoop: loop)
-        let answered = NIOLockedValueBox<Int?>(nil)
-        let reply: @Sendable (DaemonCore.RejectionOutcome?) -> Void = { outcome in
-            loop.execute {
-                let (handler, context) = bound.value
-                guard case .report(let id, _) = handler.pending, id == answered.withLockedValue({ $0 }) else { return }
-                handler.cancelPending(context: context)
-                handler.answerReport(outcome, fingerprint: fingerprint, head: head, context: context)
-                handler.answerQueued(context: context)
-            }
+        let sent = RejectionReport.send(
+            to: board,
+            fingerprint: fingerprint,
+            reporterUID: peer?.uid,
+            on: context.eventLoop
+        ) { outcome in
+            self.pending = nil
+            self.answerReport(outcome, fingerprint: fingerprint, head: head, context: context)
+            self.answerQueued(context: context)
         }
-        guard let id = board.reportRejection(fingerprint: fingerprint, reporterUID: peer?.uid, reply: reply) else {
-            return answerReport(nil, fingerprint: fingerprint, head: head, context: context)
-        }
-        answered.withLockedValue { $0 = id }
-        let timeout = loop.scheduleTask(in: Self.reportTimeout) { reply(nil) }
-        pending = .report(id: id, timeout: timeout)
+        guard let sent else { return answerReport(nil, fingerprint: fingerprint, head: head, context: context) }
+        pending = .report(sent)
     }
 
     /// `outcome` nil: the daemon did not answer (not running yet, or stopping).

@@ -290,4 +290,6 @@ public final class TokenBoard: Sendable {
     }
 
     var waiterCount: Int { state.withLockedValue { $0.waiters.count } }
+    /// Reports sent and neither answered nor cancelled.
+    var unansweredReportCount: Int { state.withLockedValue { $0.rejectionReplies.count } }
 }
