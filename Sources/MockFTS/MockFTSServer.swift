@@ -25,6 +25,9 @@ import Foundation
 ///   reports instead); 401 when the key or token is not valid, as the API would.
 /// - `GET /api/slow?ms=N`: the echo, N milliseconds late (at most 60,000).
 /// - `GET /api/stream?bytes=N`: N bytes of `streamByte(at:)`, written only as the client reads them.
+/// - `dropReusedConnections(_:)`: the next requests that come on a kept-alive connection that already
+///   served one are not answered; the connection closes, as when a server's idle timeout ran out
+///   just as a client reused the connection.
 /// - `POST /_mock/revoke`: every token issued so far is refused by the API from now on (a
 ///   server-side revocation); logins still work.
 /// - `POST /_mock/faults` (a `MockFaultScript` as JSON) and `GET /_mock/stats`: control for tests in
@@ -70,6 +73,10 @@ public final class MockFTSServer: Sendable {
         public var apiAccepted = 0
         public var apiRejected = 0
         public var revocations = 0
+        /// TCP connections accepted (logins and API alike).
+        public var connectionsAccepted = 0
+        /// Requests not answered by `dropReusedConnections`.
+        public var reusedConnectionsDropped = 0
         /// `User-Agent` of the last login request.
         public var lastUserAgent: String?
         /// Arrival of every login request, in seconds since 1970.
@@ -84,6 +91,7 @@ public final class MockFTSServer: Sendable {
         var issuedTokens: [String] = []
         /// Tokens refused by the API whatever their expiry (`revokeAll`).
         var revoked: Set<String> = []
+        var reusedConnectionsToDrop = 0
     }
 
     private let state: NIOLockedValueBox<State>
@@ -201,6 +209,26 @@ public final class MockFTSServer: Sendable {
     /// Applies `fault` to every login until called again with nil.
     public func always(_ fault: MockFault?) {
         state.withLockedValue { $0.script.always = fault }
+    }
+
+    /// The next `count` requests that arrive on a connection that already served one close it instead
+    /// of being answered.
+    public func dropReusedConnections(_ count: Int) {
+        state.withLockedValue { $0.reusedConnectionsToDrop = count }
+    }
+
+    /// Whether to drop a request that came on a connection that already served one (and counts it).
+    fileprivate func takeReusedConnectionDrop() -> Bool {
+        state.withLockedValue { state in
+            guard state.reusedConnectionsToDrop > 0 else { return false }
+            state.reusedConnectionsToDrop -= 1
+            state.stats.reusedConnectionsDropped += 1
+            return true
+        }
+    }
+
+    fileprivate func connectionAccepted() {
+        state.withLockedValue { $0.stats.connectionsAccepted += 1 }
     }
 
     public func update(_ change: @Sendable (inout Configuration) -> Void) {
@@ -458,14 +486,25 @@ private final class MockHTTPHandler: ChannelInboundHandler {
     private var hash = SHA256()
     /// A streamed answer under way: bytes written so far, of how many, and whether to keep the connection.
     private var stream: (written: Int, total: Int, keepAlive: Bool)?
+    /// Requests this connection has answered (or begun to).
+    private var served = 0
 
     init(server: MockFTSServer) {
         self.server = server
     }
 
+    func channelActive(context: ChannelHandlerContext) {
+        server.connectionAccepted()
+        context.fireChannelActive()
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
+            if served > 0, server.takeReusedConnectionDrop() {
+                context.close(promise: nil)
+                return
+            }
             self.head = head
             body = MockFTSServer.ReceivedBody()
             hash = SHA256()
@@ -476,6 +515,7 @@ private final class MockHTTPHandler: ChannelInboundHandler {
         case .end:
             guard let head else { return }
             self.head = nil
+            served += 1
             body.sha256 = hash.finalize().map { byte in (byte < 16 ? "0" : "") + String(byte, radix: 16) }.joined()
             let response = server.respond(method: head.method, uri: head.uri, headers: head.headers, body: body)
             guard !response.hang else { return }

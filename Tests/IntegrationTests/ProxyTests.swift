@@ -212,6 +212,45 @@ import Testing
         await harness.stop()
     }
 
+    /// The upstream closes a kept-alive connection just as the proxy reuses it (its idle timeout ran
+    /// out between two requests): a GET is sent once more, on a new connection, and the client never
+    /// knows; a POST, which the upstream may have acted on, is not sent twice and gets 502.
+    @Test func aConnectionTheUpstreamClosedAsItWasReusedIsRetriedOnceForAGetOnly() async throws {
+        let harness = try await Self.harness()
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let socket = Self.apiSocket(harness)
+        #expect(try await Command.curl("/api/echo", socket: socket).status == 200)
+        let connectionsBefore = harness.mock.stats.connectionsAccepted
+
+        harness.mock.dropReusedConnections(1)
+        let retried = try await Command.curl("/api/echo?n=2", socket: socket)
+        #expect(retried.status == 200, "\(retried.body)")
+        #expect(Self.echo(retried.body)?.query == "n=2")
+        #expect(harness.mock.stats.reusedConnectionsDropped == 1, "the GET went out on the kept-alive connection")
+        #expect(harness.mock.stats.connectionsAccepted == connectionsBefore + 1, "and again on one new connection")
+        #expect(harness.mock.stats.apiAccepted == 2)
+        #expect(harness.child?.standardError.contains("event=proxy_upstream_failed") == false)
+
+        harness.mock.dropReusedConnections(1)
+        let post = try await Command.curl(
+            "/api/echo",
+            socket: socket,
+            extra: ["-X", "POST", "--data-binary", "order=1"]
+        )
+        #expect(post.status == 502, "a POST is not sent twice: \(post.body)")
+        #expect(harness.mock.stats.reusedConnectionsDropped == 2)
+        #expect(harness.mock.stats.apiAccepted == 2)
+        #expect(
+            await eventually(timeout: 60) {
+                harness.child?.standardError.contains("event=proxy_upstream_failed") == true
+            }
+        )
+        #expect(try await Command.curl("/api/echo", socket: socket).status == 200, "the proxy goes on serving")
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
     @Test func theTCPListenerRefusesForeignHostsAndWebPages() async throws {
         let port = try Self.freePort()
         let harness = try await Self.harness(#""listen": "127.0.0.1:\#(port)""#)
