@@ -344,7 +344,7 @@ import Testing
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         _ = harness.mock.revokeAll()
-        let answers = try UnixSocketClient.concurrentRequests(
+        let answers = try await UnixSocketClient.concurrentRequests(
             "GET /api/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
             count: 100,
             socket: ProxyTests.apiSocket(harness)
@@ -380,7 +380,7 @@ import Testing
         // Whatever the kernel buffers hold, the daemon holds no more than a part or two: sampled for
         // 3 s (each sample is a moment the daemon could have been filling up).
         let (_, growth) = try await Self.rssGrowth(of: child.pid) {
-            try stalled.send(Array("GET /api/stream?bytes=\(1 << 30) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8))
+            try await stalled.send(Array("GET /api/stream?bytes=\(1 << 30) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8))
             try await Task.sleep(for: .seconds(3))
         }
         #expect(growth < 4096, "RSS grew \(growth) KiB while a client read nothing of a 1 GiB answer")

@@ -71,7 +71,7 @@ import TokenDaemon
         #expect(await harness.waitUntilReady() != nil)
         let first = try #require(harness.token)
         let rejected = Fingerprint.of(first)
-        let answers = try UnixSocketClient.concurrentRequests(
+        let answers = try await UnixSocketClient.concurrentRequests(
             "POST /token/invalidate HTTP/1.1\r\nHost: localhost\r\nX-Token-Fingerprint: \(rejected)\r\n"
                 + "Content-Length: 0\r\nConnection: close\r\n\r\n",
             count: 100,
@@ -200,7 +200,10 @@ import TokenDaemon
             await eventually { harness.token != first && harness.folder.read("run/headers")?.contains(first) == false }
         )
         #expect(try await whoami() == 200)
-        #expect(harness.mock.stats.loginRequests == 2)
+        #expect(
+            harness.mock.stats.loginRequests == 2,
+            "stderr: \(harness.child?.standardError.suffix(1500) ?? "")"
+        )
         harness.expectNoSecretsInOutput()
         await harness.stop()
     }

@@ -109,7 +109,7 @@ import TokenDaemon
             // Judged as of the instant the batch was sent: on a loaded machine reading 200 answers
             // can take longer than the second a 4 s token has left after it is served.
             let asked = Date()
-            let answers = try UnixSocketClient.concurrentGets("/token", count: 200, socket: harness.socketPath)
+            let answers = try await UnixSocketClient.concurrentGets("/token", count: 200, socket: harness.socketPath)
             for (status, body) in answers {
                 if status == 200 && harness.mock.verdict(on: body, at: asked) == .accepted {
                     tokens.insert(body)
@@ -177,15 +177,15 @@ import TokenDaemon
         #expect(await harness.waitUntilReady() != nil)
         let path = harness.socketPath
 
-        let garbage = try UnixSocketClient.exchange(Array("\u{01}\u{02}garbage\r\n\r\n".utf8), socket: path)
+        let garbage = try await UnixSocketClient.exchange(Array("\u{01}\u{02}garbage\r\n\r\n".utf8), socket: path)
         #expect(garbage.hasPrefix("HTTP/1.1 400"))
 
         let oversized =
             "GET /token HTTP/1.1\r\nHost: x\r\nX-Big: " + String(repeating: "a", count: 16 * 1024) + "\r\n\r\n"
-        let tooBig = try UnixSocketClient.exchange(Array(oversized.utf8), socket: path)
+        let tooBig = try await UnixSocketClient.exchange(Array(oversized.utf8), socket: path)
         #expect(tooBig.hasPrefix("HTTP/1.1 4"), "\(tooBig.prefix(40))")
 
-        let halfClosed = try UnixSocketClient.exchange(
+        let halfClosed = try await UnixSocketClient.exchange(
             Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8),
             socket: path,
             shutdownWrite: true
@@ -196,10 +196,10 @@ import TokenDaemon
 
         // A slow client that never finishes its head is dropped after the idle timeout.
         let slow = try UnixSocketClient(socket: path)
-        try slow.send(Array("GET /tok".utf8))
+        try await slow.send(Array("GET /tok".utf8))
         // Meanwhile everyone else is served.
         #expect(try await Command.curl("/token", socket: path).status == 200)
-        #expect(slow.waitForClose(timeout: 30), "idle connection closed")
+        #expect(await slow.waitForClose(timeout: 30), "idle connection closed")
         #expect(try await Command.curl("/token", socket: path).status == 200)
         await harness.stop()
     }
@@ -211,14 +211,14 @@ import TokenDaemon
         let token = try #require(harness.token)
         // Three requests in one write: a long poll that times out after 1 s, then two plain ones.
         let client = try UnixSocketClient(socket: harness.socketPath)
-        try client.send(
+        try await client.send(
             Array(
                 ("GET /token?wait=1&after=\(Fingerprint.of(token)) HTTP/1.1\r\nHost: x\r\n\r\n"
                     + "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
                     + "HEAD /token.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").utf8
             )
         )
-        let answers = client.readAll().components(separatedBy: "HTTP/1.1 ").dropFirst()
+        let answers = await client.readAll().components(separatedBy: "HTTP/1.1 ").dropFirst()
         #expect(answers.count == 3)
         #expect(answers.first?.hasSuffix(token) == true, "the long poll's answer comes first")
         #expect(answers.dropFirst().first?.contains(#""status":"ok""#) == true, "then /healthz")
@@ -228,8 +228,10 @@ import TokenDaemon
         )
         // HTTP/1.0 asking for keep-alive is told so and can ask again.
         let old = try UnixSocketClient(socket: harness.socketPath)
-        try old.send(Array("GET /token HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /token HTTP/1.0\r\n\r\n".utf8))
-        let both = old.readAll()
+        try await old.send(
+            Array("GET /token HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /token HTTP/1.0\r\n\r\n".utf8)
+        )
+        let both = await old.readAll()
         #expect(both.components(separatedBy: "HTTP/1.1 200 OK").count == 3, "\(both.count) bytes")
         #expect(both.contains("Connection: keep-alive\r\n"))
         await harness.stop()
@@ -246,17 +248,17 @@ import TokenDaemon
         // known (`oldest` is the one idle the longest), and none can have reached the 10 s idle
         // timeout just before the newcomer, however long a loaded machine took to get here.
         for client in [oldest, busy, idle] {
-            try client.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
-            #expect(client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
+            try await client.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+            #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
         }
-        let answer = try UnixSocketClient.exchange(
+        let answer = try await UnixSocketClient.exchange(
             Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
             socket: harness.socketPath
         )
         #expect(answer.hasPrefix("HTTP/1.1 200"), "the newcomer is served")
-        #expect(oldest.waitForClose(timeout: 60), "the longest-idle connection made room")
-        try idle.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
-        #expect(idle.readAll().hasPrefix("HTTP/1.1 200"), "the others stay")
+        #expect(await oldest.waitForClose(timeout: 60), "the longest-idle connection made room")
+        try await idle.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        #expect(await idle.readAll().hasPrefix("HTTP/1.1 200"), "the others stay")
         #expect(
             try await Command.curl("/metrics", socket: harness.socketPath).body.contains(
                 #"fts_tokend_socket_connections_dropped_total{reason="evicted"}"#
@@ -303,7 +305,7 @@ import TokenDaemon
         let polls = Self.longPolls(harness, after: try await Self.fingerprint(harness), users: [65534, 65533])
         #expect(await eventually { child.standardError.components(separatedBy: "event=long_poll").count == 3 })
         let extra = try UnixSocketClient(socket: harness.socketPath)
-        #expect(extra.waitForClose(timeout: 60), "refused: no slot is idle")
+        #expect(await extra.waitForClose(timeout: 60), "refused: no slot is idle")
         // The long polls go on: a new token answers both.
         child.signal(SIGUSR1)
         for poll in polls { #expect(try await poll.value == 200) }

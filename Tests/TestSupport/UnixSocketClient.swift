@@ -2,7 +2,14 @@ import Foundation
 
 /// A raw client on a Unix stream socket: for requests no well-behaved client would send, and for many
 /// connections open at once.
-public final class UnixSocketClient {
+///
+/// Its calls block in poll(2) and send(2), for as long as the server takes. From async code they are
+/// called through their async overloads, which block a thread of their own
+/// (`UnixSocketClient.blocking`), never one of the concurrency pool's: that pool has one thread per
+/// core, two on a two-core machine, and a test blocked on each stalled every other test's tasks,
+/// and the daemons some tests run in this process (their logins timed out with both cores loaded).
+/// The blocking versions are unavailable from async code, so the compiler finds every such call.
+public final class UnixSocketClient: Sendable {
     private let fd: Int32
 
     public init(socket path: String) throws {
@@ -13,6 +20,7 @@ public final class UnixSocketClient {
         Glibc.close(fd)
     }
 
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public func send(_ bytes: [UInt8]) throws {
         var offset = 0
         while offset < bytes.count {
@@ -36,6 +44,7 @@ public final class UnixSocketClient {
 
     /// Sends `chunk` again and again without ever reading, up to `total` bytes; calls `between`
     /// after each chunk. Returns how it ended and how many bytes the server took.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public func flood(
         _ chunk: [UInt8],
         total: Int,
@@ -68,6 +77,7 @@ public final class UnixSocketClient {
     }
 
     /// Everything the server sends until it closes the connection or `timeout` passes.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public func readAll(timeout: TimeInterval = 15) -> String {
         var received: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
@@ -84,6 +94,7 @@ public final class UnixSocketClient {
 
     /// One answer on a kept-alive connection: its head and a body of its `Content-Length`; nil when
     /// the server closed first or `timeout` passed.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public func readAnswer(timeout: TimeInterval = 15) -> String? {
         var received: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
@@ -114,6 +125,7 @@ public final class UnixSocketClient {
     }
 
     /// Whether the server closes the connection within `timeout`.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public func waitForClose(timeout: TimeInterval) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
         var buffer = [UInt8](repeating: 0, count: 4096)
@@ -126,6 +138,7 @@ public final class UnixSocketClient {
     }
 
     /// Sends `bytes` on a new connection and returns all the server answers.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public static func exchange(_ bytes: [UInt8], socket: String, shutdownWrite: Bool = false) throws -> String {
         let client = try UnixSocketClient(socket: socket)
         try client.send(bytes)
@@ -135,6 +148,7 @@ public final class UnixSocketClient {
 
     /// One `GET target` per connection, all connections open before any request is sent, so that the
     /// server has them all at once. Returns each answer's status and body.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public static func concurrentGets(
         _ target: String,
         count: Int,
@@ -149,6 +163,7 @@ public final class UnixSocketClient {
 
     /// `request` (a whole HTTP/1.1 request that closes its connection) on `count` connections, all
     /// open before any request is sent. Returns each answer's status and body.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public static func concurrentRequests(
         _ requestText: String,
         count: Int,
@@ -169,11 +184,80 @@ public final class UnixSocketClient {
 
 extension UnixSocketClient {
     /// The status of a plain `GET target` on a new connection: for polling without a child process.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public static func status(of target: String, socket: String) throws -> Int {
         let answer = try UnixSocketClient.exchange(
             Array("GET \(target) HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
             socket: socket
         )
         return Int(answer.split(separator: " ", maxSplits: 2).dropFirst().first ?? "") ?? 0
+    }
+}
+
+// MARK: From async code
+
+extension UnixSocketClient {
+    /// Runs `work` on a thread of its own and waits for it without holding a thread of the
+    /// concurrency pool (see the type's comment).
+    public static func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread { continuation.resume(with: Result { try work() }) }.start()
+        }
+    }
+
+    /// Runs `work`, which cannot fail, on a thread of its own.
+    public static func blocking<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { continuation in
+            Thread { continuation.resume(returning: work()) }.start()
+        }
+    }
+
+    public func send(_ bytes: [UInt8]) async throws {
+        try await Self.blocking { try self.send(bytes) }
+    }
+
+    public func readAll(timeout: TimeInterval = 15) async -> String {
+        await Self.blocking { self.readAll(timeout: timeout) }
+    }
+
+    public func readAnswer(timeout: TimeInterval = 15) async -> String? {
+        await Self.blocking { self.readAnswer(timeout: timeout) }
+    }
+
+    public func waitForClose(timeout: TimeInterval) async -> Bool {
+        await Self.blocking { self.waitForClose(timeout: timeout) }
+    }
+
+    public static func exchange(_ bytes: [UInt8], socket: String, shutdownWrite: Bool = false) async throws -> String {
+        try await blocking { try exchange(bytes, socket: socket, shutdownWrite: shutdownWrite) }
+    }
+
+    public static func concurrentGets(
+        _ target: String,
+        count: Int,
+        socket: String
+    ) async throws -> [(status: Int, body: String)] {
+        try await blocking { try concurrentGets(target, count: count, socket: socket).map { Answer($0) } }.map(\.pair)
+    }
+
+    public static func concurrentRequests(
+        _ requestText: String,
+        count: Int,
+        socket: String
+    ) async throws -> [(status: Int, body: String)] {
+        try await blocking { try concurrentRequests(requestText, count: count, socket: socket).map { Answer($0) } }
+            .map(\.pair)
+    }
+
+    public static func status(of target: String, socket: String) async throws -> Int {
+        try await blocking { try status(of: target, socket: socket) }
+    }
+
+    /// A tuple is not Sendable: an answer crosses threads in this.
+    private struct Answer: Sendable {
+        var status: Int
+        var body: String
+        init(_ pair: (status: Int, body: String)) { (status, body) = pair }
+        var pair: (status: Int, body: String) { (status, body) }
     }
 }

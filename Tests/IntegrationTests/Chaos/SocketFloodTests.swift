@@ -15,28 +15,32 @@ import Testing
         let child = try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         let path = harness.socketPath
-        for _ in 0..<200 { _ = try UnixSocketClient.exchange(Self.request, socket: path) }
+        for _ in 0..<200 { _ = try await UnixSocketClient.exchange(Self.request, socket: path) }
         let baseline = try #require(ProcessFigures(pid: child.pid))
 
         let flooder = try UnixSocketClient(socket: path)
         let requests = Array(String(repeating: "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", count: 2048).utf8)
-        var peakKiB = baseline.rssKiB
-        var served = 0
-        func serveAnother() {
-            if (try? UnixSocketClient.exchange(Self.request, socket: path))?.hasPrefix("HTTP/1.1 200") == true {
-                served += 1
+        let (end, sent, peakDuring, served) = await UnixSocketClient.blocking {
+            var peakKiB = baseline.rssKiB
+            var served = 0
+            func serveAnother() {
+                if (try? UnixSocketClient.exchange(Self.request, socket: path))?.hasPrefix("HTTP/1.1 200") == true {
+                    served += 1
+                }
             }
+            let (end, sent) = flooder.flood(requests, total: 50 << 20, stallTimeout: 10) {
+                peakKiB = max(peakKiB, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
+                serveAnother()  // meanwhile another process asks for the token
+            }
+            serveAnother()
+            return (end, sent, peakKiB, served)
         }
-        let (end, sent) = flooder.flood(requests, total: 50 << 20, stallTimeout: 10) {
-            peakKiB = max(peakKiB, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
-            serveAnother()  // meanwhile another process asks for the token
-        }
-        serveAnother()
         // However the flood ended, the daemon closes that connection (at once when it stops
         // reading with answers piling up, else at the idle timeout) and serves the others.
-        let closed = end == .closedByServer || flooder.waitForClose(timeout: 60)
-        peakKiB = max(peakKiB, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
-        let after = (try? UnixSocketClient.exchange(Self.request, socket: path))?.hasPrefix("HTTP/1.1 200") == true
+        let closed = end == .closedByServer ? true : await flooder.waitForClose(timeout: 60)
+        let peakKiB = max(peakDuring, ProcessFigures(pid: child.pid)?.rssKiB ?? 0)
+        let after =
+            (try? await UnixSocketClient.exchange(Self.request, socket: path))?.hasPrefix("HTTP/1.1 200") == true
         let growthKiB = peakKiB - baseline.rssKiB
         let metrics = try await Command.curl("/metrics", socket: path).body
         let held = closed && growthKiB < 5 * 1024 && served > 0 && after && child.isRunning
@@ -57,23 +61,23 @@ import Testing
         let path = harness.socketPath
         // Warm up: requests, and one storm first, so that the code these paths run is paged in and
         // the baseline is what a daemon that has seen a storm holds.
-        for _ in 0..<200 { _ = try UnixSocketClient.exchange(Self.request, socket: path) }
+        for _ in 0..<200 { _ = try await UnixSocketClient.exchange(Self.request, socket: path) }
         let quiet = try #require(ProcessFigures(pid: child.pid)).fds
-        var flood = try Self.slowloris(600, socket: path)
+        var flood = try await Self.slowloris(600, socket: path)
         flood.removeAll()
         #expect(await eventually { (ProcessFigures(pid: child.pid)?.fds ?? .max) <= quiet })
-        for _ in 0..<200 { _ = try UnixSocketClient.exchange(Self.request, socket: path) }
+        for _ in 0..<200 { _ = try await UnixSocketClient.exchange(Self.request, socket: path) }
         // The warm-up storm's memory goes back a second after it calmed (SocketServer): past that.
         try await Task.sleep(for: .seconds(1.5))
         let baseline = try #require(ProcessFigures(pid: child.pid))
 
         // 1. A thousand connections at once, each sending one byte of a head it never finishes.
-        flood = try Self.slowloris(1000, socket: path)
+        flood = try await Self.slowloris(1000, socket: path)
         let during = ProcessFigures(pid: child.pid)
         // 2. Meanwhile the host's other processes ask for the token, one at a time.
         var served = 0
         for _ in 0..<100 {
-            let answer = (try? UnixSocketClient.exchange(Self.request, socket: path)) ?? ""
+            let answer = (try? await UnixSocketClient.exchange(Self.request, socket: path)) ?? ""
             if answer.hasPrefix("HTTP/1.1 200"), let body = answer.range(of: "\r\n\r\n"),
                 harness.mock.accepts(String(answer[body.upperBound...]))
             {
@@ -87,13 +91,13 @@ import Testing
         )
         for _ in 0..<10 {
             let client = try UnixSocketClient(socket: path)
-            try? client.send(huge)
-            if client.readAll(timeout: 30).hasPrefix("HTTP/1.1 400") { oversizedRefused += 1 }
+            try? await client.send(huge)
+            if await client.readAll(timeout: 30).hasPrefix("HTTP/1.1 400") { oversizedRefused += 1 }
         }
         flood.removeAll()
         // Let the server see the closes, then measure.
         #expect(await eventually { (ProcessFigures(pid: child.pid)?.fds ?? .max) <= baseline.fds })
-        for _ in 0..<200 { _ = try UnixSocketClient.exchange(Self.request, socket: path) }
+        for _ in 0..<200 { _ = try await UnixSocketClient.exchange(Self.request, socket: path) }
         // The daemon hands the storm's memory back a second after it calmed down.
         _ = await eventually(timeout: 10) {
             (ProcessFigures(pid: child.pid)?.anonymousKiB ?? .max) < baseline.anonymousKiB + 256
@@ -122,11 +126,13 @@ import Testing
     }
 
     /// `count` connections, each sending one byte of a request head it never finishes.
-    static func slowloris(_ count: Int, socket: String) throws -> [UnixSocketClient] {
-        try (0..<count).map { _ in
-            let client = try UnixSocketClient(socket: socket)
-            try? client.send(Array("G".utf8))
-            return client
+    static func slowloris(_ count: Int, socket: String) async throws -> [UnixSocketClient] {
+        try await UnixSocketClient.blocking {
+            try (0..<count).map { _ in
+                let client = try UnixSocketClient(socket: socket)
+                try? client.send(Array("G".utf8))
+                return client
+            }
         }
     }
 }
