@@ -247,7 +247,10 @@ import TokenDaemon
         // Each makes a request, answered before the next: the order of their last requests is
         // known (`oldest` is the one idle the longest), and none can have reached the 10 s idle
         // timeout just before the newcomer, however long a loaded machine took to get here.
+        // `idle` is idle from just before its request: the daemon may close it 10 s later, not before.
+        var idleSince = Date()
         for client in [oldest, busy, idle] {
+            idleSince = Date()
             try await client.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
             #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
         }
@@ -257,13 +260,18 @@ import TokenDaemon
         )
         #expect(answer.hasPrefix("HTTP/1.1 200"), "the newcomer is served")
         #expect(await oldest.waitForClose(timeout: 60), "the longest-idle connection made room")
-        try await idle.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
-        #expect(await idle.readAll().hasPrefix("HTTP/1.1 200"), "the others stay")
         #expect(
             try await Command.curl("/metrics", socket: harness.socketPath).body.contains(
-                #"fts_tokend_socket_connections_dropped_total{reason="evicted"}"#
-            )
+                #"fts_tokend_socket_connections_dropped_total{reason="evicted"} 1"#
+            ),
+            "one connection made room, the oldest"
         )
+        // The others stay: `idle` is still served, unless a loaded machine got here after its idle
+        // timeout (seen with both cores loaded: 16 s).
+        try? await idle.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
+        let served = await idle.readAll().hasPrefix("HTTP/1.1 200")
+        let idleFor = Date().timeIntervalSince(idleSince)
+        #expect(served || idleFor >= 10, "the others stay: idle for \(idleFor) s, then not served")
         await harness.stop()
     }
 
