@@ -128,6 +128,44 @@ import Testing
         await harness.stop()
     }
 
+    /// The attack: between the start and a reload that changes the socket's mode, its file is moved
+    /// away and another file put at its path. The reload changes the mode of a socket only, never of
+    /// the file put there, and its READY=1 says in STATUS (and `/healthz` degraded) what was not
+    /// applied; at the stop the daemon removes only its own socket file.
+    @Test func aSocketPathSwappedForAnotherFileIsNotChmodedByAReload() async throws {
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let moved = harness.folder.file("run/moved.sock")
+        #expect(rename(harness.socketPath, moved) == 0)
+        try harness.folder.write("run/tokend.sock", "planted\n", mode: 0o644)
+
+        harness.socket = #"{ "path": "\#(harness.socketPath)", "mode": "0600" }"#
+        try harness.writeConfig()
+        harness.notify.reset()
+        child.signal(SIGHUP)
+        let ready = try #require(await harness.notify.waitFor(timeout: 60) { $0.contains("READY=1") })
+        #expect(
+            ready.contains("reload applied, except the socket's mode (\(harness.socketPath) is no longer a socket)"),
+            "\(ready)"
+        )
+        #expect(harness.folder.mode("run/tokend.sock") == 0o644, "the planted file's mode is untouched")
+        #expect(child.standardError.contains("event=reload_failed"))
+        // The daemon still serves on its socket, wherever it was moved, and says it is degraded.
+        let health =
+            try JSONSerialization.jsonObject(
+                with: Data(try await Command.curl("/healthz", socket: moved).body.utf8)
+            ) as? [String: Any]
+        #expect(health?["status"] as? String == "degraded")
+        #expect((health?["lastError"] as? String)?.hasPrefix("reload applied, except the socket's mode") == true)
+
+        child.signal(SIGTERM)
+        #expect(await child.waitForExit(timeout: 60) == 0)
+        #expect(harness.folder.read("run/tokend.sock") == "planted\n", "only its own socket file is removed")
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+    }
+
     @Test func aLowerConnectionLimitTakesEffectOnTheNextConnection() async throws {
         let harness = try await DaemonHarness(ttl: 600, socket: "")
         let child = try harness.start()

@@ -26,6 +26,8 @@ struct CoreDriver {
     var metricsFailure: String?
     /// What the next `.loadConfiguration` returns.
     var nextConfiguration: Result<LoadedConfiguration, ConfigurationError>?
+    /// What the next `.applyConfiguration` could not apply (nil: everything).
+    var applyProblem: String?
     /// What `/healthz` says: the last `.publish` or `.updateHealth`, at the instant it went out.
     var health: TokenBoard.Health?
 
@@ -60,6 +62,7 @@ struct CoreDriver {
                 case .writeMetricsFile: inputs.append(.metricsFileWritten(failure: metricsFailure))
                 case .loadConfiguration:
                     if let result = nextConfiguration { inputs.append(.configurationLoaded(result)) }
+                case .applyConfiguration: inputs.append(.configurationApplied(problem: applyProblem))
                 default: break
                 }
             }
@@ -686,6 +689,40 @@ extension [DaemonCore.Action] {
         #expect(snapshot.statusLine(now: driver.now).contains("which needs a restart"))
         #expect(snapshot.health(now: driver.now).status == "degraded")
         #expect(driver.core.configuration == before)
+    }
+
+    /// The socket's new mode could not be set (its path no longer holds the daemon's socket): the
+    /// reload's READY=1 already says so in STATUS and `/healthz`, nothing is published before it, and
+    /// the next reload that applies clears it.
+    @Test func aReloadThatCannotApplyTheSocketsModeSaysSoWithItsReady() throws {
+        var driver = ready(CoreFixtures.configuration(socket: CoreFixtures.socket()))
+        driver.nextConfiguration = .success(CoreFixtures.configuration(socket: CoreFixtures.socket(mode: 0o600)))
+        driver.applyProblem = "the socket's mode (/run/fts/tokend.sock is no longer a socket)"
+        let actions = driver.send(.signal(.reload))
+        let applied = try #require(actions.firstIndex { if case .applyConfiguration = $0 { true } else { false } })
+        let publications = actions.enumerated().filter { if case .publish = $0.element { true } else { false } }
+        #expect(publications.count == 1, "one publication, after the outcome")
+        #expect(publications.allSatisfy { $0.offset > applied })
+        let (snapshot, notice) = try #require(actions.publications.last)
+        #expect(notice == .reloaded)
+        let expected = "reload applied, except the socket's mode (/run/fts/tokend.sock is no longer a socket)"
+        #expect(snapshot.statusLine(now: driver.now).hasSuffix("; " + expected))
+        #expect(driver.health?.status == "degraded")
+        #expect(driver.health?.lastError == expected)
+        // The new allow lists and mode are the configuration in force: what could be applied was.
+        #expect(driver.core.configuration.configuration.outputs.socket?.mode == 0o600)
+
+        driver.applyProblem = nil
+        let again = driver.send(.signal(.reload))
+        #expect(again.readyNotices == [.reloaded])
+        #expect(again.publications.last?.0.reloadProblem == nil)
+        #expect(driver.health?.status == "ok")
+    }
+
+    @Test func anApplyOutcomeWithNoReloadOutIsIgnored() {
+        var driver = ready()
+        #expect(driver.send(.configurationApplied(problem: "stray")).isEmpty)
+        #expect(driver.health?.status == "ok")
     }
 
     @Test func underSocketActivationTheSocketPathIsNotTheConfigs() {

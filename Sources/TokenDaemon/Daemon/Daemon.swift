@@ -285,7 +285,7 @@ public final class Daemon {
                 return .configurationLoaded(.failure(error))
             }
         case .applyConfiguration(let change):
-            apply(change)
+            return .configurationApplied(problem: apply(change))
         case .publish(let snapshot, let notice):
             publish(snapshot, notice: notice)
         case .updateHealth(let snapshot):
@@ -360,7 +360,9 @@ public final class Daemon {
         }
     }
 
-    private func apply(_ change: ConfigChange) {
+    /// Rebuilds what `change` says; returns what could not be applied, for STATUS and `/healthz`.
+    private func apply(_ change: ConfigChange) -> String? {
+        var problems: [String] = []
         let levelChanged = logger.logLevel != configuration.logLevel
         logger.logLevel = configuration.logLevel
         logWarnings()
@@ -379,6 +381,7 @@ public final class Daemon {
                 try server?.apply(configuration.outputs)
             } catch {
                 logger.error("cannot apply the socket's new mode: \(error)", metadata: ["event": "reload_failed"])
+                problems.append("the socket's mode (\(error))")
             }
         }
         if change.proxyAccess || levelChanged, let settings = configuration.outputs.proxy {
@@ -386,8 +389,10 @@ public final class Daemon {
                 try proxy?.apply(settings, logLevel: configuration.logLevel)
             } catch {
                 logger.error("cannot apply the API proxy's new mode: \(error)", metadata: ["event": "reload_failed"])
+                problems.append("the API proxy's mode (\(error))")
             }
         }
+        return problems.isEmpty ? nil : problems.joined(separator: " and ")
     }
 
     /// STATUS=, READY=1, the socket's token and health, the token gauges: all from one snapshot.

@@ -52,6 +52,9 @@ public struct DaemonCore: Sendable {
         case filesWritten(id: Int, TokenOutputs.WriteOutcome)
         /// The outcome of `.loadConfiguration`.
         case configurationLoaded(Result<LoadedConfiguration, ConfigurationError>)
+        /// The outcome of `.applyConfiguration`: what could not be applied (the new mode of the
+        /// socket or the proxy's socket), or nil when everything was.
+        case configurationApplied(problem: String?)
         /// The outcome of `.writeMetricsFile`.
         case metricsFileWritten(failure: String?)
         /// The outcome of `.saveState`.
@@ -137,7 +140,9 @@ public struct DaemonCore: Sendable {
         case runRotateActions(TokenGrant)
         /// Read the configuration and secrets again; `RELOADING=1` first when `notify`.
         case loadConfiguration(notify: Bool)
-        /// The core now runs on a new configuration: rebuild what `change` says.
+        /// The core now runs on a new configuration: rebuild what `change` says. Nothing is published
+        /// until its outcome (`.configurationApplied`), so that the reload's READY=1 and STATUS say
+        /// whether all of it applied.
         case applyConfiguration(ConfigChange)
         case publish(Snapshot, ReadyNotice?)
         /// Only what `/healthz` shows of the outputs changed (the metrics file was written): the socket
@@ -276,6 +281,8 @@ public struct DaemonCore: Sendable {
     private(set) var announced = false
     /// A reload of a ready daemon is over; READY=1 goes with the next publication.
     private var reloadNotice = false
+    /// `.applyConfiguration` is out and its outcome not in: nothing is published meanwhile.
+    private var applyingConfiguration = false
     private var reloadProblem: String?
     private var lastPublished: Snapshot?
     private var metricsFileFailing = false
@@ -345,6 +352,10 @@ public struct DaemonCore: Sendable {
             )
         case .configurationLoaded(let result):
             configurationLoaded(result, now: now, &actions)
+        case .configurationApplied(let problem):
+            guard applyingConfiguration else { return [] }
+            applyingConfiguration = false
+            if let problem { reloadProblem = "reload applied, except \(problem)" }
         case .metricsFileWritten(let failure):
             if let failure, !metricsFileFailing { actions.append(.report(.metricsFileFailed(failure))) }
             metricsFileFailing = failure != nil
@@ -558,6 +569,7 @@ public struct DaemonCore: Sendable {
         outputRecords.keepOnly(fresh.configuration)
         policy = RefreshPolicy(fresh.configuration.refresh)
         actions += [.applyConfiguration(change), .report(.reloaded(change))]
+        applyingConfiguration = true
 
         if case .current(let grant, let files) = holding, grant.isValid(at: now) {
             if change.files {
@@ -677,10 +689,11 @@ public struct DaemonCore: Sendable {
         }
     }
 
-    /// What to publish; nil while files are being written: published once they have landed (or
-    /// failed), never ahead of the disk.
+    /// What to publish; nil while files are being written (published once they have landed or
+    /// failed, never ahead of the disk) and while a reload is being applied.
     private var publishableSnapshot: Snapshot? {
         if case .current(_, .writing) = holding { return nil }
+        if applyingConfiguration { return nil }
         return snapshot
     }
 
