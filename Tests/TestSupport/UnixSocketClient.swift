@@ -237,7 +237,7 @@ extension UnixSocketClient {
         count: Int,
         socket: String
     ) async throws -> [(status: Int, body: String)] {
-        try await blocking { try concurrentGets(target, count: count, socket: socket).map { Answer($0) } }.map(\.pair)
+        try await blocking { try concurrentGets(target, count: count, socket: socket) }
     }
 
     public static func concurrentRequests(
@@ -245,19 +245,10 @@ extension UnixSocketClient {
         count: Int,
         socket: String
     ) async throws -> [(status: Int, body: String)] {
-        try await blocking { try concurrentRequests(requestText, count: count, socket: socket).map { Answer($0) } }
-            .map(\.pair)
+        try await blocking { try concurrentRequests(requestText, count: count, socket: socket) }
     }
 
     public static func status(of target: String, socket: String) async throws -> Int {
         try await blocking { try status(of: target, socket: socket) }
-    }
-
-    /// A tuple is not Sendable: an answer crosses threads in this.
-    private struct Answer: Sendable {
-        var status: Int
-        var body: String
-        init(_ pair: (status: Int, body: String)) { (status, body) = pair }
-        var pair: (status: Int, body: String) { (status, body) }
     }
 }
