@@ -220,7 +220,8 @@ enum CoreFixtures {
             connectTimeoutSeconds: 10,
             timeoutSeconds: 60,
             maxConnections: 512,
-            maxUpstreamConnections: 64
+            maxUpstreamConnections: 64,
+            denyPaths: ["/auth/token", "/auth/"]
         )
     }
 }
@@ -787,6 +788,73 @@ extension [DaemonCore.Action] {
         // Once the floor has passed, the next report forces a login again.
         driver.advance(20)
         #expect(driver.send(Self.report(newFingerprint, id: 4)).logins.count == 1)
+    }
+
+    /// Attack: after the server asked for an hour's pause (429, Retry-After 3600), proxied 401s
+    /// forced a login every floor. A report waits for the scheduled try, then forces one again.
+    @Test func aReportWhileTheServerAskedForAPauseWaitsForTheScheduledTry() {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        let fingerprint = driver.grant().fingerprint
+        driver.send(.signal(.refresh))
+        driver.loginFails(.httpStatus(429, retryAfter: 3600))
+        guard case .waiting(let retryAt) = driver.core.phase else {
+            Issue.record("no login scheduled: \(driver.core.phase)")
+            return
+        }
+        #expect(retryAt >= driver.now.addingTimeInterval(3600))
+        for id in 1...5 {
+            driver.advance(60)
+            let limited = driver.send(Self.report(fingerprint, id: id))
+            #expect(limited.answers == [.init(id, .rateLimited(until: retryAt))])
+            #expect(limited.logins.isEmpty)
+        }
+        driver.advance(retryAt.timeIntervalSince(driver.now))
+        #expect(driver.loginInFlight != nil, "the scheduled try happens")
+    }
+
+    /// Attack: with the password refused (next try in `backoffMaxSeconds`), each 401 report forced
+    /// one more wrong-password login: the lock-out pattern.
+    @Test func aReportAfterTheCredentialsWereRefusedForcesNoLoginUntilTheScheduledTry() {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        let fingerprint = driver.grant().fingerprint
+        driver.send(.signal(.refresh))
+        driver.loginFails(CoreFixtures.rejected)
+        guard case .waiting(let retryAt) = driver.core.phase else {
+            Issue.record("no login scheduled: \(driver.core.phase)")
+            return
+        }
+        var logins = 0
+        var id = 0
+        while driver.now.addingTimeInterval(35) < retryAt {
+            driver.advance(35)
+            id += 1
+            let answer = driver.send(Self.report(fingerprint, id: id))
+            logins += answer.logins.count
+            #expect(answer.answers == [.init(id, .rateLimited(until: retryAt))])
+        }
+        #expect(id > 3 && logins == 0, "\(id) reports made \(logins) logins")
+    }
+
+    /// The later of the two rules wins: a backoff shorter than the floor leaves the floor.
+    @Test func aReportDuringAShortBackoffWaitsForTheLaterOfFloorAndTry() {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        let fingerprint = driver.grant().fingerprint
+        #expect(driver.send(Self.report(fingerprint, id: 1)).logins.count == 1)
+        let forcedAt = driver.now
+        driver.loginFails(CoreFixtures.unavailable)
+        guard case .waiting(let retryAt) = driver.core.phase else {
+            Issue.record("no login scheduled: \(driver.core.phase)")
+            return
+        }
+        let floor = forcedAt.addingTimeInterval(CoreFixtures.noJitter.minForcedRefreshSeconds)
+        let limited = driver.send(Self.report(fingerprint, id: 2))
+        #expect(limited.answers == [.init(2, .rateLimited(until: max(floor, retryAt)))])
     }
 
     @Test func theFloorIsRefreshMinForcedRefreshSeconds() {

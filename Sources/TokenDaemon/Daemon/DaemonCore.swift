@@ -608,15 +608,27 @@ public struct DaemonCore: Sendable {
             return .stale(current: holding.grant.flatMap { $0.isValid(at: now) ? $0.fingerprint : nil })
         }
         if case .loggingIn = phase { return .accepted(startedLogin: false) }
-        let floor = policy.settings.minForcedRefreshSeconds
-        if let last = lastForcedLogin, now < last.addingTimeInterval(floor) {
-            return .rateLimited(until: last.addingTimeInterval(floor))
-        }
+        if let until = reportsRefusedUntil(now: now) { return .rateLimited(until: until) }
         // The rejected token stays current until a new one is on disk: a wrong report must not
         // take a good token away.
         lastForcedLogin = now
         phase = .waiting(until: now)
         return .accepted(startedLogin: true)
+    }
+
+    /// Until when a rejected-token report may not force a login, or nil when it may now. Two rules,
+    /// the later wins:
+    /// 1. the forced-refresh floor: at most one forced login per `minForcedRefreshSeconds`;
+    /// 2. the login schedule: after a failed login (the server's `Retry-After`, a 5xx backoff,
+    ///    credentials refused) the next try is the one scheduled. A report must not turn a
+    ///    backed-off login into one every floor: against refused credentials that is the lock-out
+    ///    pattern exit 78 exists to prevent.
+    private func reportsRefusedUntil(now: Date) -> Date? {
+        var until: Date?
+        if let last = lastForcedLogin { until = last.addingTimeInterval(policy.settings.minForcedRefreshSeconds) }
+        if lastError != nil, case .waiting(let retryAt) = phase { until = max(until ?? retryAt, retryAt) }
+        guard let until, now < until else { return nil }
+        return until
     }
 
     /// Records a write of the metrics or state file. Not through afterEvent: a publication writes
