@@ -528,6 +528,20 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
             proxy.maxRequestBodyBytes == 16 << 20 && proxy.timeoutSeconds == 60 && proxy.connectTimeoutSeconds == 10
         )
         #expect(proxy.maxConnections == 512 && proxy.maxUpstreamConnections == 64)
+        #expect(proxy.denyPaths == ["/auth/token", "/auth/"], "the log-in endpoint and the auth API")
+    }
+
+    /// The default denies the log-in endpoint where it really is: under `api.baseURL`'s own path.
+    @Test func theDefaultDeniedPathsFollowTheLoginEndpoint() throws {
+        let text =
+            #"{"api":{"baseURL":"https://x.example/gw","tokenPath":"/login"},"outputs":{"proxy":{}}}"#
+        #expect(try ConfigurationParser().parse(Array(text.utf8)).outputs.proxy?.denyPaths == ["/gw/login", "/auth/"])
+    }
+
+    @Test(arguments: [#"["auth/"]"#, #"["/auth?x=1"]"#, #"[1]"#, #""/auth/""#])
+    func deniedPathsMustBePaths(_ value: String) {
+        let text = #"{"api":{"baseURL":"https://x.example"},"outputs":{"proxy":{"denyPaths":"# + value + "}}}"
+        #expect(throws: ConfigurationError.self) { try ConfigurationParser().parse(Array(text.utf8)) }
     }
 
     @Test func aProxyAloneIsAValidOutput() throws {
@@ -547,7 +561,7 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
                         "listen": "localhost:8089", "upstream": "https://api.example/v2/", "caFile": "/etc/ca.pem",
                         "rejectedStatuses": [401, 403], "allowBrowsers": true, "maxRequestBodyBytes": 1000,
                         "connectTimeoutSeconds": 2, "timeoutSeconds": 5, "maxConnections": 9,
-                        "maxUpstreamConnections": 3,
+                        "maxUpstreamConnections": 3, "denyPaths": ["/v2/login"],
                     ] as [String: Any]
                 )
             }
@@ -569,7 +583,8 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
                     connectTimeoutSeconds: 2,
                     timeoutSeconds: 5,
                     maxConnections: 9,
-                    maxUpstreamConnections: 3
+                    maxUpstreamConnections: 3,
+                    denyPaths: ["/v2/login"]
                 )
         )
     }

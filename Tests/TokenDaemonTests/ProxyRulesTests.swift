@@ -40,27 +40,157 @@ import Testing
         #expect(headers.map(\.name) == ["Content-Type", "Content-Length", "Set-Cookie", "Via"])
     }
 
-    @Test func onlyIdempotentMethodsAreReplayable() {
-        #expect([HTTPMethod.GET, .HEAD, .OPTIONS, .PUT, .DELETE].allSatisfy(ProxyRules.isIdempotent))
-        #expect(![HTTPMethod.POST, .PATCH].contains(where: ProxyRules.isIdempotent))
+    /// `ProxyRules.refusal` on a request to `/v1/x` unless `target` says otherwise.
+    static func refusal(
+        _ head: HTTPRequestHead,
+        target: String? = nil,
+        listener: ProxyRules.Listener,
+        allowBrowsers: Bool,
+        maxBodyBytes: Int,
+        denyPaths: [String] = ["/auth/token", "/auth/"]
+    ) -> ProxyRules.Refusal? {
+        ProxyRules.refusal(
+            head,
+            upstreamTarget: target ?? head.uri,
+            policy: .init(
+                listener: listener,
+                allowBrowsers: allowBrowsers,
+                maxBodyBytes: maxBodyBytes,
+                denyPaths: denyPaths.map(DeniedPath.init)
+            )
+        )
+    }
+
+    @Test func onlyIdempotentMethodsAreReplayableAndTraceNever() {
+        #expect([HTTPMethod.GET, .HEAD, .OPTIONS, .PUT, .DELETE].allSatisfy { ProxyRules.rule(for: $0).replayable })
+        #expect(![HTTPMethod.POST, .PATCH, .TRACE, .CONNECT].contains { ProxyRules.rule(for: $0).replayable })
+    }
+
+    /// Attack: TRACE echoes the request (the daemon's credentials with it), and NIO's encoder sends
+    /// it without framing, so a body after it is a smuggled second request.
+    @Test(arguments: [HTTPMethod.TRACE, .CONNECT])
+    func traceAndConnectAreRefusedWith405(_ method: HTTPMethod) {
+        let refusal = Self.refusal(
+            Self.head(uri: "/v1/x", method: method),
+            listener: .unixSocket,
+            allowBrowsers: false,
+            maxBodyBytes: 10
+        )
+        #expect(refusal?.status == .methodNotAllowed && refusal?.reason == .method)
+        #expect(refusal?.headers.contains { $0.0 == "Allow" && !$0.1.contains("TRACE") } == true)
+    }
+
+    /// The one rule behind the TRACE smuggling: a method whose body the encoder would not frame
+    /// never carries one, whatever else the table says of it.
+    @Test func everyMethodTheEncoderSendsUnframedIsNeverForwardedWithABody() {
+        let methods: [HTTPMethod] = [
+            .GET, .PUT, .ACL, .HEAD, .POST, .COPY, .LOCK, .MOVE, .BIND, .LINK, .PATCH, .TRACE, .MKCOL, .MERGE,
+            .PURGE, .NOTIFY, .SEARCH, .UNLOCK, .REBIND, .UNBIND, .REPORT, .DELETE, .UNLINK, .CONNECT, .MSEARCH,
+            .OPTIONS, .PROPFIND, .CHECKOUT, .PROPPATCH, .SUBSCRIBE, .MKCALENDAR, .MKACTIVITY, .UNSUBSCRIBE,
+            .SOURCE, .RAW(value: "FOO"),
+        ]
+        for method in methods where !ProxyRules.rule(for: method).framesBody {
+            for framing in [("Content-Length", "5"), ("Transfer-Encoding", "chunked")] {
+                let head = Self.head([framing], method: method)
+                #expect(
+                    Self.refusal(head, listener: .unixSocket, allowBrowsers: false, maxBodyBytes: 10) != nil,
+                    "\(method) with \(framing.0)"
+                )
+            }
+        }
+        #expect(!ProxyRules.rule(for: .TRACE).framesBody, "NIO's encoder drops TRACE's framing")
+    }
+
+    /// Attack: `Transfer-Encoding: gzip, chunked` lost its gzip on the way (the proxy re-frames
+    /// bodies): a coding list other than `chunked` alone is refused, not altered.
+    @Test(arguments: ["gzip, chunked", "gzip", "chunked, chunked", "identity"])
+    func aCodingListTheProxyCannotPassOnIsRefused(_ coding: String) {
+        let head = Self.head([("Transfer-Encoding", coding)], method: .POST)
+        let refusal = Self.refusal(head, listener: .unixSocket, allowBrowsers: false, maxBodyBytes: 10)
+        #expect(refusal?.status == .notImplemented && refusal?.reason == .coding)
+        let chunked = Self.head([("Transfer-Encoding", "Chunked")], method: .POST)
+        #expect(Self.refusal(chunked, listener: .unixSocket, allowBrowsers: false, maxBodyBytes: 10) == nil)
+    }
+
+    /// Attack: `X_Api_Key` or `authorization` spelt otherwise reaches CGI, WSGI or PHP upstreams as
+    /// the credential (they read `_` as `-`, in any case).
+    @Test func headerNamesThatNormaliseToACredentialNeverGoUpstream() {
+        let forwarded = ProxyRules.forwardedHeaders(
+            HTTPHeaders([
+                ("X_Api_Key", "theirs"), ("x-api_key", "theirs"), ("X_API-KEY", "theirs"), ("AUTHORIZATION", "x"),
+                ("Transfer_Encoding", "chunked"), ("Content_Length", "3"), ("Proxy_Authorization", "x"),
+                ("Host_", "x"), ("X_Request_Id", "kept"),
+            ])
+        )
+        #expect(forwarded.map(\.name) == ["Host_", "X_Request_Id", "Via"])
+    }
+
+    /// Attack: the log-in endpoint through the proxy reaches the auth server with the organisation's
+    /// key (password guessing, lock-out). Every spelling of it is refused 403.
+    @Test(arguments: [
+        "/auth/token", "/AUTH/TOKEN", "/auth/token?x=1", "//auth//token", "/x/../auth/token", "/./auth/./token",
+        "/auth/%74oken", "/%61uth/token", "/auth%2ftoken", "/auth%252Ftoken", "/auth;a=1/token;b=2", "/auth\\token",
+        "/auth/token.json", "/auth/token/", "/auth/tokens", "/auth.", "/auth", "/auth/", "/auth/refresh",
+        "/../../auth/token", "/auth /token", "/auth/token#frag",
+    ])
+    func everySpellingOfADeniedPathIsRefused(_ target: String) {
+        let refusal = Self.refusal(
+            Self.head(uri: target, method: .POST),
+            listener: .unixSocket,
+            allowBrowsers: false,
+            maxBodyBytes: 10
+        )
+        #expect(refusal?.status == .forbidden && refusal?.reason == .deniedPath, "\(CanonicalPath(target))")
+    }
+
+    @Test(arguments: ["/v1/auth/token", "/authors", "/api/echo", "/v1/x?next=/auth/token", "/", "/author/token"])
+    func pathsBesideTheDeniedOnesAreForwarded(_ target: String) {
+        #expect(
+            Self.refusal(Self.head(uri: target), listener: .unixSocket, allowBrowsers: false, maxBodyBytes: 10) == nil
+        )
+    }
+
+    /// The upstream's base path is part of what is judged: `/v2` + `/auth/token` is not denied by
+    /// `/auth/token`, and `/gw` + `/login` is denied by `/gw/login`.
+    @Test func deniedPathsAreJudgedOnThePathTheUpstreamReceives() {
+        let head = Self.head(uri: "/login", method: .POST)
+        let denied = Self.refusal(
+            head,
+            target: "/gw/login",
+            listener: .unixSocket,
+            allowBrowsers: false,
+            maxBodyBytes: 10,
+            denyPaths: ["/gw/login"]
+        )
+        #expect(denied?.reason == .deniedPath)
+        #expect(
+            Self.refusal(
+                head,
+                target: "/v2/login",
+                listener: .unixSocket,
+                allowBrowsers: false,
+                maxBodyBytes: 10,
+                denyPaths: ["/gw/login"]
+            ) == nil
+        )
     }
 
     @Test func theUnixSocketChecksNeitherHostNorOrigin() {
         let head = Self.head([("Host", "anything"), ("Origin", "https://x.example")])
-        #expect(ProxyRules.refusal(head, listener: .unixSocket, allowBrowsers: false, maxBodyBytes: 10) == nil)
+        #expect(Self.refusal(head, listener: .unixSocket, allowBrowsers: false, maxBodyBytes: 10) == nil)
     }
 
     @Test(arguments: ["127.0.0.1:8089", "localhost:8089", "LOCALHOST:8089"])
     func theTCPListenerServesItsOwnHost(_ host: String) {
         let head = Self.head([("Host", host)])
-        #expect(ProxyRules.refusal(head, listener: Self.tcp, allowBrowsers: false, maxBodyBytes: 10) == nil)
+        #expect(Self.refusal(head, listener: Self.tcp, allowBrowsers: false, maxBodyBytes: 10) == nil)
     }
 
     @Test(arguments: ["evil.example:8089", "127.0.0.1", "127.0.0.1:8090", "localhost", "", "127.0.0.1.nip.io:8089"])
     func aForeignHostIsDNSRebindingAndRefused(_ host: String) {
         let head = Self.head(host.isEmpty ? [] : [("Host", host)])
         #expect(
-            ProxyRules.refusal(head, listener: Self.tcp, allowBrowsers: false, maxBodyBytes: 10)?.0
+            Self.refusal(head, listener: Self.tcp, allowBrowsers: false, maxBodyBytes: 10)?.status
                 == .misdirectedRequest
         )
     }
@@ -71,20 +201,20 @@ import Testing
     ])
     func aWebPageIsRefusedUnlessBrowsersAreAllowed(_ name: String, _ value: String) {
         let head = Self.head([("Host", "localhost:8089"), (name, value)])
-        #expect(ProxyRules.refusal(head, listener: Self.tcp, allowBrowsers: false, maxBodyBytes: 10)?.0 == .forbidden)
-        #expect(ProxyRules.refusal(head, listener: Self.tcp, allowBrowsers: true, maxBodyBytes: 10) == nil)
+        #expect(Self.refusal(head, listener: Self.tcp, allowBrowsers: false, maxBodyBytes: 10)?.status == .forbidden)
+        #expect(Self.refusal(head, listener: Self.tcp, allowBrowsers: true, maxBodyBytes: 10) == nil)
     }
 
     @Test func aURLTypedInTheAddressBarIsNotAPage() {
         let head = Self.head([("Host", "localhost:8089"), ("Sec-Fetch-Site", "none")])
-        #expect(ProxyRules.refusal(head, listener: Self.tcp, allowBrowsers: false, maxBodyBytes: 10) == nil)
+        #expect(Self.refusal(head, listener: Self.tcp, allowBrowsers: false, maxBodyBytes: 10) == nil)
     }
 
     @Test func port80MayBeLeftOut() {
         let listener = ProxyRules.Listener.tcp(.init(host: "::1", port: 80))
         for host in ["[::1]", "[::1]:80", "localhost", "localhost:80"] {
             #expect(
-                ProxyRules.refusal(
+                Self.refusal(
                     Self.head([("Host", host)]),
                     listener: listener,
                     allowBrowsers: false,
@@ -101,6 +231,6 @@ import Testing
         (head([("Content-Length", "11")], method: .POST), .payloadTooLarge),
     ])
     func notAForwardProxyAndBodiesAreBounded(_ head: HTTPRequestHead, _ status: HTTPResponseStatus) {
-        #expect(ProxyRules.refusal(head, listener: .unixSocket, allowBrowsers: false, maxBodyBytes: 10)?.0 == status)
+        #expect(Self.refusal(head, listener: .unixSocket, allowBrowsers: false, maxBodyBytes: 10)?.status == status)
     }
 }

@@ -31,6 +31,13 @@ public struct Configuration: Sendable, Equatable {
 
         /// The full login URL.
         public var tokenURL: String { baseURL + tokenPath }
+        /// The log-in endpoint's path on its server: `baseURL`'s own path, then `tokenPath`.
+        public var tokenPathOnServer: String {
+            // "https://host:port/base": the path starts at the first "/" after the scheme's "//".
+            let afterScheme = baseURL.split(separator: "/", maxSplits: 3, omittingEmptySubsequences: false)
+            guard afterScheme.count == 4 else { return tokenPath }
+            return "/" + afterScheme[3] + tokenPath
+        }
     }
 
     public struct Refresh: Sendable, Equatable {
@@ -110,10 +117,19 @@ public struct Configuration: Sendable, Equatable {
         public var maxConnections: Int
         /// Connections kept open to the upstream (AsyncHTTPClient's per-host limit).
         public var maxUpstreamConnections: Int
+        /// Paths on the upstream answered 403 and never forwarded (the log-in endpoints).
+        public var denyPaths: [String]
 
         public static let defaultPath = "/run/fts-tokend/api.sock"
         public static let defaultMaxRequestBodyBytes = 16 << 20
         public static let defaultMaxUpstreamConnections = 64
+
+        /// `denyPaths` unless set: the log-in endpoint's path and the auth API's folder.
+        public static func defaultDenyPaths(_ api: API) -> [String] {
+            var paths = [api.tokenPathOnServer]
+            if !paths.contains("/auth/") { paths.append("/auth/") }
+            return paths
+        }
 
         public var restrictsPeers: Bool { !allowUIDs.isEmpty || !allowGIDs.isEmpty }
     }

@@ -135,6 +135,25 @@ final class ConfigurationObject {
         }
     }
 
+    /// A list of strings, if given.
+    func optionalStrings(_ key: String) throws(ConfigurationError) -> [String]? {
+        switch value(key) {
+        case nil:
+            return nil
+        case .array(let items):
+            var strings: [String] = []
+            for item in items {
+                guard case .string(let text) = item else {
+                    throw ConfigurationError(path(key), "must list strings only")
+                }
+                strings.append(text)
+            }
+            return strings
+        case .some(let other):
+            throw ConfigurationError(path(key), "must be an array of strings, not \(other.typeName)")
+        }
+    }
+
     /// A list of numeric user or group IDs.
     func optionalIDs(_ key: String) throws(ConfigurationError) -> [UInt32] {
         switch value(key) {

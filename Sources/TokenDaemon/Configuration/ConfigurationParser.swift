@@ -245,6 +245,13 @@ public struct ConfigurationParser {
                 "must list one or more HTTP error statuses (400 to 599) such as [401]"
             )
         }
+        let denyPaths = try proxy.optionalStrings("denyPaths") ?? Configuration.Proxy.defaultDenyPaths(api)
+        guard denyPaths.allSatisfy({ $0.hasPrefix("/") && !$0.contains(where: { $0 == "?" || $0 == "#" }) }) else {
+            throw ConfigurationError(
+                proxy.path("denyPaths"),
+                "must list paths on the upstream (\"/auth/\", \"/auth/token\"), with no query"
+            )
+        }
         return Configuration.Proxy(
             path: path,
             mode: mode,
@@ -281,7 +288,8 @@ public struct ConfigurationParser {
                 proxy,
                 "maxUpstreamConnections",
                 default: Configuration.Proxy.defaultMaxUpstreamConnections
-            )
+            ),
+            denyPaths: denyPaths
         )
     }
 

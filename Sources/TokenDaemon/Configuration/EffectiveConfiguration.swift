@@ -106,6 +106,7 @@ extension LoadedConfiguration {
                 "timeoutSeconds": .number(proxy.timeoutSeconds),
                 "maxConnections": .number(Double(proxy.maxConnections)),
                 "maxUpstreamConnections": .number(Double(proxy.maxUpstreamConnections)),
+                "denyPaths": .array(proxy.denyPaths.map(JSONValue.string)),
             ]
             members["listen"] = proxy.listen.map { .string($0.description) }
             members["caFile"] = proxy.caFile.map(JSONValue.string)

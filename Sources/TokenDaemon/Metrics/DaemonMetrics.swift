@@ -195,6 +195,34 @@ public final class DaemonMetrics: Sendable {
         ).increment()
     }
 
+    /// The proxy answered a request itself instead of forwarding it (`ProxyRules.Refusal.Reason`).
+    public func proxyRefusal(_ reason: String) {
+        counter(
+            Self.name(
+                "proxy_refusals",
+                "total",
+                "Requests the API proxy answered itself (405, 403, 413, 421, 501, 503), by reason."
+            ),
+            [("reason", reason)]
+        ).increment()
+    }
+
+    /// The proxy's upstream connections (`busy`: serving a request or being made; `idle`: kept
+    /// alive for the next) and the requests waiting for one.
+    public func proxyUpstreamPool(busy: Int, idle: Int, waiting: Int) {
+        let connections = Self.name(
+            "proxy_upstream_connections",
+            "",
+            "API proxy: connections to the upstream by state (busy, idle)."
+        )
+        gauge(connections, [("state", "busy")]).set(Double(busy))
+        gauge(connections, [("state", "idle")]).set(Double(idle))
+        gauge(
+            Self.name("proxy_upstream_waiting", "", "API proxy: requests waiting for an upstream connection."),
+            []
+        ).set(Double(waiting))
+    }
+
     /// Time from sending a request upstream to its answer's head.
     public func proxyUpstreamHead(_ duration: Duration) {
         proxyUpstreamDuration.record(duration)
@@ -223,6 +251,17 @@ public final class DaemonMetrics: Sendable {
         validity.set(remaining)
         return registry.emitToBuffer()
     }
+
+    private func gauge(_ descriptor: MetricNameDescriptor, _ labels: [(String, String)]) -> Gauge {
+        let key = descriptor.name + labels.map { "|\($0.0)=\($0.1)" }.joined()
+        return gauges.withLockedValue { cache in
+            if let gauge = cache[key] { return gauge }
+            let gauge = registry.makeGauge(descriptor: descriptor, labels: labels)
+            cache[key] = gauge
+            return gauge
+        }
+    }
+    private let gauges = NIOLockedValueBox<[String: Gauge]>([:])
 
     private func counter(_ descriptor: MetricNameDescriptor, _ labels: [(String, String)]) -> Counter {
         let key = descriptor.name + labels.map { "|\($0.0)=\($0.1)" }.joined()

@@ -65,6 +65,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         var token: TokenBoard.Entry?
         /// The upstream connection of the current attempt.
         var connection: UpstreamConnection?
+        /// The pool's id of this attempt's wait for a connection, withdrawn if the exchange ends.
+        var poolWait: Int?
         /// A failure on a reused connection before any answer was retried once on a new one.
         var retriedStale = false
         var sentAt = NIODeadline.now()
@@ -74,7 +76,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         /// A wait for the daemon (its answer to the report, or a new token), to cancel on close.
         var waiting: Waiting?
 
-        var isReplayable: Bool { ProxyRules.isIdempotent(head.method) && stream == nil }
+        var isReplayable: Bool { ProxyRules.rule(for: head.method).replayable && stream == nil }
         var hasBody: Bool {
             bodyBytes > 0 || head.headers.contains(name: "content-length")
                 || head.headers.contains(name: "transfer-encoding")
@@ -182,33 +184,19 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         let settings = shared.settings
         shared.connections.touch(context.channel)
         guard shared.access.allows(peer) else {
-            if shared.access.shouldLogRefusal(of: peer?.uid) {
-                shared.logger.warning(
-                    "API proxy peer refused",
-                    metadata: [
-                        "event": "peer_refused", "listener": "proxy",
-                        "uid": "\(peer.map { "\($0.uid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
-                    ]
-                )
-            }
-            return answerLocally(head, .forbidden, "this user may not use the API proxy", close: true)
+            // A TCP peer has no identity to check: with allow lists set, TCP serves no one (README).
+            let message =
+                listener == .unixSocket
+                ? "this user may not use the API proxy"
+                : "outputs.proxy.allowUIDs/allowGIDs are set: the TCP listener serves no one"
+            return refuse(head, ProxyRules.Refusal(status: .forbidden, reason: .peer, message: message), close: true)
         }
-        if let (status, message) = ProxyRules.refusal(
-            head,
-            listener: listener,
-            allowBrowsers: settings.allowBrowsers,
-            maxBodyBytes: settings.maxRequestBodyBytes
-        ) {
-            return answerLocally(head, status, message, close: true)
+        let target = shared.target.basePath + head.uri
+        if let refusal = ProxyRules.refusal(head, upstreamTarget: target, policy: settings.policy(listener)) {
+            return refuse(head, refusal, close: true)
         }
         guard shared.board.validEntry(at: shared.clock()) != nil else {
-            return answerLocally(
-                head,
-                .serviceUnavailable,
-                "no valid token: the daemon is logging in",
-                close: true,
-                extra: [("Retry-After", String(shared.board.retryAfter(at: shared.clock())))]
-            )
+            return refuse(head, noTokenRefusal(), close: true)
         }
         // The body is read before the request goes out: a client waiting for 100 Continue is told
         // to send it now (the upstream never sees Expect).
@@ -219,7 +207,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         exchange = Exchange(
             head: head,
             headers: ProxyRules.forwardedHeaders(head.headers),
-            target: shared.target.basePath + head.uri,
+            target: target,
             settings: settings
         )
     }
@@ -299,13 +287,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     private func send() {
         guard var current = exchange else { return }
         guard let entry = shared.board.validEntry(at: shared.clock()) else {
-            return answerLocally(
-                current.head,
-                .serviceUnavailable,
-                "no valid token: the daemon is logging in",
-                close: !current.requestEnded,
-                extra: [("Retry-After", String(shared.board.retryAfter(at: shared.clock())))]
-            )
+            return refuse(current.head, noTokenRefusal(), close: !current.requestEnded)
         }
         attemptSerial += 1
         let attempt = attemptSerial
@@ -337,21 +319,36 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         )
         let body = stream == nil ? current.body : nil
         exchange = current
-        shared.pool.value.acquire { [weak self] result in
+        let pool = shared.pool.value
+        let waiting = pool.acquire { [weak self] result in
             guard let self, self.current(attempt) != nil else {
                 // The exchange ended while the connection was made: the pool gets it back unused.
-                if case .success(let connection) = result { connection.cancel() }
+                if case .success(let connection) = result { pool.release(connection) }
                 return
             }
+            self.exchange?.poolWait = nil
             switch result {
             case .success(let connection):
                 self.exchange?.connection = connection
                 connection.send(head, body: body, streamed: stream != nil, to: self, attempt: attempt)
                 if let stream { self.attach(connection, to: stream) }
+            case .failure(.busy):
+                self.shared.logUpstreamFailure("\(current.head.method) request found no free upstream connection")
+                self.refuse(
+                    current.head,
+                    ProxyRules.Refusal(
+                        status: .serviceUnavailable,
+                        reason: .busy,
+                        message: "every upstream connection stayed busy; try again",
+                        headers: [("Retry-After", "1")]
+                    ),
+                    close: !(self.exchange?.requestEnded ?? false)
+                )
             case .failure(let error):
                 self.upstreamFailed(error, attempt: attempt)
             }
         }
+        if let waiting, self.current(attempt) != nil { exchange?.poolWait = waiting }
     }
 
     /// Callbacks of attempt `attempt`, or nil when it is not the current one.
@@ -573,6 +570,34 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
 
     // MARK: Answers the proxy gives itself
 
+    private func noTokenRefusal() -> ProxyRules.Refusal {
+        ProxyRules.Refusal(
+            status: .serviceUnavailable,
+            reason: .noToken,
+            message: "no valid token: the daemon is logging in",
+            headers: [("Retry-After", String(shared.board.retryAfter(at: shared.clock())))]
+        )
+    }
+
+    /// Answers a request the proxy refuses: counted by reason, logged at most once a minute per
+    /// peer (a client that repeats it must not fill the journal).
+    private func refuse(_ head: HTTPRequestHead, _ refusal: ProxyRules.Refusal, close: Bool) {
+        shared.metrics.proxyRefusal(refusal.reason.rawValue)
+        if shared.access.shouldLogRefusal(of: peer?.uid) {
+            shared.logger.warning(
+                "API proxy refused a request: \(refusal.message)",
+                metadata: [
+                    // A peer the allow lists refuse is logged as on the token socket.
+                    "event": "\(refusal.reason == .peer ? "peer_refused" : "proxy_refused")", "listener": "proxy",
+                    "reason": "\(refusal.reason.rawValue)", "status": "\(refusal.status.code)",
+                    "method": "\(head.method.rawValue)", "via": "\(listener == .unixSocket ? "unix" : "tcp")",
+                    "uid": "\(peer.map { "\($0.uid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
+                ]
+            )
+        }
+        answerLocally(head, refusal.status, refusal.message, close: close, extra: refusal.headers)
+    }
+
     /// Answers `head` without the upstream, ending the exchange. `close`: the connection closes
     /// after it (the request's body may be unread, so nothing after it can be trusted to line up).
     private func answerLocally(
@@ -631,6 +656,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         guard let current = exchange else { return }
         exchange = nil
         current.connection?.cancel()
+        if let id = current.poolWait { shared.pool.value.cancelWait(id) }
         switch current.waiting {
         case .report(let report)?:
             report.cancel()

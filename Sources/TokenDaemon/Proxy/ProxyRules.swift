@@ -53,7 +53,9 @@ enum ProxyRules {
         return headers
     }
 
-    /// Field names compared without allocating (this runs for every header of every request).
+    /// Field names compared without allocating (this runs for every header of every request), in
+    /// any case and with `_` read as `-`: CGI, WSGI and PHP turn both into `_`, so `X_Api_Key`
+    /// reaches such an upstream as the API key.
     struct FieldName: Sendable {
         let lowercased: [UInt8]
 
@@ -62,7 +64,8 @@ enum ProxyRules {
         func matches(_ name: String) -> Bool {
             name.utf8.count == lowercased.count
                 && zip(name.utf8, lowercased).allSatisfy { byte, lower in
-                    (byte >= 0x41 && byte <= 0x5A ? byte + 0x20 : byte) == lower
+                    let folded: UInt8 = byte >= 0x41 && byte <= 0x5A ? byte + 0x20 : (byte == 0x5F ? 0x2D : byte)
+                    return folded == lower
                 }
         }
     }
@@ -87,14 +90,33 @@ enum ProxyRules {
         return names
     }
 
-    /// Methods whose request can be sent twice with the effect of once (RFC 9110 §9.2.2): the only
-    /// ones the proxy replays after a rejected token.
-    static func isIdempotent(_ method: HTTPMethod) -> Bool {
+    /// What the proxy does with a request of each method: the one table of method rules.
+    struct MethodRule: Sendable, Equatable {
+        /// Forwarded at all; otherwise 405 and the upstream never sees it.
+        var forwarded: Bool
+        /// Sent once more with the next token after the upstream rejected one: idempotent methods
+        /// (RFC 9110 §9.2.2) whose body was kept whole.
+        var replayable: Bool
+        /// NIO's request encoder frames a body of this method (`Content-Length` or chunked). A body
+        /// it would send unframed reaches the upstream as the start of another request: smuggling.
+        var framesBody: Bool
+    }
+
+    /// - TRACE: an upstream that answers it echoes the request, the daemon's credentials with it;
+    ///   NIO's encoder also drops its framing, so a body after it is a second, smuggled request.
+    /// - CONNECT: a tunnel, not an API request.
+    /// - GET, HEAD, OPTIONS, PUT, DELETE: replayable. Every other method is forwarded, not replayed.
+    static func rule(for method: HTTPMethod) -> MethodRule {
         switch method {
-        case .GET, .HEAD, .OPTIONS, .TRACE, .PUT, .DELETE: true
-        default: false
+        case .TRACE: MethodRule(forwarded: false, replayable: false, framesBody: false)
+        case .CONNECT: MethodRule(forwarded: false, replayable: false, framesBody: true)
+        case .GET, .HEAD, .OPTIONS, .PUT, .DELETE: MethodRule(forwarded: true, replayable: true, framesBody: true)
+        default: MethodRule(forwarded: true, replayable: false, framesBody: true)
         }
     }
+
+    /// The `Allow` field of a 405: the methods the table forwards by name.
+    static let allowedMethods = "GET, HEAD, OPTIONS, PUT, DELETE, POST, PATCH"
 
     /// Bodies up to this size are kept until the answer is in, so that the request can be replayed
     /// with a new token; a larger body streams through and its request is not replayed.
@@ -108,36 +130,124 @@ enum ProxyRules {
         case tcp(Configuration.ListenAddress)
     }
 
-    /// Why `head` is refused before anything is sent upstream (status and message), or nil.
-    static func refusal(
-        _ head: HTTPRequestHead,
-        listener: Listener,
-        allowBrowsers: Bool,
-        maxBodyBytes: Int
-    ) -> (HTTPResponseStatus, String)? {
-        if head.method == .CONNECT {
-            return (.methodNotAllowed, "CONNECT is not proxied: this proxy forwards API requests only")
+    /// What decides whether a request goes upstream: the listener it came in on and the settings
+    /// in force (a reload's apply from the next request on).
+    struct RequestPolicy: Sendable {
+        var listener: Listener
+        var allowBrowsers: Bool
+        var maxBodyBytes: Int
+        /// Paths on the upstream that are never proxied (`outputs.proxy.denyPaths`).
+        var denyPaths: [DeniedPath]
+    }
+
+    /// A request the proxy answers itself: the status, a reason for the metrics and the log, a
+    /// message for the client, and header fields the status calls for.
+    struct Refusal: Sendable, Equatable {
+        var status: HTTPResponseStatus
+        var reason: Reason
+        var message: String
+        var headers: [(String, String)] = []
+
+        /// The `reason` label of `fts_tokend_proxy_refusals_total` and of `event=proxy_refused`.
+        enum Reason: String, Sendable, CaseIterable {
+            case method
+            case target
+            case coding
+            case unframedBody = "unframed_body"
+            case tooLarge = "too_large"
+            case deniedPath = "denied_path"
+            case host
+            case browser
+            case peer
+            case noToken = "no_token"
+            case busy
+        }
+
+        static func == (a: Refusal, b: Refusal) -> Bool {
+            a.status == b.status && a.reason == b.reason && a.message == b.message
+                && a.headers.map { "\($0.0):\($0.1)" } == b.headers.map { "\($0.0):\($0.1)" }
+        }
+    }
+
+    /// Why `head` is refused before anything is sent upstream, or nil. `upstreamTarget` is the
+    /// target as the upstream would receive it (its base path, then the client's target). The
+    /// rules, in order:
+    /// 1. a method the table does not forward: 405;
+    /// 2. a target that is not a path (absolute URL, `*`): 400, this is not a forward proxy;
+    /// 3. a transfer coding other than `chunked` alone: 501 (the proxy re-frames bodies, and would
+    ///    drop the other codings silently);
+    /// 4. a body on a method the encoder sends unframed: 400;
+    /// 5. a declared body over the limit: 413;
+    /// 6. a denied path, judged on `upstreamTarget` in its canonical spelling: 403;
+    /// 7. on TCP, a foreign `Host` (421) or a web page (403).
+    static func refusal(_ head: HTTPRequestHead, upstreamTarget: String, policy: RequestPolicy) -> Refusal? {
+        let method = rule(for: head.method)
+        guard method.forwarded else {
+            return Refusal(
+                status: .methodNotAllowed,
+                reason: .method,
+                message: "\(head.method.rawValue) is not proxied: this proxy forwards API requests only",
+                headers: [("Allow", allowedMethods)]
+            )
         }
         guard head.uri.hasPrefix("/") else {
-            return (.badRequest, "the request target must be a path (\"/v1/…\"): this is not a forward proxy")
+            return Refusal(
+                status: .badRequest,
+                reason: .target,
+                message: "the request target must be a path (\"/v1/…\"): this is not a forward proxy"
+            )
         }
-        if let length = head.headers.first(name: "content-length").flatMap({ Int($0) }), length > maxBodyBytes {
-            return (.payloadTooLarge, "request body of \(length) bytes is over outputs.proxy.maxRequestBodyBytes")
+        let codings = head.headers[canonicalForm: "transfer-encoding"].map { $0.lowercased() }
+        if !codings.isEmpty, codings != ["chunked"] {
+            return Refusal(
+                status: .notImplemented,
+                reason: .coding,
+                message: "Transfer-Encoding other than chunked alone is not passed on"
+            )
         }
-        guard case .tcp(let address) = listener else { return nil }
+        let declared = head.headers.first(name: "content-length").flatMap { Int($0) }
+        if !method.framesBody, !codings.isEmpty || (declared ?? 0) > 0 {
+            return Refusal(
+                status: .badRequest,
+                reason: .unframedBody,
+                message: "\(head.method.rawValue) requests may not carry a body"
+            )
+        }
+        if let declared, declared > policy.maxBodyBytes {
+            return Refusal(
+                status: .payloadTooLarge,
+                reason: .tooLarge,
+                message: "request body of \(declared) bytes is over outputs.proxy.maxRequestBodyBytes"
+            )
+        }
+        let path = CanonicalPath(upstreamTarget)
+        if let denied = policy.denyPaths.first(where: { $0.covers(path) }) {
+            return Refusal(
+                status: .forbidden,
+                reason: .deniedPath,
+                message: "\(denied.configured) is not proxied (outputs.proxy.denyPaths): log-ins are the daemon's own"
+            )
+        }
+        guard case .tcp(let address) = policy.listener else { return nil }
         // DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends
         // `Host: evil.example`.
         let host = head.headers.first(name: "host")?.lowercased() ?? ""
         guard allowedHosts(address).contains(host) else {
-            return (.misdirectedRequest, "Host \"\(host)\" is not this proxy's address (\(address) or localhost)")
+            return Refusal(
+                status: .misdirectedRequest,
+                reason: .host,
+                message: "Host \"\(host)\" is not this proxy's address (\(address) or localhost)"
+            )
         }
-        if !allowBrowsers {
+        if !policy.allowBrowsers {
             let site = head.headers.first(name: "sec-fetch-site")?.lowercased()
             if head.headers.contains(name: "origin") || (site != nil && site != "none") {
-                return (
-                    .forbidden,
-                    "requests from web pages are refused (Origin or Sec-Fetch-Site): a page in a local browser must not "
-                        + "spend the account; set outputs.proxy.allowBrowsers to serve them"
+                return Refusal(
+                    status: .forbidden,
+                    reason: .browser,
+                    message:
+                        "requests from web pages are refused (Origin or Sec-Fetch-Site): a page in a local browser "
+                        + "must not spend the account; set outputs.proxy.allowBrowsers to serve them"
                 )
             }
         }

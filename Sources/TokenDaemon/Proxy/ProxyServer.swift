@@ -83,7 +83,14 @@ public final class ProxyServer: Sendable {
         do {
             channels.append(try await SocketServer.bind(bootstrap(.unixSocket), path: proxy.path, mode: proxy.mode))
             if let listen = proxy.listen {
-                channels.append(try await bootstrap(.tcp(listen)).bind(host: listen.host, port: listen.port).get())
+                // SO_REUSEADDR: a consumer's connection left in TIME_WAIT by the previous run
+                // must not fail the next bind ("Address already in use"), or a few restarts use up
+                // the unit's StartLimitBurst and leave the host without tokens.
+                channels.append(
+                    try await bootstrap(.tcp(listen))
+                        .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                        .bind(host: listen.host, port: listen.port).get()
+                )
             }
         } catch {
             for channel in channels { try? await channel.close() }
@@ -124,6 +131,16 @@ final class ProxyShared: Sendable {
         var maxRequestBodyBytes: Int
         /// Longest wait for a new token after the upstream rejected one, before answering 503.
         var tokenWaitSeconds: Double
+        var denyPaths: [DeniedPath]
+
+        func policy(_ listener: ProxyRules.Listener) -> ProxyRules.RequestPolicy {
+            ProxyRules.RequestPolicy(
+                listener: listener,
+                allowBrowsers: allowBrowsers,
+                maxBodyBytes: maxRequestBodyBytes,
+                denyPaths: denyPaths
+            )
+        }
     }
 
     let board: TokenBoard
@@ -170,7 +187,10 @@ final class ProxyShared: Sendable {
                 connectTimeout: .milliseconds(Int64(proxy.connectTimeoutSeconds * 1000)),
                 readTimeout: .milliseconds(Int64(proxy.timeoutSeconds * 1000)),
                 limit: proxy.maxUpstreamConnections,
-                loop: loop
+                loop: loop,
+                gauges: { [metrics] busy, idle, waiting in
+                    metrics.proxyUpstreamPool(busy: busy, idle: idle, waiting: waiting)
+                }
             ),
             eventLoop: loop
         )
@@ -181,7 +201,8 @@ final class ProxyShared: Sendable {
             rejectedStatuses: proxy.rejectedStatuses,
             allowBrowsers: proxy.allowBrowsers,
             maxRequestBodyBytes: proxy.maxRequestBodyBytes,
-            tokenWaitSeconds: min(proxy.timeoutSeconds, 30)
+            tokenWaitSeconds: min(proxy.timeoutSeconds, 30),
+            denyPaths: proxy.denyPaths.map(DeniedPath.init)
         )
     }
 

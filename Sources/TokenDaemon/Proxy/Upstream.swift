@@ -51,6 +51,8 @@ enum UpstreamError: Error, CustomStringConvertible {
     case closed
     /// The answer was not valid HTTP.
     case malformed(String)
+    /// Every upstream connection stayed busy for as long as a request may wait for one.
+    case busy
 
     var description: String {
         switch self {
@@ -58,6 +60,7 @@ enum UpstreamError: Error, CustomStringConvertible {
         case .timeout: "no answer in time"
         case .closed: "the connection closed before the answer was whole"
         case .malformed(let reason): "not a valid HTTP answer: \(reason)"
+        case .busy: "every upstream connection stayed busy"
         }
     }
 }
@@ -76,10 +79,16 @@ protocol UpstreamResponder: AnyObject {
 /// Keep-alive HTTP/1.1 connections to the upstream, all on one event loop (the proxy's; used from
 /// there only, so it needs no lock).
 ///
-/// Guarantees: at most `limit` connections open (requests beyond wait, first come first served);
-/// a connection serves one request at a time and returns to the pool only after a whole answer that
-/// allows keep-alive; idle connections close after `idleTimeout` (and any the upstream closes
-/// leave the pool at once).
+/// Guarantees:
+/// 1. at most `limit` connections open or being made; requests beyond wait, first come first
+///    served, each at most `waitTimeout` (then it fails with `.busy`: the client gets 503);
+/// 2. a slot is taken when a connection is begun and given back exactly once, when that
+///    connection's close future fires, whatever state it closed in (made, connecting, cancelled
+///    before it was active, idle, busy), or when no channel was ever made: nothing can leak it;
+/// 3. a connection serves one request at a time and returns to the pool only after a whole answer
+///    that allows keep-alive (or unused, when its request went away while it was made); idle
+///    connections close after `idleTimeout`, and any the upstream closes leave the pool at once;
+/// 4. a waiter whose client went away is withdrawn (`cancelWait`) and takes no connection.
 final class UpstreamPool {
     static let idleTimeout = TimeAmount.seconds(60)
 
@@ -88,12 +97,27 @@ final class UpstreamPool {
     private let tls: NIOSSLContext?
     private let connectTimeout: TimeAmount
     let readTimeout: TimeAmount
+    private let waitTimeout: TimeAmount
     private let limit: Int
+    private let gauges: @Sendable (_ busy: Int, _ idle: Int, _ waiting: Int) -> Void
     /// Most recently used last: reuse the warmest, let the coldest time out.
     private var idle: [UpstreamConnection] = []
-    private var open = 0
-    private var waiters = CircularBuffer<Acquired>()
+    /// Slots taken: connections open or being made.
+    private(set) var open = 0
+    private var waiters = CircularBuffer<Waiter>()
+    private var nextWaiterID = 0
     private var isShutDown = false
+
+    private struct Waiter {
+        let id: Int
+        let then: Acquired
+        let deadline: Scheduled<Void>
+    }
+
+    /// One slot of `limit`, given back once (see guarantee 2).
+    final class Slot {
+        var released = false
+    }
 
     init(
         target: UpstreamTarget,
@@ -101,34 +125,81 @@ final class UpstreamPool {
         connectTimeout: TimeAmount,
         readTimeout: TimeAmount,
         limit: Int,
-        loop: any EventLoop
+        loop: any EventLoop,
+        gauges: @escaping @Sendable (_ busy: Int, _ idle: Int, _ waiting: Int) -> Void = { _, _, _ in }
     ) {
         self.target = target
         self.tls = tls
         self.connectTimeout = connectTimeout
         self.readTimeout = readTimeout
+        self.waitTimeout = connectTimeout
         self.limit = limit
         self.loop = loop
+        self.gauges = gauges
     }
 
     typealias Acquired = (Result<UpstreamConnection, UpstreamError>) -> Void
 
+    /// Counts, for tests and the gauges.
+    var counts: (busy: Int, idle: Int, waiting: Int) { (open - idle.count, idle.count, waiters.count) }
+
+    private func publish() {
+        let (busy, idle, waiting) = counts
+        gauges(busy, idle, waiting)
+    }
+
     /// Hands `then` a connection for one request: an idle one, a new one, or the next to be
     /// released; or why none could be had. Called back on the loop, possibly before returning.
-    func acquire(_ then: @escaping Acquired) {
-        guard !isShutDown else { return then(.failure(.connect("the proxy is stopping"))) }
+    /// Returns the waiter's id when the request waits (for `cancelWait`).
+    @discardableResult
+    func acquire(_ then: @escaping Acquired) -> Int? {
+        defer { publish() }
+        guard !isShutDown else {
+            then(.failure(.connect("the proxy is stopping")))
+            return nil
+        }
         while let connection = idle.popLast() {
-            if connection.takeFromPool() { return then(.success(connection)) }
+            if connection.takeFromPool() {
+                then(.success(connection))
+                return nil
+            }
         }
         guard open < limit else {
-            waiters.append(then)
-            return
+            let id = nextWaiterID
+            nextWaiterID += 1
+            let bound = NIOLoopBound(self, eventLoop: loop)
+            let deadline = loop.scheduleTask(in: waitTimeout) { bound.value.waitExpired(id) }
+            waiters.append(Waiter(id: id, then: then, deadline: deadline))
+            return id
         }
         connect(then)
+        return nil
+    }
+
+    /// The request waiting as `id` went away: it takes no connection.
+    func cancelWait(_ id: Int) {
+        guard let index = waiters.firstIndex(where: { $0.id == id }) else { return }
+        waiters.remove(at: index).deadline.cancel()
+        publish()
+    }
+
+    private func waitExpired(_ id: Int) {
+        guard let index = waiters.firstIndex(where: { $0.id == id }) else { return }
+        let waiter = waiters.remove(at: index)
+        publish()
+        waiter.then(.failure(.busy))
+    }
+
+    /// The next waiter, its deadline cancelled.
+    private func nextWaiter() -> Acquired? {
+        guard let waiter = waiters.popFirst() else { return nil }
+        waiter.deadline.cancel()
+        return waiter.then
     }
 
     private func connect(_ then: @escaping Acquired) {
         open += 1
+        let slot = Slot()
         let (tls, target, readTimeout) = (self.tls, self.target, self.readTimeout)
         let bound = NIOLoopBound(self, eventLoop: loop)
         // No socket options of its own: NIO sets TCP_NODELAY (a `.socketOption(.tcp_nodelay)` here
@@ -136,7 +207,10 @@ final class UpstreamPool {
         ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                // Guarantee 2: whatever happens to this channel from here on, its close gives the
+                // slot back (a channel closed before it was active never sees channelInactive).
+                channel.closeFuture.hop(to: bound.eventLoop).whenComplete { _ in bound.value.release(slot) }
+                return channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     if let tls {
                         try sync.addHandler(
@@ -162,17 +236,28 @@ final class UpstreamPool {
                         then(.failure(.connect("\(error)")))
                     }
                 case .failure(let error):
-                    open -= 1
+                    // No channel may have been made (a name that does not resolve): give the slot
+                    // back here; a channel's close future finds it released already.
+                    release(slot)
                     then(.failure(.connect("\(error)")))
-                    // The slot is free again: the next waiter tries a connection of its own.
-                    if let waiter = waiters.popFirst() { connect(waiter) }
                 }
+                publish()
             }
     }
 
-    /// `connection` finished a whole answer and may serve another.
+    /// Gives `slot` back, once: the next waiter tries a connection of its own.
+    private func release(_ slot: Slot) {
+        guard !slot.released else { return }
+        slot.released = true
+        open -= 1
+        if !isShutDown, let waiter = nextWaiter() { connect(waiter) }
+        publish()
+    }
+
+    /// `connection` finished a whole answer (or was never used) and may serve another.
     func release(_ connection: UpstreamConnection) {
-        if let waiter = waiters.popFirst() {
+        defer { publish() }
+        if let waiter = nextWaiter() {
             connection.reuse()
             return waiter(.success(connection))
         }
@@ -181,19 +266,18 @@ final class UpstreamPool {
         idle.append(connection)
     }
 
-    /// `connection` closed (or will not be reused).
+    /// `connection` closed: it leaves the idle list (its slot comes back through its close future).
     func closed(_ connection: UpstreamConnection) {
-        open -= 1
         idle.removeAll { $0 === connection }
-        // Its slot can serve the next waiter.
-        if let waiter = waiters.popFirst() { connect(waiter) }
+        publish()
     }
 
     func shutdown() {
         isShutDown = true
         for connection in idle { connection.close() }
         idle.removeAll()
-        while let waiter = waiters.popFirst() { waiter(.failure(.connect("the proxy is stopping"))) }
+        while let waiter = nextWaiter() { waiter(.failure(.connect("the proxy is stopping"))) }
+        publish()
     }
 }
 
