@@ -31,6 +31,9 @@ final class CapturingUpstream: Sendable {
     private let state = NIOLockedValueBox(State())
     private let channel = NIOLockedValueBox<(any Channel)?>(nil)
 
+    /// The length of the answer to `GET /big`.
+    static let bigAnswerBytes = 8 << 20
+
     /// Starts listening on 127.0.0.1; returns the port.
     func start() async throws -> Int {
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -148,7 +151,11 @@ final class CapturingUpstream: Sendable {
                 let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
                 let answer = { [self] in
                     let context = bound.value
-                    let text = ByteBuffer(string: "request \(number)\n")
+                    // `/big`: an answer larger than any socket buffer, for clients that leave mid-answer.
+                    let text =
+                        head.uri == "/big"
+                        ? ByteBuffer(repeating: UInt8(ascii: "b"), count: CapturingUpstream.bigAnswerBytes)
+                        : ByteBuffer(string: "request \(number)\n")
                     var headers = HTTPHeaders()
                     headers.add(name: "Content-Length", value: String(text.readableBytes))
                     context.write(

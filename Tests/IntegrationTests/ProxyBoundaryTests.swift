@@ -170,4 +170,111 @@ import Testing
         await harness.stop()
         await upstream.stop()
     }
+
+    /// The pool's gauges on `/metrics` (`fts_tokend_proxy_upstream_connections`, `..._waiting`).
+    static func pool(_ harness: DaemonHarness) async throws -> (busy: Int, idle: Int, waiting: Int) {
+        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+        func value(_ series: String) -> Int {
+            let line = metrics.split(separator: "\n").first { $0.hasPrefix(series + " ") }
+            return line.flatMap { Double($0.split(separator: " ").last ?? "") }.map { Int($0) } ?? -1
+        }
+        return (
+            value(#"fts_tokend_proxy_upstream_connections{state="busy"}"#),
+            value(#"fts_tokend_proxy_upstream_connections{state="idle"}"#),
+            value("fts_tokend_proxy_upstream_waiting")
+        )
+    }
+
+    /// Waits (60 s at most) until the pool has no busy connection and no waiter.
+    static func poolDrains(_ harness: DaemonHarness) async throws -> Bool {
+        for _ in 0..<600 {
+            let counts = try await pool(harness)
+            if counts.busy == 0 && counts.waiting == 0 { return true }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        return false
+    }
+
+    static func get(_ path: String) -> [UInt8] { Array("GET \(path) HTTP/1.1\r\nHost: x\r\n\r\n".utf8) }
+
+    /// Attack (the review's wedge): clients that hang up at every stage of an exchange (while its
+    /// connection is being made, while it waits for one, once the request is out, mid-answer),
+    /// over a thousand times. Before, a connection closed inside its connect future never gave its
+    /// slot back, and 128 such requests left the proxy answering nothing, for good. Now the pool
+    /// returns to zero busy and zero waiting, and the next request is served.
+    @Test func clientsThatHangUpAtEveryStageNeverLeakAnUpstreamConnection() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(
+            upstream,
+            #""maxUpstreamConnections": 4, "connectTimeoutSeconds": 30, "timeoutSeconds": 60"#
+        )
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let socket = ProxyTests.apiSocket(harness)
+        var hangUps = 0
+        // 1. Gone as soon as the request is out: the connection is still being made, or just made.
+        for index in 0..<1000 {
+            let client = try UnixSocketClient(socket: socket)
+            try await client.send(Self.get("/api/gone\(index)"))
+            hangUps += 1
+        }
+        // 2. Waiting for a connection, and with the request at the upstream: four fill the pool
+        //    (the upstream holds their answers), four more wait; all eight leave.
+        upstream.hold()
+        for round in 0..<25 {
+            let before = upstream.requests.count
+            var clients: [UnixSocketClient] = []
+            for index in 0..<8 {
+                let client = try UnixSocketClient(socket: socket)
+                try await client.send(Self.get("/api/held\(round)-\(index)"))
+                clients.append(client)
+            }
+            #expect(await eventually(timeout: 60) { upstream.requests.count >= before + 4 }, "round \(round)")
+            hangUps += clients.count
+            clients.removeAll()
+        }
+        upstream.release()
+        // 3. Mid-answer: the first bytes of an 8 MiB answer read, then gone.
+        for _ in 0..<50 {
+            let client = try UnixSocketClient(socket: socket)
+            try await client.send(Self.get("/big"))
+            #expect(!(await client.readSome(timeout: 60)).isEmpty)
+            hangUps += 1
+        }
+        #expect(hangUps == 1250)
+        let drained = try await Self.poolDrains(harness)
+        let counts = try await Self.pool(harness)
+        #expect(drained, "busy \(counts.busy), idle \(counts.idle), waiting \(counts.waiting)")
+        let next = try await Command.curl("/api/next", socket: socket)
+        #expect(next.status == 200, "\(next.body)")
+        harness.expectNoSecretsInOutput()
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Every upstream connection busy (the upstream holds its answers): a request waits at most
+    /// `connectTimeoutSeconds`, then gets 503 with `Retry-After`, counted as `busy`; the held ones
+    /// are answered once the upstream answers.
+    @Test func aRequestThatFindsEveryUpstreamConnectionBusyGets503WithRetryAfter() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream, #""maxUpstreamConnections": 2, "connectTimeoutSeconds": 1"#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let socket = ProxyTests.apiSocket(harness)
+        upstream.hold()
+        let held = try (0..<2).map { _ in try UnixSocketClient(socket: socket) }
+        for (index, client) in held.enumerated() { try await client.send(Self.get("/api/held\(index)")) }
+        #expect(await eventually(timeout: 60) { upstream.requests.count == 2 })
+        let refused = try await Command.curl("/api/third", socket: socket)
+        #expect(refused.status == 503, "\(refused.body)")
+        #expect(ProxyTests.header("Retry-After", in: refused.headers) == "1")
+        #expect(upstream.requests.count == 2, "the third never went upstream")
+        upstream.release()
+        for client in held { #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true) }
+        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+        #expect(metrics.contains(#"fts_tokend_proxy_refusals_total{reason="busy"} 1"#))
+        #expect(try await Self.poolDrains(harness))
+        await harness.stop()
+        await upstream.stop()
+    }
 }

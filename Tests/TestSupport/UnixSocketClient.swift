@@ -124,6 +124,17 @@ public final class UnixSocketClient: Sendable {
         return nil
     }
 
+    /// What one recv(2) returns within `timeout`: part of an answer; empty when nothing came or the
+    /// server closed.
+    @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
+    public func readSome(timeout: TimeInterval = 15) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&poller, 1, Int32(timeout * 1000)) > 0 else { return [] }
+        let count = recv(fd, &buffer, buffer.count, 0)
+        return count > 0 ? Array(buffer[0..<count]) : []
+    }
+
     /// Whether the server closes the connection within `timeout`.
     @available(*, noasync, message: "blocks a thread of the concurrency pool: call the async overload")
     public func waitForClose(timeout: TimeInterval) -> Bool {
@@ -218,6 +229,10 @@ extension UnixSocketClient {
 
     public func readAll(timeout: TimeInterval = 15) async -> String {
         await Self.blocking { self.readAll(timeout: timeout) }
+    }
+
+    public func readSome(timeout: TimeInterval = 15) async -> [UInt8] {
+        await Self.blocking { self.readSome(timeout: timeout) }
     }
 
     public func readAnswer(timeout: TimeInterval = 15) async -> String? {
