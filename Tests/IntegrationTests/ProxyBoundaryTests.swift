@@ -277,4 +277,44 @@ import Testing
         await harness.stop()
         await upstream.stop()
     }
+
+    /// Attack (the review's flood): one slow GET per connection, 214 KiB of small requests
+    /// pipelined behind it, on 400 connections. Before, the proxy kept every decoded request (RSS
+    /// 25 → 575 MB; the unit's `MemoryMax=192M` kills the daemon at about 120 connections). Now a
+    /// connection holds at most a few queued requests and is read no further: the peak stays
+    /// under 32 MiB above the warm level, and another client is served meanwhile and after.
+    @Test func pipeliningBehindSlowRequestsOnManyConnectionsCostsBoundedMemory() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream, #""connectTimeoutSeconds": 120, "timeoutSeconds": 120"#)
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let socket = ProxyTests.apiSocket(harness)
+        for _ in 0..<50 { #expect(try await Command.curl("/api/warm", socket: socket).status == 200) }
+        upstream.hold()
+        let small = Array(String(repeating: "GET /api/p HTTP/1.1\r\nHost: x\r\n\r\n", count: 64).utf8)
+        let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
+            var clients: [UnixSocketClient] = []
+            for _ in 0..<400 {
+                let client = try UnixSocketClient(socket: socket)
+                try await client.send(Self.get("/api/slow"))
+                _ = await UnixSocketClient.blocking { client.flood(small, total: 214 << 10, stallTimeout: 0.1) }
+                clients.append(client)
+            }
+            // Whatever it read of them is decoded by now: the RSS sampler sees it.
+            try await Task.sleep(for: .seconds(1))
+            return clients
+        }
+        Scenario.report(
+            growthKiB < 32 << 10,
+            "400 connections pipelining 214 KiB each behind a slow GET: peak RSS +\(growthKiB) KiB"
+        )
+        #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB")
+        #expect(child.isRunning)
+        upstream.release()
+        _ = clients
+        let metrics = try await Command.curl("/metrics", socket: harness.socketPath)
+        #expect(metrics.status == 200)
+        await harness.stop()
+        await upstream.stop()
+    }
 }

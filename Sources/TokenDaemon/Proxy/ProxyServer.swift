@@ -71,9 +71,9 @@ public final class ProxyServer: Sendable {
                                 HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits)
                             )
                         )
-                        // One request at a time per connection, answers in order (pipelined
-                        // requests wait, and reading stops while they do).
-                        try sync.addHandler(HTTPServerPipelineHandler())
+                        // One request at a time per connection, answers in order; a few pipelined
+                        // requests wait, and reading stops while they do.
+                        try sync.addHandler(ProxyRequestQueue())
                         try sync.addHandler(HTTPServerProtocolErrorHandler())
                         try sync.addHandler(ProxyHandler(shared: shared, listener: listener, loop: channel.eventLoop))
                     }
