@@ -23,7 +23,8 @@ final class CapturingUpstream: Sendable {
         var raw: [Int: [UInt8]] = [:]
         var requests: [Request] = []
         var connections = 0
-        var holding = false
+        /// Answers to requests whose target starts with this wait for `release`.
+        var holding: String?
         /// Answers held: each a promise that writes it.
         var held: [EventLoopPromise<Void>] = []
     }
@@ -73,13 +74,14 @@ final class CapturingUpstream: Sendable {
     /// Answers held now.
     var heldCount: Int { state.withLockedValue { $0.held.count } }
 
-    /// From now on answers wait for `release` (requests are still counted as they arrive).
-    func hold() { state.withLockedValue { $0.holding = true } }
+    /// From now on answers to targets starting with `prefix` wait for `release` (requests are
+    /// still counted as they arrive).
+    func hold(_ prefix: String = "/") { state.withLockedValue { $0.holding = prefix } }
 
     /// Writes every held answer, and answers at once from now on.
     func release() {
         let held = state.withLockedValue { state in
-            state.holding = false
+            state.holding = nil
             defer { state.held = [] }
             return state.held
         }
@@ -94,7 +96,7 @@ final class CapturingUpstream: Sendable {
     fileprivate func received(_ request: Request, on loop: any EventLoop) -> (Int, EventLoopFuture<Void>?) {
         state.withLockedValue { state in
             state.requests.append(request)
-            guard state.holding else { return (state.requests.count, nil) }
+            guard let prefix = state.holding, request.uri.hasPrefix(prefix) else { return (state.requests.count, nil) }
             let promise = loop.makePromise(of: Void.self)
             state.held.append(promise)
             return (state.requests.count, promise.futureResult)

@@ -206,7 +206,7 @@ import Testing
         let upstream = CapturingUpstream()
         let harness = try await Self.harness(
             upstream,
-            #""maxUpstreamConnections": 4, "connectTimeoutSeconds": 30, "timeoutSeconds": 60"#
+            #""maxUpstreamConnections": 4, "maxUpstreamConnectionsPerPeer": 4, "connectTimeoutSeconds": 30"#
         )
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
@@ -257,7 +257,10 @@ import Testing
     /// are answered once the upstream answers.
     @Test func aRequestThatFindsEveryUpstreamConnectionBusyGets503WithRetryAfter() async throws {
         let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream, #""maxUpstreamConnections": 2, "connectTimeoutSeconds": 1"#)
+        let harness = try await Self.harness(
+            upstream,
+            #""maxUpstreamConnections": 2, "maxUpstreamConnectionsPerPeer": 2, "connectTimeoutSeconds": 1"#
+        )
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         let socket = ProxyTests.apiSocket(harness)
@@ -314,6 +317,66 @@ import Testing
         _ = clients
         let metrics = try await Command.curl("/metrics", socket: harness.socketPath)
         #expect(metrics.status == 200)
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Lets uid/gid 65534 reach the proxy's socket, so that a second user can call it.
+    static func openToNobody(_ harness: DaemonHarness) {
+        chmod(harness.folder.path, 0o711)
+        chown(harness.folder.file("run"), 0, 65534)
+        chown(ProxyTests.apiSocket(harness), 0, 65534)
+    }
+
+    /// Attack (the review's starvation): one user's slow requests held every upstream connection and
+    /// another user's request got no answer. Now a peer holds at most its share (three quarters of
+    /// the pool by default): the other user is answered while the first one's requests are held.
+    @Test func oneUsersSlowRequestsLeaveAnUpstreamConnectionForAnother() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream, #""maxUpstreamConnections": 4, "connectTimeoutSeconds": 120"#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        Self.openToNobody(harness)
+        let socket = ProxyTests.apiSocket(harness)
+        upstream.hold("/held")
+        var held: [UnixSocketClient] = []
+        for index in 0..<10 {
+            let client = try UnixSocketClient(socket: socket)
+            try await client.send(Self.get("/held/\(index)"))
+            held.append(client)
+        }
+        #expect(await eventually(timeout: 60) { upstream.requests.count == 3 }, "three quarters of 4")
+        #expect(try await Self.pool(harness).waiting == 7)
+        let other = try await Command.curl("/api/other", socket: socket, as: (65534, 65534))
+        #expect(other.status == 200 && other.body.hasPrefix("request "), "\(other.status) \(other.body)")
+        #expect(upstream.requests.count == 4)
+        upstream.release()
+        for client in held { #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true) }
+        #expect(try await Self.poolDrains(harness))
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Attack: idle connections evicted a request in flight (the table gave way to new connections
+    /// by idle time, and a request's connection had been quiet longest). A connection with a
+    /// request in flight is never evicted: its answer arrives whole after the table turned over.
+    @Test func aRequestInFlightIsNeverEvictedForNewConnections() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream, #""maxConnections": 8"#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let socket = ProxyTests.apiSocket(harness)
+        upstream.hold("/held")
+        let inFlight = try UnixSocketClient(socket: socket)
+        try await inFlight.send(Self.get("/held/1"))
+        #expect(await eventually(timeout: 60) { upstream.requests.count == 1 })
+        var idle: [UnixSocketClient] = []
+        for _ in 0..<20 { idle.append(try UnixSocketClient(socket: socket)) }
+        let served = try await Command.curl("/api/after", socket: socket)
+        #expect(served.status == 200)
+        upstream.release()
+        #expect(await inFlight.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
+        _ = idle
         await harness.stop()
         await upstream.stop()
     }

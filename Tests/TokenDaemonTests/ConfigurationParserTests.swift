@@ -529,6 +529,7 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
         )
         #expect(proxy.maxConnections == 512 && proxy.maxUpstreamConnections == 64)
         #expect(proxy.denyPaths == ["/auth/token", "/auth/"], "the log-in endpoint and the auth API")
+        #expect(proxy.maxUpstreamConnectionsPerPeer == 48, "three quarters of the pool")
     }
 
     /// The default denies the log-in endpoint where it really is: under `api.baseURL`'s own path.
@@ -562,6 +563,7 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
                         "rejectedStatuses": [401, 403], "allowBrowsers": true, "maxRequestBodyBytes": 1000,
                         "connectTimeoutSeconds": 2, "timeoutSeconds": 5, "maxConnections": 9,
                         "maxUpstreamConnections": 3, "denyPaths": ["/v2/login"],
+                        "maxUpstreamConnectionsPerPeer": 2,
                     ] as [String: Any]
                 )
             }
@@ -584,7 +586,8 @@ func parseError(_ bytes: [UInt8]) -> ConfigurationError? {
                     timeoutSeconds: 5,
                     maxConnections: 9,
                     maxUpstreamConnections: 3,
-                    denyPaths: ["/v2/login"]
+                    denyPaths: ["/v2/login"],
+                    maxUpstreamConnectionsPerPeer: 2
                 )
         )
     }

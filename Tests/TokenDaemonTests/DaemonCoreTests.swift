@@ -221,7 +221,8 @@ enum CoreFixtures {
             timeoutSeconds: 60,
             maxConnections: 512,
             maxUpstreamConnections: 64,
-            denyPaths: ["/auth/token", "/auth/"]
+            denyPaths: ["/auth/token", "/auth/"],
+            maxUpstreamConnectionsPerPeer: 48
         )
     }
 }

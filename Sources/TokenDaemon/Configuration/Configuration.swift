@@ -119,10 +119,18 @@ public struct Configuration: Sendable, Equatable {
         public var maxUpstreamConnections: Int
         /// Paths on the upstream answered 403 and never forwarded (the log-in endpoints).
         public var denyPaths: [String]
+        /// Upstream connections one peer's requests may hold at once (one uid on the socket; all
+        /// TCP clients together), so that another peer always finds one.
+        public var maxUpstreamConnectionsPerPeer: Int
 
         public static let defaultPath = "/run/fts-tokend/api.sock"
         public static let defaultMaxRequestBodyBytes = 16 << 20
         public static let defaultMaxUpstreamConnections = 64
+
+        /// `maxUpstreamConnectionsPerPeer` unless set: three quarters of the pool.
+        public static func defaultPerPeer(_ maxUpstreamConnections: Int) -> Int {
+            max(1, maxUpstreamConnections * 3 / 4)
+        }
 
         /// `denyPaths` unless set: the log-in endpoint's path and the auth API's folder.
         public static func defaultDenyPaths(_ api: API) -> [String] {

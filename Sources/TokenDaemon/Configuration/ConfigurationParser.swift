@@ -245,6 +245,18 @@ public struct ConfigurationParser {
                 "must list one or more HTTP error statuses (400 to 599) such as [401]"
             )
         }
+        let maxUpstream = try connectionLimit(
+            proxy,
+            "maxUpstreamConnections",
+            default: Configuration.Proxy.defaultMaxUpstreamConnections
+        )
+        let perPeer = Int(
+            try proxy.number(
+                "maxUpstreamConnectionsPerPeer",
+                default: Double(Configuration.Proxy.defaultPerPeer(maxUpstream)),
+                "must be a whole number from 1 to maxUpstreamConnections (\(maxUpstream))"
+            ) { $0 >= 1 && $0 <= Double(maxUpstream) && $0.rounded() == $0 }
+        )
         let denyPaths = try proxy.optionalStrings("denyPaths") ?? Configuration.Proxy.defaultDenyPaths(api)
         guard denyPaths.allSatisfy({ $0.hasPrefix("/") && !$0.contains(where: { $0 == "?" || $0 == "#" }) }) else {
             throw ConfigurationError(
@@ -284,12 +296,9 @@ public struct ConfigurationParser {
                 "maxConnections",
                 default: Configuration.Socket.defaultMaxConnections
             ),
-            maxUpstreamConnections: try connectionLimit(
-                proxy,
-                "maxUpstreamConnections",
-                default: Configuration.Proxy.defaultMaxUpstreamConnections
-            ),
-            denyPaths: denyPaths
+            maxUpstreamConnections: maxUpstream,
+            denyPaths: denyPaths,
+            maxUpstreamConnectionsPerPeer: perPeer
         )
     }
 

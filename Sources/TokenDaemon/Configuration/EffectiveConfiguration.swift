@@ -107,6 +107,7 @@ extension LoadedConfiguration {
                 "maxConnections": .number(Double(proxy.maxConnections)),
                 "maxUpstreamConnections": .number(Double(proxy.maxUpstreamConnections)),
                 "denyPaths": .array(proxy.denyPaths.map(JSONValue.string)),
+                "maxUpstreamConnectionsPerPeer": .number(Double(proxy.maxUpstreamConnectionsPerPeer)),
             ]
             members["listen"] = proxy.listen.map { .string($0.description) }
             members["caFile"] = proxy.caFile.map(JSONValue.string)

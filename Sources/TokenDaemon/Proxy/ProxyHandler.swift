@@ -198,6 +198,17 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         guard shared.board.validEntry(at: shared.clock()) != nil else {
             return refuse(head, noTokenRefusal(), close: true)
         }
+        // In flight from here on: never evicted for a new connection, and counted against the
+        // peer's share of the connection table (a quarter), so one user cannot hold every slot.
+        guard shared.connections.beginWait(context.channel, uid: peer?.uid) else {
+            let refusal = ProxyRules.Refusal(
+                status: .serviceUnavailable,
+                reason: .busy,
+                message: "this user has as many requests in flight as it may; try again",
+                headers: [("Retry-After", "1")]
+            )
+            return refuse(head, refusal, close: true)
+        }
         // The body is read before the request goes out: a client waiting for 100 Continue is told
         // to send it now (the upstream never sees Expect).
         if head.headers.first(name: "expect")?.lowercased() == "100-continue" {
@@ -320,7 +331,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         let body = stream == nil ? current.body : nil
         exchange = current
         let pool = shared.pool.value
-        let waiting = pool.acquire { [weak self] result in
+        let waiting = pool.acquire(for: PeerKey(uid: peer?.uid)) { [weak self] result in
             guard let self, self.current(attempt) != nil else {
                 // The exchange ended while the connection was made: the pool gets it back unused.
                 if case .success(let connection) = result { pool.release(connection) }
@@ -424,7 +435,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
             replay()
         case .streaming:
             let close = !current.head.isKeepAlive || !current.requestEnded
-            exchange = nil
+            endExchange()
             context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
                 if close { context.close(promise: nil) }
             }
@@ -449,7 +460,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         shared.logUpstreamFailure("\(current.head.method) request failed: \(error)")
         guard current.answer == .waiting else {
             // Part of the answer went out: closing is the only way to say it is not whole.
-            exchange = nil
+            endExchange()
             context.close(promise: nil)
             return
         }
@@ -650,11 +661,18 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         )
     }
 
+    /// The exchange is over: the connection is idle again (it may be evicted, and no longer counts
+    /// against its peer's share).
+    private func endExchange() {
+        exchange = nil
+        if let channel = context?.channel { shared.connections.endWait(channel) }
+    }
+
     /// Ends the current exchange without answering: the upstream request is cancelled, waits for
     /// the daemon are withdrawn, a streaming body fails.
     private func abandon() {
         guard let current = exchange else { return }
-        exchange = nil
+        endExchange()
         current.connection?.cancel()
         if let id = current.poolWait { shared.pool.value.cancelWait(id) }
         switch current.waiting {

@@ -187,6 +187,7 @@ final class ProxyShared: Sendable {
                 connectTimeout: .milliseconds(Int64(proxy.connectTimeoutSeconds * 1000)),
                 readTimeout: .milliseconds(Int64(proxy.timeoutSeconds * 1000)),
                 limit: proxy.maxUpstreamConnections,
+                perPeerLimit: proxy.maxUpstreamConnectionsPerPeer,
                 loop: loop,
                 gauges: { [metrics] busy, idle, waiting in
                     metrics.proxyUpstreamPool(busy: busy, idle: idle, waiting: waiting)

@@ -76,19 +76,29 @@ protocol UpstreamResponder: AnyObject {
     func upstreamReadComplete(attempt: Int)
 }
 
+/// Who a request through the proxy is for, in the pool's fair shares: the peer's uid on the Unix
+/// socket; every TCP client (no identity to tell them apart) shares one key.
+struct PeerKey: Hashable, Sendable {
+    var uid: UInt32?
+}
+
 /// Keep-alive HTTP/1.1 connections to the upstream, all on one event loop (the proxy's; used from
 /// there only, so it needs no lock).
 ///
 /// Guarantees:
 /// 1. at most `limit` connections open or being made; requests beyond wait, first come first
 ///    served, each at most `waitTimeout` (then it fails with `.busy`: the client gets 503);
-/// 2. a slot is taken when a connection is begun and given back exactly once, when that
+/// 2. no peer holds more than `perPeerLimit` of them (connections serving its requests or being
+///    made for them): its further requests wait while another peer's are served, so one user
+///    cannot starve the others;
+/// 3. a slot is taken when a connection is begun and given back exactly once, when that
 ///    connection's close future fires, whatever state it closed in (made, connecting, cancelled
 ///    before it was active, idle, busy), or when no channel was ever made: nothing can leak it;
-/// 3. a connection serves one request at a time and returns to the pool only after a whole answer
+///    a peer's share is given back when its request's connection is released or closes;
+/// 4. a connection serves one request at a time and returns to the pool only after a whole answer
 ///    that allows keep-alive (or unused, when its request went away while it was made); idle
 ///    connections close after `idleTimeout`, and any the upstream closes leave the pool at once;
-/// 4. a waiter whose client went away is withdrawn (`cancelWait`) and takes no connection.
+/// 5. a waiter whose client went away is withdrawn (`cancelWait`) and takes no connection.
 final class UpstreamPool {
     static let idleTimeout = TimeAmount.seconds(60)
 
@@ -99,24 +109,29 @@ final class UpstreamPool {
     let readTimeout: TimeAmount
     private let waitTimeout: TimeAmount
     private let limit: Int
+    private let perPeerLimit: Int
     private let gauges: @Sendable (_ busy: Int, _ idle: Int, _ waiting: Int) -> Void
     /// Most recently used last: reuse the warmest, let the coldest time out.
     private var idle: [UpstreamConnection] = []
     /// Slots taken: connections open or being made.
     private(set) var open = 0
+    /// Connections serving (or being made for) each peer's requests.
+    private var busyByPeer: [PeerKey: Int] = [:]
     private var waiters = CircularBuffer<Waiter>()
     private var nextWaiterID = 0
     private var isShutDown = false
 
     private struct Waiter {
         let id: Int
+        let peer: PeerKey
         let then: Acquired
         let deadline: Scheduled<Void>
     }
 
-    /// One slot of `limit`, given back once (see guarantee 2).
+    /// One slot of `limit`, given back once (guarantee 3), and the peer it serves now.
     final class Slot {
         var released = false
+        var owner: PeerKey?
     }
 
     init(
@@ -125,6 +140,7 @@ final class UpstreamPool {
         connectTimeout: TimeAmount,
         readTimeout: TimeAmount,
         limit: Int,
+        perPeerLimit: Int,
         loop: any EventLoop,
         gauges: @escaping @Sendable (_ busy: Int, _ idle: Int, _ waiting: Int) -> Void = { _, _, _ in }
     ) {
@@ -134,6 +150,7 @@ final class UpstreamPool {
         self.readTimeout = readTimeout
         self.waitTimeout = connectTimeout
         self.limit = limit
+        self.perPeerLimit = max(1, min(perPeerLimit, limit))
         self.loop = loop
         self.gauges = gauges
     }
@@ -148,32 +165,80 @@ final class UpstreamPool {
         gauges(busy, idle, waiting)
     }
 
-    /// Hands `then` a connection for one request: an idle one, a new one, or the next to be
-    /// released; or why none could be had. Called back on the loop, possibly before returning.
+    /// Hands `then` a connection for one request of `peer`: an idle one, a new one, or the next to
+    /// be released; or why none could be had. Called back on the loop, possibly before returning.
     /// Returns the waiter's id when the request waits (for `cancelWait`).
     @discardableResult
-    func acquire(_ then: @escaping Acquired) -> Int? {
+    func acquire(for peer: PeerKey, _ then: @escaping Acquired) -> Int? {
         defer { publish() }
         guard !isShutDown else {
             then(.failure(.connect("the proxy is stopping")))
             return nil
         }
-        while let connection = idle.popLast() {
-            if connection.takeFromPool() {
+        if waiters.isEmpty, hasShare(peer) {
+            if let connection = takeIdle() {
+                begin(connection.slot, for: peer)
                 then(.success(connection))
                 return nil
             }
+            if open < limit {
+                connect(for: peer, then)
+                return nil
+            }
         }
-        guard open < limit else {
-            let id = nextWaiterID
-            nextWaiterID += 1
-            let bound = NIOLoopBound(self, eventLoop: loop)
-            let deadline = loop.scheduleTask(in: waitTimeout) { bound.value.waitExpired(id) }
-            waiters.append(Waiter(id: id, then: then, deadline: deadline))
-            return id
+        let id = nextWaiterID
+        nextWaiterID += 1
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let deadline = loop.scheduleTask(in: waitTimeout) { bound.value.waitExpired(id) }
+        waiters.append(Waiter(id: id, peer: peer, then: then, deadline: deadline))
+        serveWaiters()
+        return waiters.contains { $0.id == id } ? id : nil
+    }
+
+    private func hasShare(_ peer: PeerKey) -> Bool { busyByPeer[peer, default: 0] < perPeerLimit }
+
+    private func begin(_ slot: Slot, for peer: PeerKey) {
+        slot.owner = peer
+        busyByPeer[peer, default: 0] += 1
+    }
+
+    /// The request `slot` served ended: its peer's share comes back.
+    private func end(_ slot: Slot) {
+        guard let owner = slot.owner else { return }
+        slot.owner = nil
+        let remaining = busyByPeer[owner, default: 1] - 1
+        busyByPeer[owner] = remaining > 0 ? remaining : nil
+    }
+
+    private func takeIdle() -> UpstreamConnection? {
+        while let connection = idle.popLast() {
+            if connection.takeFromPool() { return connection }
         }
-        connect(then)
         return nil
+    }
+
+    /// Hands connections to waiters, in order, skipping those whose peer has its whole share. Each
+    /// turn looks afresh: a waiter's callback may withdraw other waiters or release connections.
+    private func serveWaiters() {
+        while !isShutDown, idle.count > 0 || open < limit,
+            let index = waiters.firstIndex(where: { hasShare($0.peer) })
+        {
+            let waiter = waiters.remove(at: index)
+            waiter.deadline.cancel()
+            if let connection = takeIdle() {
+                begin(connection.slot, for: waiter.peer)
+                waiter.then(.success(connection))
+            } else if open < limit {
+                connect(for: waiter.peer, waiter.then)
+            } else {
+                // Every idle connection had closed meanwhile: it waits on, at the head of the line.
+                let bound = NIOLoopBound(self, eventLoop: loop)
+                let id = waiter.id
+                let deadline = loop.scheduleTask(in: waitTimeout) { bound.value.waitExpired(id) }
+                waiters.prepend(Waiter(id: id, peer: waiter.peer, then: waiter.then, deadline: deadline))
+                return
+            }
+        }
     }
 
     /// The request waiting as `id` went away: it takes no connection.
@@ -190,16 +255,10 @@ final class UpstreamPool {
         waiter.then(.failure(.busy))
     }
 
-    /// The next waiter, its deadline cancelled.
-    private func nextWaiter() -> Acquired? {
-        guard let waiter = waiters.popFirst() else { return nil }
-        waiter.deadline.cancel()
-        return waiter.then
-    }
-
-    private func connect(_ then: @escaping Acquired) {
+    private func connect(for peer: PeerKey, _ then: @escaping Acquired) {
         open += 1
         let slot = Slot()
+        begin(slot, for: peer)
         let (tls, target, readTimeout) = (self.tls, self.target, self.readTimeout)
         let bound = NIOLoopBound(self, eventLoop: loop)
         // No socket options of its own: NIO sets TCP_NODELAY (a `.socketOption(.tcp_nodelay)` here
@@ -207,7 +266,7 @@ final class UpstreamPool {
         ClientBootstrap(group: loop)
             .connectTimeout(connectTimeout)
             .channelInitializer { channel in
-                // Guarantee 2: whatever happens to this channel from here on, its close gives the
+                // Guarantee 3: whatever happens to this channel from here on, its close gives the
                 // slot back (a channel closed before it was active never sees channelInactive).
                 channel.closeFuture.hop(to: bound.eventLoop).whenComplete { _ in bound.value.release(slot) }
                 return channel.eventLoop.makeCompletedFuture {
@@ -221,7 +280,7 @@ final class UpstreamPool {
                         )
                     }
                     try sync.addHTTPClientHandlers(leftOverBytesStrategy: .fireError)
-                    try sync.addHandler(UpstreamConnection(pool: bound, readTimeout: readTimeout))
+                    try sync.addHandler(UpstreamConnection(pool: bound, slot: slot, readTimeout: readTimeout))
                 }
             }
             .connect(host: target.host, port: target.port)
@@ -245,25 +304,24 @@ final class UpstreamPool {
             }
     }
 
-    /// Gives `slot` back, once: the next waiter tries a connection of its own.
+    /// Gives `slot` back, once, with its peer's share: waiters may take it.
     private func release(_ slot: Slot) {
         guard !slot.released else { return }
         slot.released = true
+        end(slot)
         open -= 1
-        if !isShutDown, let waiter = nextWaiter() { connect(waiter) }
+        serveWaiters()
         publish()
     }
 
     /// `connection` finished a whole answer (or was never used) and may serve another.
     func release(_ connection: UpstreamConnection) {
         defer { publish() }
-        if let waiter = nextWaiter() {
-            connection.reuse()
-            return waiter(.success(connection))
-        }
+        end(connection.slot)
         guard !isShutDown else { return connection.close() }
         connection.park(idleTimeout: Self.idleTimeout)
         idle.append(connection)
+        serveWaiters()
     }
 
     /// `connection` closed: it leaves the idle list (its slot comes back through its close future).
@@ -276,7 +334,10 @@ final class UpstreamPool {
         isShutDown = true
         for connection in idle { connection.close() }
         idle.removeAll()
-        while let waiter = nextWaiter() { waiter(.failure(.connect("the proxy is stopping"))) }
+        while let waiter = waiters.popFirst() {
+            waiter.deadline.cancel()
+            waiter.then(.failure(.connect("the proxy is stopping")))
+        }
         publish()
     }
 }
@@ -289,6 +350,8 @@ final class UpstreamConnection: ChannelDuplexHandler {
     typealias OutboundOut = HTTPClientRequestPart
 
     private let pool: NIOLoopBound<UpstreamPool>
+    /// Its slot in the pool, and the peer whose request it serves.
+    let slot: UpstreamPool.Slot
     private let readTimeout: TimeAmount
     private var context: ChannelHandlerContext?
     private var responder: (UpstreamResponder, attempt: Int)?
@@ -304,8 +367,9 @@ final class UpstreamConnection: ChannelDuplexHandler {
     /// may be the upstream closing it as it was reused (worth one retry on a new connection).
     private(set) var servedBefore = 0
 
-    init(pool: NIOLoopBound<UpstreamPool>, readTimeout: TimeAmount) {
+    init(pool: NIOLoopBound<UpstreamPool>, slot: UpstreamPool.Slot, readTimeout: TimeAmount) {
         self.pool = pool
+        self.slot = slot
         self.readTimeout = readTimeout
     }
 

@@ -6,7 +6,9 @@ import NIOCore
 /// When every slot is taken, a new connection takes the place of the one idle the longest (as nginx
 /// reuses its keep-alive connections), so a client that holds connections open, or dribbles a
 /// request head byte by byte, cannot lock the host's other processes out. Connections waiting in a
-/// long poll are never taken; when all of them are, the new connection is refused.
+/// long poll, or with a proxied request in flight ("waits" below), are never taken; when all of
+/// them are, the new connection is refused. One peer uid holds at most a quarter of the table in
+/// waits, so a uid below its share is always admitted.
 final class ConnectionTable: Sendable {
     enum Admission: Equatable {
         case admitted
@@ -86,8 +88,8 @@ final class ConnectionTable: Sendable {
         state.withLockedValue { $0.entries[ObjectIdentifier(channel)]?.lastActive = now }
     }
 
-    /// Most long polls one peer uid may hold: a quarter of the table, so that one user cannot make
-    /// every slot a wait, which is never evicted.
+    /// Most waits (long polls, proxied requests in flight) one peer uid may hold: a quarter of the
+    /// table, so that one user cannot make every slot a wait, which is never evicted.
     static func waitsPerUID(capacity: Int) -> Int { max(1, capacity / 4) }
 
     /// `channel` starts a long poll for peer `uid`; false when that uid holds `waitsPerUID` already.
