@@ -380,4 +380,61 @@ import Testing
         await harness.stop()
         await upstream.stop()
     }
+
+    /// Attack: a request whose body never arrives held its connection (and the table's slot) for
+    /// good. At the idle timeout it gets 408 and the connection closes; the upstream saw nothing.
+    @Test func aRequestBodyThatStopsArrivingIsAnswered408AtTheIdleTimeout() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream, #""idleTimeoutSeconds": 1"#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+        try await client.send(Array("POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".utf8))
+        let answer = await client.readAll(timeout: 60)
+        #expect(answer.hasPrefix("HTTP/1.1 408"), "\(answer)")
+        #expect(upstream.rawBytes.isEmpty)
+        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+        #expect(metrics.contains(#"fts_tokend_proxy_connections_closed_total{reason="stalled_body"} 1"#))
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Attack: answers nobody reads held every upstream connection for good. A client that takes
+    /// nothing of its answer for the idle timeout is closed, its upstream connection goes back,
+    /// and the next request is served.
+    @Test func answersNobodyReadsGiveTheirUpstreamConnectionsBack() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(
+            upstream,
+            #""maxUpstreamConnections": 2, "maxUpstreamConnectionsPerPeer": 2, "idleTimeoutSeconds": 1"#
+        )
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let socket = ProxyTests.apiSocket(harness)
+        var unread: [UnixSocketClient] = []
+        for _ in 0..<2 {
+            let client = try UnixSocketClient(socket: socket)
+            try await client.send(Self.get("/big"))
+            unread.append(client)
+        }
+        // Nothing is read meanwhile (reading would drain the answers).
+        var closedForNotReading = false
+        for _ in 0..<600 where !closedForNotReading {
+            let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+            closedForNotReading = metrics.contains(
+                #"fts_tokend_proxy_connections_closed_total{reason="unread_answer"} 2"#
+            )
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(closedForNotReading)
+        #expect(try await Self.poolDrains(harness))
+        let next = try await Command.curl("/api/next", socket: socket)
+        #expect(next.status == 200)
+        for client in unread {
+            let received = await client.readAll(timeout: 60)
+            #expect(received.utf8.count < CapturingUpstream.bigAnswerBytes, "the answer was cut, not finished")
+        }
+        await harness.stop()
+        await upstream.stop()
+    }
 }

@@ -122,6 +122,11 @@ public struct Configuration: Sendable, Equatable {
         /// Upstream connections one peer's requests may hold at once (one uid on the socket; all
         /// TCP clients together), so that another peer always finds one.
         public var maxUpstreamConnectionsPerPeer: Int
+        /// A client connection that sends nothing (between requests, or in a request body) or
+        /// takes nothing of its answer for this long is closed.
+        public var idleTimeoutSeconds: Double = defaultIdleTimeoutSeconds
+
+        public static let defaultIdleTimeoutSeconds: Double = 60
 
         public static let defaultPath = "/run/fts-tokend/api.sock"
         public static let defaultMaxRequestBodyBytes = 16 << 20

@@ -298,7 +298,12 @@ public struct ConfigurationParser {
             ),
             maxUpstreamConnections: maxUpstream,
             denyPaths: denyPaths,
-            maxUpstreamConnectionsPerPeer: perPeer
+            maxUpstreamConnectionsPerPeer: perPeer,
+            idleTimeoutSeconds: try proxy.number(
+                "idleTimeoutSeconds",
+                default: Configuration.Proxy.defaultIdleTimeoutSeconds,
+                "must be more than 0 and at most 3600 seconds"
+            ) { $0 > 0 && $0 <= 3600 }
         )
     }
 

@@ -108,6 +108,7 @@ extension LoadedConfiguration {
                 "maxUpstreamConnections": .number(Double(proxy.maxUpstreamConnections)),
                 "denyPaths": .array(proxy.denyPaths.map(JSONValue.string)),
                 "maxUpstreamConnectionsPerPeer": .number(Double(proxy.maxUpstreamConnectionsPerPeer)),
+                "idleTimeoutSeconds": .number(proxy.idleTimeoutSeconds),
             ]
             members["listen"] = proxy.listen.map { .string($0.description) }
             members["caFile"] = proxy.caFile.map(JSONValue.string)

@@ -90,7 +90,7 @@ public struct ConfigChange: Sendable, Equatable {
                 after.maxConnections, after.maxRequestBodyBytes
             )
             (restarted.rejectedStatuses, restarted.allowBrowsers) = (after.rejectedStatuses, after.allowBrowsers)
-            restarted.denyPaths = after.denyPaths
+            (restarted.denyPaths, restarted.idleTimeoutSeconds) = (after.denyPaths, after.idleTimeoutSeconds)
             if restarted != after {
                 needsRestart = needsRestart ?? "outputs.proxy's listeners, upstream, caFile or timeouts changed"
             }

@@ -207,6 +207,19 @@ public final class DaemonMetrics: Sendable {
         ).increment()
     }
 
+    /// The proxy closed a client connection that stalled: a request body that stopped arriving
+    /// (`stalled_body`), an answer the client stopped reading (`unread_answer`).
+    public func proxyConnectionClosed(_ reason: String) {
+        counter(
+            Self.name(
+                "proxy_connections_closed",
+                "total",
+                "API proxy client connections closed for stalling, by reason."
+            ),
+            [("reason", reason)]
+        ).increment()
+    }
+
     /// The proxy's upstream connections (`busy`: serving a request or being made; `idle`: kept
     /// alive for the next) and the requests waiting for one.
     public func proxyUpstreamPool(busy: Int, idle: Int, waiting: Int) {

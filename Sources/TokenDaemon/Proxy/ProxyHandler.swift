@@ -44,6 +44,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     private var readHeld = false
     /// Completed when the client's channel takes more again (the upstream waits for it).
     private var writable: EventLoopPromise<Void>?
+    /// Closes the connection if the client takes nothing more of its answer meanwhile.
+    private var unreadTimeout: Scheduled<Void>?
 
     /// One request, from its head to the end of its answer.
     private struct Exchange {
@@ -131,6 +133,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        unreadTimeout?.cancel()
         abandon()
         writable?.fail(ChannelError.ioOnClosedChannel)
         writable = nil
@@ -138,12 +141,28 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        // Idle connections are closed; one waiting for the upstream is not idle.
-        if event is IdleStateHandler.IdleStateEvent, exchange == nil {
-            context.close(promise: nil)
-            return
+        guard event is IdleStateHandler.IdleStateEvent else { return context.fireUserInboundEventTriggered(event) }
+        // Nothing read for the idle timeout. Closed: a connection with no exchange, and one whose
+        // client owes the rest of a request body and sends none (the proxy is not the one holding
+        // its reads back). Not: one waiting for the upstream or the daemon.
+        guard let current = exchange else { return context.close(promise: nil) }
+        if !current.requestEnded, !readHeld {
+            shared.metrics.proxyConnectionClosed("stalled_body")
+            if current.answer == .waiting {
+                refuse(
+                    current.head,
+                    ProxyRules.Refusal(
+                        status: .requestTimeout,
+                        reason: .stalled,
+                        message: "the request body stopped arriving"
+                    ),
+                    close: true
+                )
+            } else {
+                abandon()
+                context.close(promise: nil)
+            }
         }
-        context.fireUserInboundEventTriggered(event)
     }
 
     func read(context: ChannelHandlerContext) {
@@ -399,19 +418,32 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     /// Written parts go out at the next flush (the upstream's read burst ends, or the answer does):
     /// a small answer leaves in one write. The upstream is read on at once while the client's
     /// channel takes more, and only once it drained otherwise (backpressure).
+    /// A client that takes none of its answer for `idleTimeoutSeconds` is idle too: its
+    /// connection closes, and the upstream connection it held goes back (64 never-read answers
+    /// held every upstream connection for good).
     private func untilWritable(_ context: ChannelHandlerContext) -> EventLoopFuture<Void> {
         guard !context.channel.isWritable else { return succeeded() }
         context.flush()
         // The flush may have drained it (and told so already).
         guard !context.channel.isWritable else { return succeeded() }
-        let promise = writable ?? loop.makePromise(of: Void.self)
+        if let writable { return writable.futureResult }
+        let promise = loop.makePromise(of: Void.self)
         writable = promise
+        let channel = context.channel
+        let timeout = exchange?.settings.idleTimeout ?? shared.settings.idleTimeout
+        unreadTimeout = loop.scheduleTask(in: timeout) { [weak self] in
+            self?.shared.metrics.proxyConnectionClosed("unread_answer")
+            self?.abandon()
+            channel.close(promise: nil)
+        }
         return promise.futureResult
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if context.channel.isWritable, let writable {
             self.writable = nil
+            unreadTimeout?.cancel()
+            unreadTimeout = nil
             writable.succeed()
         }
         context.fireChannelWritabilityChanged()

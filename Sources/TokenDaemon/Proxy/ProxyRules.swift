@@ -161,6 +161,7 @@ enum ProxyRules {
             case peer
             case noToken = "no_token"
             case busy
+            case stalled
         }
 
         static func == (a: Refusal, b: Refusal) -> Bool {

@@ -16,12 +16,13 @@ import Foundation
 /// address, forwarded to `outputs.proxy.upstream` with the daemon's credentials in place of the
 /// client's. One event loop, as the token socket.
 ///
-/// Limits: request heads up to 32 KiB, bodies up to `maxRequestBodyBytes`, connections idle for
-/// 60 s closed, at most `maxConnections` at once (the longest-idle one gives way, as on the token
-/// socket), at most `maxUpstreamConnections` kept open to the upstream.
+/// Limits: request heads up to 32 KiB, bodies up to `maxRequestBodyBytes`, connections that send
+/// nothing (between requests or inside a body) or take nothing of their answer for
+/// `idleTimeoutSeconds` closed, at most `maxConnections` at once (the longest-idle one without a
+/// request in flight gives way, as on the token socket), at most `maxUpstreamConnections` kept open
+/// to the upstream, of which one peer holds at most `maxUpstreamConnectionsPerPeer`.
 public final class ProxyServer: Sendable {
     static let headLimit = 32 * 1024
-    static let idleTimeout = TimeAmount.seconds(60)
 
     private let channels: [any Channel]
     private let shared: ProxyShared
@@ -64,7 +65,7 @@ public final class ProxyServer: Sendable {
                     channel.closeFuture.whenComplete { _ in shared.connections.remove(channel) }
                     return channel.eventLoop.makeCompletedFuture {
                         let sync = channel.pipeline.syncOperations
-                        try sync.addHandler(IdleStateHandler(readTimeout: idleTimeout))
+                        try sync.addHandler(IdleStateHandler(readTimeout: shared.settings.idleTimeout))
                         try sync.addHandler(HTTPResponseEncoder())
                         try sync.addHandler(
                             ByteToMessageHandler(
@@ -132,6 +133,8 @@ final class ProxyShared: Sendable {
         /// Longest wait for a new token after the upstream rejected one, before answering 503.
         var tokenWaitSeconds: Double
         var denyPaths: [DeniedPath]
+        /// `idleTimeoutSeconds`: for connections accepted from now on.
+        var idleTimeout: TimeAmount
 
         func policy(_ listener: ProxyRules.Listener) -> ProxyRules.RequestPolicy {
             ProxyRules.RequestPolicy(
@@ -203,7 +206,8 @@ final class ProxyShared: Sendable {
             allowBrowsers: proxy.allowBrowsers,
             maxRequestBodyBytes: proxy.maxRequestBodyBytes,
             tokenWaitSeconds: min(proxy.timeoutSeconds, 30),
-            denyPaths: proxy.denyPaths.map(DeniedPath.init)
+            denyPaths: proxy.denyPaths.map(DeniedPath.init),
+            idleTimeout: .milliseconds(Int64(proxy.idleTimeoutSeconds * 1000))
         )
     }
 
