@@ -437,4 +437,67 @@ import Testing
         await harness.stop()
         await upstream.stop()
     }
+
+    /// Allow lists cannot apply to TCP peers (no uid to check): said at load and by `check`, and
+    /// the TCP listener refuses every request (403) rather than serve users the lists leave out.
+    @Test func allowListsWithATCPListenerAreAWarningAndTCPServesNoOne() async throws {
+        let upstream = CapturingUpstream()
+        let port = try ProxyTests.freePort()
+        let harness = try await Self.harness(upstream, #""listen": "127.0.0.1:\#(port)", "allowUIDs": [0]"#)
+        let check = try harness.start(["check", "--config", harness.configPath])
+        #expect(await check.waitForExit(timeout: 60) == 0)
+        let warning = "outputs.proxy.allowUIDs/allowGIDs cannot apply to the TCP listener 127.0.0.1:\(port)"
+        #expect(check.standardOutput.contains("warning: " + warning), "\(check.standardOutput)")
+        let daemon = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        #expect(daemon.standardError.contains("event=config_warning") && daemon.standardError.contains(warning))
+        let tcp = try await Command.run(
+            "/usr/bin/curl",
+            ["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "60", "http://127.0.0.1:\(port)/api/x"]
+        )
+        #expect(tcp.output == "403")
+        #expect(try await Command.curl("/api/x", socket: ProxyTests.apiSocket(harness)).status == 200, "uid 0 listed")
+        #expect(upstream.requests.map(\.uri) == ["/api/x"])
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Attack (the review's failed restarts): with a consumer's connection open at SIGTERM the next
+    /// bind of the TCP listener failed ("Address already in use") and a few restarts used up the
+    /// unit's StartLimitBurst. Five restarts in a row, each with a consumer connected, all bind.
+    @Test func restartsBindTheTCPListenerWithAConsumerConnected() async throws {
+        let upstream = CapturingUpstream()
+        let port = try ProxyTests.freePort()
+        let harness = try await Self.harness(upstream, #""listen": "127.0.0.1:\#(port)""#)
+        var previous: Int32?
+        for round in 0..<5 {
+            harness.notify.reset()
+            let daemon = try harness.start()
+            #expect(await harness.waitUntilReady(timeout: 60) != nil, "round \(round): \(daemon.standardError)")
+            #expect(!daemon.standardError.contains("Address already in use"), "round \(round)")
+            if let previous { close(previous) }
+            // A consumer connection, kept open across the stop and the next start: the daemon's
+            // side of it closed first and holds the port (FIN-WAIT) while the next one binds.
+            let consumer = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(consumer, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+            #expect(connected == 0, "round \(round)")
+            let request = "GET /api/r\(round) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\n\r\n"
+            _ = request.withCString { send(consumer, $0, strlen($0), 0) }
+            #expect(await eventually(timeout: 60) { upstream.requests.count == round + 1 })
+            daemon.signal(SIGTERM)
+            #expect(await daemon.waitForExit(timeout: 60) == 0)
+            previous = consumer
+        }
+        if let previous { close(previous) }
+        await harness.stop()
+        await upstream.stop()
+    }
 }

@@ -14,12 +14,20 @@ public struct LoadedConfiguration: Sendable, Equatable {
             ("tokenFile", outputs.tokenFile), ("jsonFile", outputs.jsonFile),
             ("headersFile", outputs.headersFile?.file),
         ]
-        return files.compactMap { key, file in
+        var warnings = files.compactMap { key, file -> String? in
             guard let file, file.mode & 0o004 != 0 else { return nil }
             return "outputs.\(key).mode \(FileMode.format(file.mode)) lets every local user read the token"
                 + (key == "headersFile" ? " and the API key" : "")
                 + "; \"0640\" and the reader group keep it to consumers"
         }
+        if let proxy = outputs.proxy, let listen = proxy.listen, proxy.restrictsPeers {
+            // A TCP peer has no uid or gid to check: the proxy fails closed there.
+            warnings.append(
+                "outputs.proxy.allowUIDs/allowGIDs cannot apply to the TCP listener \(listen): it refuses every "
+                    + "request (403); remove listen, or the allow lists, to say which is meant"
+            )
+        }
+        return warnings
     }
 
     /// The account this configuration logs in as (see `StateStore.identity`).
