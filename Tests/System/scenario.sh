@@ -160,6 +160,33 @@ check "proxy allow list: the log shows the refused peer's real uid" eventually 1
 install -m 0644 /tmp/config.good /etc/fts-tokend/config.json
 systemctl reload fts-tokend
 
+# --- 10b. the proxy's TCP listener binds at every restart with a consumer connected (SO_REUSEADDR):
+# without it the closed side of the consumer's connection held the port and StartLimitBurst ran out.
+mkdir -p /run/systemd/system/fts-tokend.service.d
+printf '[Service]\nSocketBindAllow=tcp:8089\n' > /run/systemd/system/fts-tokend.service.d/proxy-tcp.conf
+systemctl daemon-reload
+jq '.outputs.proxy.listen = "127.0.0.1:8089"' /tmp/config.good > /tmp/config.tcp
+install -m 0644 /tmp/config.tcp /etc/fts-tokend/config.json
+systemctl restart fts-tokend
+tcp_code() { curl -s -o /dev/null -w '%{http_code}' --max-time 60 http://127.0.0.1:8089/api/echo; }
+check "proxy TCP listener serves" eventually 30 sh -c "[ \"\$($(declare -f tcp_code); tcp_code)\" = 200 ]"
+restarts_bound=0
+for round in 1 2 3; do
+    exec 7<>/dev/tcp/127.0.0.1/8089 || true
+    printf 'GET /api/echo HTTP/1.1\r\nHost: 127.0.0.1:8089\r\n\r\n' >&7 2>/dev/null || true
+    before_pid=$(prop fts-tokend MainPID)
+    systemctl restart fts-tokend
+    if eventually 30 sh -c "[ \"\$($(declare -f tcp_code); tcp_code)\" = 200 ]" \
+        && [ "$(prop fts-tokend MainPID)" != "$before_pid" ]; then restarts_bound=$((restarts_bound + 1)); fi
+    exec 7>&-
+done
+check "proxy TCP listener: three restarts with a consumer connected all bind" [ "$restarts_bound" = 3 ]
+check "proxy TCP listener: no bind failure logged" sh -c '! journalctl -u fts-tokend FTS_EVENT=proxy_failed -o cat | grep -q "Address already in use"'
+rm -f /run/systemd/system/fts-tokend.service.d/proxy-tcp.conf
+systemctl daemon-reload
+install -m 0644 /tmp/config.good /etc/fts-tokend/config.json
+systemctl restart fts-tokend
+
 # --- 6. journald fields
 check "journal entries carry FTS_EVENT=login_ok" sh -c 'journalctl -u fts-tokend FTS_EVENT=login_ok -o json | jq -e "select(.FTS_TOKEN_FP != null and .FTS_EXPIRES_AT != null)" | grep -q .'
 check "journal entries carry PRIORITY and CODE_FILE" sh -c 'journalctl -u fts-tokend FTS_EVENT=token_written -o json | jq -e "select(.PRIORITY == \"6\" and .CODE_FILE != null and .SYSLOG_IDENTIFIER == \"fts-tokend\")" | grep -q .'
