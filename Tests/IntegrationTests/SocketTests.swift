@@ -358,7 +358,8 @@ import TokenDaemon
         #expect(await harness.waitUntilReady() != nil)
         #expect(
             child.standardError.contains(
-                "maxConnections 512 is more than the descriptor limit (100) allows: serving at most 36"
+                "the descriptor limit (100) leaves 36 for connections, fewer than the 512 configured: serving at most "
+                    + "36 on the token socket (outputs.socket.maxConnections 512)"
             )
         )
         let idle = try (0..<60).map { _ in try UnixSocketClient(socket: harness.socketPath) }

@@ -112,12 +112,13 @@ public final class Daemon {
         if let interval = deps.watchdogInterval {
             logger.info("watchdog enabled", metadata: ["event": "watchdog_enabled", "interval": "\(interval)"])
         }
-        logWarnings()
+        let budget = logWarnings()
         // The socket listens before READY=1 can go out.
         if configuration.outputs.socket != nil || deps.activatedSocket != nil {
             do {
                 server = try await SocketServer.start(
                     outputs: configuration.outputs,
+                    capacity: budget.socketConnections ?? Configuration.Socket.defaultMaxConnections,
                     activatedFD: deps.activatedSocket,
                     board: board,
                     metrics: metrics,
@@ -133,6 +134,8 @@ public final class Daemon {
             do {
                 proxy = try await ProxyServer.start(
                     settings,
+                    capacity: budget.proxyConnections ?? settings.maxConnections,
+                    upstreamCapacity: budget.upstreamConnections ?? settings.maxUpstreamConnections,
                     board: board,
                     metrics: metrics,
                     logger: logger,
@@ -354,10 +357,24 @@ public final class Daemon {
         return outcome
     }
 
-    private func logWarnings() {
-        for warning in core.configuration.warnings {
+    /// Logs what an operator should hear about the configuration in force; returns its descriptor
+    /// budget (the connection limits the sockets apply).
+    @discardableResult
+    private func logWarnings() -> DescriptorBudget {
+        let budget = descriptorBudget
+        for warning in core.configuration.warnings + [budget.warning].compactMap({ $0 }) {
             logger.warning("\(warning)", metadata: ["event": "config_warning"])
         }
+        return budget
+    }
+
+    /// The connection limits of the configuration in force within `RLIMIT_NOFILE`.
+    private var descriptorBudget: DescriptorBudget {
+        DescriptorBudget(
+            outputs: configuration.outputs,
+            socketActivated: deps.activatedSocket != nil,
+            descriptorLimit: DescriptorBudget.currentLimit
+        )
     }
 
     /// Rebuilds what `change` says; returns what could not be applied, for STATUS and `/healthz`.
@@ -365,7 +382,7 @@ public final class Daemon {
         var problems: [String] = []
         let levelChanged = logger.logLevel != configuration.logLevel
         logger.logLevel = configuration.logLevel
-        logWarnings()
+        let budget = logWarnings()
         if change.client {
             // The login in flight, if any, finishes on the old client, which closes after it.
             let (previous, inFlight, logger) = (client, login, logger)
@@ -378,7 +395,10 @@ public final class Daemon {
         }
         if change.socketAccess {
             do {
-                try server?.apply(configuration.outputs)
+                try server?.apply(
+                    configuration.outputs,
+                    capacity: budget.socketConnections ?? Configuration.Socket.defaultMaxConnections
+                )
             } catch {
                 logger.error("cannot apply the socket's new mode: \(error)", metadata: ["event": "reload_failed"])
                 problems.append("the socket's mode (\(error))")
@@ -386,7 +406,11 @@ public final class Daemon {
         }
         if change.proxyAccess || levelChanged, let settings = configuration.outputs.proxy {
             do {
-                try proxy?.apply(settings, logLevel: configuration.logLevel)
+                try proxy?.apply(
+                    settings,
+                    capacity: budget.proxyConnections ?? settings.maxConnections,
+                    logLevel: configuration.logLevel
+                )
             } catch {
                 logger.error("cannot apply the API proxy's new mode: \(error)", metadata: ["event": "reload_failed"])
                 problems.append("the API proxy's mode (\(error))")

@@ -38,9 +38,12 @@ public final class ProxyServer: Sendable {
         self.logger = logger
     }
 
-    /// Starts listening on `proxy.path` (and `proxy.listen`).
+    /// Starts listening on `proxy.path` (and `proxy.listen`), with at most `capacity` client
+    /// connections and `upstreamCapacity` upstream ones (the proxy's parts of the `DescriptorBudget`).
     public static func start(
         _ proxy: Configuration.Proxy,
+        capacity: Int,
+        upstreamCapacity: Int,
         board: TokenBoard,
         metrics: DaemonMetrics,
         logger: Logger,
@@ -49,7 +52,16 @@ public final class ProxyServer: Sendable {
         // One loop for the listeners, their connections and the upstream pool (the pool is used from it only).
         let loop = MultiThreadedEventLoopGroup.singleton.next()
         let shared = try await loop.submit {
-            try ProxyShared(proxy, board: board, metrics: metrics, logger: logger, clock: clock, loop: loop)
+            try ProxyShared(
+                proxy,
+                capacity: capacity,
+                upstreamCapacity: upstreamCapacity,
+                board: board,
+                metrics: metrics,
+                logger: logger,
+                clock: clock,
+                loop: loop
+            )
         }.get()
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderFieldSize = headLimit
@@ -66,7 +78,11 @@ public final class ProxyServer: Sendable {
                     return channel.eventLoop.makeCompletedFuture {
                         let sync = channel.pipeline.syncOperations
                         try sync.addHandler(IdleStateHandler(readTimeout: shared.settings.idleTimeout))
-                        try sync.addHandler(HTTPResponseEncoder())
+                        // The proxy frames every answer itself (`ProxyRules.AnswerFraming`): the
+                        // encoder would chunk an answer to HEAD, which has no body.
+                        var encoder = HTTPResponseEncoder.Configuration()
+                        encoder.automaticallySetFramingHeaders = false
+                        try sync.addHandler(HTTPResponseEncoder(configuration: encoder))
                         try sync.addHandler(
                             ByteToMessageHandler(
                                 HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits)
@@ -108,8 +124,8 @@ public final class ProxyServer: Sendable {
 
     /// A reload's proxy settings that apply live (ConfigChange says which need a restart): the
     /// allow lists and limits from the next request on, the socket's mode now.
-    public func apply(_ proxy: Configuration.Proxy, logLevel: Logger.Level) throws(SystemError) {
-        shared.apply(proxy, logLevel: logLevel)
+    public func apply(_ proxy: Configuration.Proxy, capacity: Int, logLevel: Logger.Level) throws(SystemError) {
+        shared.apply(proxy, capacity: capacity, logLevel: logLevel)
         try SocketServer.setMode(ofSocketAt: ownedPath, proxy.mode)
     }
 
@@ -163,6 +179,8 @@ final class ProxyShared: Sendable {
 
     init(
         _ proxy: Configuration.Proxy,
+        capacity: Int,
+        upstreamCapacity: Int,
         board: TokenBoard,
         metrics: DaemonMetrics,
         logger: Logger,
@@ -175,9 +193,7 @@ final class ProxyShared: Sendable {
         self.clock = clock
         self.upstream = proxy.upstream
         self.access = SocketAccess(allow: .init(uids: proxy.allowUIDs, gids: proxy.allowGIDs))
-        self.connections = ConnectionTable(
-            capacity: SocketServer.connectionCapacity(proxy.maxConnections, logger: logger)
-        )
+        self.connections = ConnectionTable(capacity: capacity)
         self.live = NIOLockedValueBox(Self.live(proxy))
         target = try UpstreamTarget(proxy.upstream)
         // Built once: it reads the system's trust roots and the CA file.
@@ -189,8 +205,12 @@ final class ProxyShared: Sendable {
                 tls: tls,
                 connectTimeout: .milliseconds(Int64(proxy.connectTimeoutSeconds * 1000)),
                 readTimeout: .milliseconds(Int64(proxy.timeoutSeconds * 1000)),
-                limit: proxy.maxUpstreamConnections,
-                perPeerLimit: proxy.maxUpstreamConnectionsPerPeer,
+                limit: upstreamCapacity,
+                // A pool the descriptor budget made smaller keeps the configured share in proportion.
+                perPeerLimit: max(
+                    1,
+                    proxy.maxUpstreamConnectionsPerPeer * upstreamCapacity / proxy.maxUpstreamConnections
+                ),
                 loop: loop,
                 gauges: { [metrics] busy, idle, waiting in
                     metrics.proxyUpstreamPool(busy: busy, idle: idle, waiting: waiting)
@@ -213,11 +233,11 @@ final class ProxyShared: Sendable {
 
     var settings: Live { live.withLockedValue { $0 } }
 
-    func apply(_ proxy: Configuration.Proxy, logLevel: Logger.Level) {
+    func apply(_ proxy: Configuration.Proxy, capacity: Int, logLevel: Logger.Level) {
         loggerBox.withLockedValue { $0.logLevel = logLevel }
         live.withLockedValue { $0 = Self.live(proxy) }
         access.update(allow: .init(uids: proxy.allowUIDs, gids: proxy.allowGIDs))
-        connections.setCapacity(SocketServer.connectionCapacity(proxy.maxConnections, logger: logger))
+        connections.setCapacity(capacity)
     }
 
     /// Logs an upstream failure at most once a minute: an unreachable upstream fails every request,

@@ -8,7 +8,8 @@ import NIOCore
 /// request head byte by byte, cannot lock the host's other processes out. Connections waiting in a
 /// long poll, or with a proxied request in flight ("waits" below), are never taken; when all of
 /// them are, the new connection is refused. One peer uid holds at most a quarter of the table in
-/// waits, so a uid below its share is always admitted.
+/// waits, so a uid below its share is always admitted. A connection whose peer the allow lists
+/// refuse gives way before any other.
 final class ConnectionTable: Sendable {
     enum Admission: Equatable {
         case admitted
@@ -25,6 +26,8 @@ final class ConnectionTable: Sendable {
         var waiting = false
         /// The peer's uid, nil when it could not be read.
         var waitingUID: UInt32?
+        /// The allow lists refuse its peer: the first to give way when the table is full.
+        var refused = false
     }
 
     private struct State {
@@ -65,10 +68,12 @@ final class ConnectionTable: Sendable {
         let (admission, evicted) = state.withLockedValue { state -> (Admission, [any Channel]) in
             var evicted: [any Channel] = []
             while state.entries.count >= state.capacity {
+                // A peer the allow lists refuse gives way first: it must never hold a slot that a
+                // listed peer needs. Then the longest idle.
+                let candidates = state.entries.lazy.filter { !$0.value.waiting }
                 guard
-                    let oldest = state.entries.lazy.filter({ !$0.value.waiting }).min(by: {
-                        $0.value.lastActive < $1.value.lastActive
-                    }),
+                    let oldest = candidates.first(where: { $0.value.refused })
+                        ?? candidates.min(by: { $0.value.lastActive < $1.value.lastActive }),
                     let closed = state.entries.removeValue(forKey: oldest.key)?.channel
                 else {
                     return (.refused, evicted)
@@ -81,6 +86,11 @@ final class ConnectionTable: Sendable {
         }
         for channel in evicted { channel.close(promise: nil) }
         return admission
+    }
+
+    /// The allow lists refuse `channel`'s peer (as of now): it gives way first when the table is full.
+    func markRefused(_ channel: any Channel) {
+        state.withLockedValue { $0.entries[ObjectIdentifier(channel)]?.refused = true }
     }
 
     /// A request arrived on `channel`.

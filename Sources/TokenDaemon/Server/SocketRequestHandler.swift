@@ -146,7 +146,11 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        PeerCredentials.read(context.channel) { self.peer = $0 }
+        let channel = context.channel
+        PeerCredentials.read(channel) { peer in
+            self.peer = peer
+            if !self.access.allows(peer) { self.connections.markRefused(channel) }
+        }
         context.fireChannelActive()
     }
 

@@ -49,10 +49,10 @@ public final class SocketServer: Sendable {
     /// request on (open connections included), the connection limit from the next accept, and the
     /// mode of a socket file we bound (a socket passed by systemd keeps the socket unit's
     /// `SocketMode=`).
-    public func apply(_ outputs: Configuration.Outputs) throws(SystemError) {
+    public func apply(_ outputs: Configuration.Outputs, capacity: Int) throws(SystemError) {
         access.update(outputs)
+        connections.setCapacity(capacity)
         guard let socket = outputs.socket else { return }
-        connections.setCapacity(Self.connectionCapacity(socket.maxConnections, logger: logger))
         guard let ownedPath else { return }
         try Self.setMode(ofSocketAt: ownedPath, socket.mode)
     }
@@ -74,30 +74,11 @@ public final class SocketServer: Sendable {
         }
     }
 
-    /// Descriptors kept for everything but connections: the listener, the signalfd, NIO's epoll and
-    /// eventfd, logins, files being written, onRotate programs.
-    static let reservedDescriptors = 64
-
-    /// `configured`, or fewer when the descriptor limit (the unit's `LimitNOFILE=`) cannot hold that
-    /// many connections besides `reservedDescriptors`: accept(2) failing with EMFILE would refuse
-    /// every client, where a lower limit only makes the longest-idle connection give way.
-    static func connectionCapacity(_ configured: Int, logger: Logger) -> Int {
-        var limit = rlimit()
-        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else {
-            return configured
-        }
-        let allowed = max(1, Int(clamping: limit.rlim_cur) - reservedDescriptors)
-        guard configured > allowed else { return configured }
-        logger.warning(
-            "outputs.socket.maxConnections \(configured) is more than the descriptor limit (\(limit.rlim_cur)) allows: serving at most \(allowed)",
-            metadata: ["event": "config_warning"]
-        )
-        return allowed
-    }
-
-    /// Starts serving `board`, on the socket systemd passed (`activatedFD`) or on `socket.path`.
+    /// Starts serving `board`, on the socket systemd passed (`activatedFD`) or on `socket.path`, with
+    /// at most `capacity` connections at once (the token socket's part of the `DescriptorBudget`).
     public static func start(
         outputs: Configuration.Outputs,
+        capacity: Int,
         activatedFD: Int32?,
         board: TokenBoard,
         metrics: DaemonMetrics,
@@ -105,12 +86,7 @@ public final class SocketServer: Sendable {
         clock: @escaping @Sendable () -> Date
     ) async throws -> SocketServer {
         let socket = outputs.socket
-        let connections = ConnectionTable(
-            capacity: connectionCapacity(
-                socket?.maxConnections ?? Configuration.Socket.defaultMaxConnections,
-                logger: logger
-            )
-        )
+        let connections = ConnectionTable(capacity: capacity)
         let access = SocketAccess(outputs)
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderFieldSize = headLimit
