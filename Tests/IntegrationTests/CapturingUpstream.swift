@@ -153,6 +153,19 @@ final class CapturingUpstream: Sendable {
                 let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
                 let answer = { [self] in
                     let context = bound.value
+                    if head.uri == "/nolength" {
+                        // An answer with no length: HTTP/1.0 style, the body runs to the close.
+                        let head = HTTPResponseHead(version: .http1_0, status: .ok, headers: ["Connection": "close"])
+                        context.write(self.wrapOutboundOut(.head(head)), promise: nil)
+                        if request.method != "HEAD" {
+                            let text = ByteBuffer(string: "until the close\n")
+                            context.write(self.wrapOutboundOut(.body(.byteBuffer(text))), promise: nil)
+                        }
+                        context.writeAndFlush(self.wrapOutboundOut(.end(nil))).whenComplete { _ in
+                            bound.value.close(promise: nil)
+                        }
+                        return
+                    }
                     // `/big`: an answer larger than any socket buffer, for clients that leave mid-answer.
                     let text =
                         head.uri == "/big"

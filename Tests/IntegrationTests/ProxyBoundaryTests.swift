@@ -125,7 +125,7 @@ import Testing
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
         let spellings = [
-            "/auth/token", "/AUTH/Token", "//auth//token", "/api/../auth/token", "/./auth/token", "/auth/%74oken",
+            "/auth/token", "/AUTH/Token", "/auth//token", "/api/../auth/token", "/./auth/token", "/auth/%74oken",
             "/%2561uth/token", "/auth%2Ftoken", "/auth;x=1/token", "/auth/token.json", "/auth/token?email=x",
             "/auth/refresh", "/auth",
         ]
@@ -497,6 +497,107 @@ import Testing
             previous = consumer
         }
         if let previous { close(previous) }
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Attack (the review's): under a descriptor limit of 1,024, 512 proxy and 512 token-socket
+    /// connections made the next login fail (EMFILE) and left new socket clients unanswered. One
+    /// budget for both listeners and the upstream, less a reserve: here, under a limit of 200, 300
+    /// idle connections across both sockets, and a forced login still succeeds and new clients of
+    /// both are served.
+    @Test func connectionsOnBothSocketsNeverTakeTheDescriptorsALoginNeeds() async throws {
+        let upstream = CapturingUpstream()
+        let port = try await upstream.start()
+        let harness = try await DaemonHarness(ttl: 600, socket: "")
+        harness.outputFiles +=
+            #", "proxy": { "path": "{folder}/run/api.sock", "upstream": "http://127.0.0.1:\#(port)" }"#
+        try harness.writeConfig()
+        let child = try harness.start(
+            ["prlimit", "--nofile=200:200", ChildProcess.binary, "run", "--config", harness.configPath],
+            executable: "/usr/bin/prlimit"
+        )
+        #expect(await harness.waitUntilReady() != nil)
+        #expect(child.standardError.contains("the descriptor limit (200) leaves 136 for connections"))
+        let socket = ProxyTests.apiSocket(harness)
+        var idle: [UnixSocketClient] = []
+        for _ in 0..<150 {
+            idle.append(try UnixSocketClient(socket: socket))
+            idle.append(try UnixSocketClient(socket: harness.socketPath))
+        }
+        let first = harness.token
+        child.signal(SIGUSR1)
+        #expect(await eventually(timeout: 60) { harness.token != nil && harness.token != first }, "a login succeeded")
+        #expect(!child.standardError.contains("Too many open files"))
+        #expect(try await Command.curl("/token", socket: harness.socketPath).status == 200)
+        #expect(try await Command.curl("/api/after", socket: socket).status == 200)
+        withExtendedLifetime(idle) {}
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Attack (the second review): a request the proxy refuses and answers with `Connection: close`
+    /// had the requests pipelined behind it still sent upstream, credentials and all, though the
+    /// client is told the connection ended (and may send them again). Nothing behind it goes out.
+    @Test func requestsPipelinedBehindARefusedOneNeverReachTheUpstream() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let socket = ProxyTests.apiSocket(harness)
+        #expect(try await Command.curl("/api/warm", socket: socket).status == 200, "an idle upstream connection")
+        let bytes =
+            "TRACE /x HTTP/1.1\r\nHost: x\r\n\r\n"
+            + "POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"buy\":\"one\"}"
+        let answer = try await UnixSocketClient.exchange(Array(bytes.utf8), socket: socket)
+        #expect(answer.hasPrefix("HTTP/1.1 405") && answer.components(separatedBy: "HTTP/1.1 ").count == 2)
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(upstream.requests.map(\.uri) == ["/api/warm"], "the POST never went out")
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Attack (the second review): an answer to HEAD with no length (or chunked) went to the client
+    /// chunked, `0\r\n\r\n` and all, which the client read as the start of its next answer. A HEAD
+    /// answer carries no body bytes; the next pipelined answer follows its head directly.
+    @Test func anAnswerToHeadCarriesNoBodyBytes() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let bytes =
+            "HEAD /nolength HTTP/1.1\r\nHost: x\r\n\r\nGET /api/next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        let answer = try await UnixSocketClient.exchange(Array(bytes.utf8), socket: ProxyTests.apiSocket(harness))
+        let parts = answer.components(separatedBy: "\r\n\r\n")
+        #expect(parts.count == 3, "\(answer)")
+        #expect(
+            parts.first?.hasPrefix("HTTP/1.1 200") == true && parts.dropFirst().first?.hasPrefix("HTTP/1.1 200") == true
+        )
+        #expect(!(parts.first ?? "").lowercased().contains("transfer-encoding"), "\(answer)")
+        #expect(parts.last == "request 2\n", "\(answer)")
+        await harness.stop()
+        await upstream.stop()
+    }
+
+    /// Attack (the second review): an HTTP/1.0 client asking for keep-alive got an answer with no
+    /// length and no close, so one answer ran into the next. Each answer is delimited: a length and
+    /// `Connection: keep-alive`, or `Connection: close` and the close.
+    @Test func http10ClientsGetDelimitedAnswers() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let bytes =
+            "GET /api/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /nolength HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+        try await client.send(Array(bytes.utf8))
+        let answer = await client.readAll(timeout: 60)
+        let answers = answer.components(separatedBy: "HTTP/1.0 200 OK\r\n").dropFirst()
+        #expect(answers.count == 2, "\(answer)")
+        let first = answers.first ?? ""
+        #expect(first.lowercased().contains("connection: keep-alive") && first.hasSuffix("request 1\n"), "\(first)")
+        let second = answers.last ?? ""
+        #expect(second.lowercased().contains("connection: close") && second.hasSuffix("until the close\n"), "\(second)")
         await harness.stop()
         await upstream.stop()
     }

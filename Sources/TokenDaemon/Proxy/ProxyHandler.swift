@@ -69,6 +69,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         var connection: UpstreamConnection?
         /// The pool's id of this attempt's wait for a connection, withdrawn if the exchange ends.
         var poolWait: Int?
+        /// The answer's head said `Connection: close` (see `ProxyRules.AnswerFraming`).
+        var closesAfterAnswer = false
         /// A failure on a reused connection before any answer was retried once on a new one.
         var retriedStale = false
         var sentAt = NIODeadline.now()
@@ -128,7 +130,15 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if listener == .unixSocket { PeerCredentials.read(context.channel) { self.peer = $0 } }
+        let channel = context.channel
+        if listener == .unixSocket {
+            PeerCredentials.read(channel) { peer in
+                self.peer = peer
+                if !self.shared.access.allows(peer) { self.shared.connections.markRefused(channel) }
+            }
+        } else if !shared.access.allows(nil) {
+            shared.connections.markRefused(channel)
+        }
         context.fireChannelActive()
     }
 
@@ -408,7 +418,21 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
             headers: ProxyRules.clientHeaders(upstream.headers)
         )
         if let refresh { head.headers.replaceOrAdd(name: ProxyRules.refreshHeader, value: refresh) }
-        if !current.head.isKeepAlive { head.headers.replaceOrAdd(name: "Connection", value: "close") }
+        let framing = ProxyRules.answerFraming(
+            status: upstream.status,
+            requestMethod: current.head.method,
+            clientVersion: current.head.version,
+            hasLength: head.headers.contains(name: "content-length")
+        )
+        if framing == .chunked { head.headers.add(name: "Transfer-Encoding", value: "chunked") }
+        let closes = !current.head.isKeepAlive || framing == .untilClose
+        if closes {
+            head.headers.replaceOrAdd(name: "Connection", value: "close")
+        } else if current.head.version.minor == 0 {
+            // An HTTP/1.0 client that asked to keep the connection is told it is kept.
+            head.headers.replaceOrAdd(name: "Connection", value: "keep-alive")
+        }
+        exchange?.closesAfterAnswer = closes
         exchange?.answer = .streaming
         answered(current.head, status: upstream.status, byUpstream: true, began: current.began)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
@@ -466,7 +490,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         case .discarding:
             replay()
         case .streaming:
-            let close = !current.head.isKeepAlive || !current.requestEnded
+            let close = current.closesAfterAnswer || !current.requestEnded
             endExchange()
             context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
                 if close { context.close(promise: nil) }
@@ -662,7 +686,11 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         headers.add(name: "Content-Length", value: String(body.readableBytes))
         headers.add(name: "Via", value: ProxyRules.via)
         for (name, value) in extra { headers.add(name: name, value: value) }
-        if close { headers.add(name: "Connection", value: "close") }
+        if close {
+            headers.add(name: "Connection", value: "close")
+        } else if head.version.minor == 0 {
+            headers.add(name: "Connection", value: "keep-alive")
+        }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))))
             .whenFailure { _ in }
         if head.method != .HEAD {

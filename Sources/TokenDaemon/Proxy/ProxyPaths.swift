@@ -6,7 +6,8 @@
 /// 2. percent-decoded until nothing changes (a double-encoded `%252F` too, four rounds at most),
 ///    and `\` read as `/` (servers on Windows do);
 /// 3. split at `/`; in each segment the parameters after `;` are dropped (servlet containers route
-///    `/auth;x=1/token` as `/auth/token`), then trailing dots and spaces (Windows does);
+///    `/auth;x=1/token` as `/auth/token`), then trailing dots and spaces (Windows does), a segment
+///    of dots and spaces alone being read as `.` or `..`;
 /// 4. empty and `.` segments dropped, `..` takes the segment before it away (never above the root);
 /// 5. ASCII letters lowercased (case-insensitive routers).
 struct CanonicalPath: Sendable, Equatable, CustomStringConvertible {
@@ -22,7 +23,12 @@ struct CanonicalPath: Sendable, Equatable, CustomStringConvertible {
         var segments: [[UInt8]] = []
         for raw in bytes.split(omittingEmptySubsequences: false, whereSeparator: { $0 == 0x2F || $0 == 0x5C }) {
             var segment = Array(raw.prefix { $0 != UInt8(ascii: ";") })
-            if segment != [0x2E] && segment != [0x2E, 0x2E] {
+            if segment.allSatisfy({ $0 == 0x2E || $0 == 0x20 }) {
+                // Dots and spaces only (`.. `, `...`): a server that strips the trailing ones reads
+                // a dot segment, `..` when two dots or more are left.
+                let dots = segment.filter { $0 == 0x2E }.count
+                segment = dots >= 2 ? [0x2E, 0x2E] : (dots == 1 ? [0x2E] : [])
+            } else {
                 while let last = segment.last, last == 0x2E || last == 0x20 { segment.removeLast() }
             }
             switch segment {

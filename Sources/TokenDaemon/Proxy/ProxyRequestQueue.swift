@@ -37,6 +37,8 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
         /// A bound was passed: everything read from now on is dropped, and the connection closes
         /// once the queue is answered.
         private(set) var overflowed = false
+        /// The answer being written says `Connection: close`: nothing more is handed on.
+        private(set) var closing = false
 
         enum ReadAction: Equatable {
             case deliver
@@ -46,7 +48,7 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
 
         /// A part decoded from the connection.
         mutating func received(_ part: HTTPServerRequestPart) -> ReadAction {
-            if overflowed { return .dropped }
+            if overflowed || closing { return .dropped }
             if requestOpen || (!answering && queue.isEmpty) {
                 if case .head = part {
                     requestOpen = true
@@ -85,9 +87,18 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
             case close
         }
 
+        /// The answer being written closes the connection (`Connection: close`): no request queued
+        /// behind it may reach the handler, which would send it upstream although the client is
+        /// told the connection ends here, and may send it again.
+        mutating func answerCloses() {
+            closing = true
+            queue.removeAll()
+        }
+
         /// The answer to the request being answered was written whole.
         mutating func answerEnded() -> AnswerAction {
             answering = false
+            if closing { return .close }
             guard !requestOpen else { return .resumeReading }
             guard let head = queue.popFirst() else { return overflowed ? .close : .resumeReading }
             var parts = [head]
@@ -108,7 +119,7 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
         }
 
         /// Whether the connection may be read: not while a request waits, nor after an overflow.
-        var mayRead: Bool { queue.isEmpty && !overflowed }
+        var mayRead: Bool { queue.isEmpty && !overflowed && !closing }
     }
 
     private var machine = Machine()
@@ -130,7 +141,9 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        guard case .end = unwrapOutboundIn(data) else { return context.write(data, promise: promise) }
+        let part = unwrapOutboundIn(data)
+        if case .head(let head) = part, !head.isKeepAlive, head.status.code >= 200 { machine.answerCloses() }
+        guard case .end = part else { return context.write(data, promise: promise) }
         switch machine.answerEnded() {
         case .deliver(let parts):
             context.write(data, promise: promise)

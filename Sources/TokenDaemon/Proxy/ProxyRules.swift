@@ -54,19 +54,24 @@ enum ProxyRules {
     }
 
     /// Field names compared without allocating (this runs for every header of every request), in
-    /// any case and with `_` read as `-`: CGI, WSGI and PHP turn both into `_`, so `X_Api_Key`
-    /// reaches such an upstream as the API key.
+    /// any case and with every byte but a letter or digit read as `-`: CGI, WSGI and PHP turn `-`,
+    /// `_` and `.` into `_`, lighttpd every other byte, so `X_Api_Key` or `X.Api.Key` reaches such
+    /// an upstream as the API key.
     struct FieldName: Sendable {
-        let lowercased: [UInt8]
+        let folded: [UInt8]
 
-        init(_ name: String) { lowercased = Array(name.lowercased().utf8) }
+        init(_ name: String) { folded = name.utf8.map(Self.fold) }
+
+        static func fold(_ byte: UInt8) -> UInt8 {
+            switch byte {
+            case 0x41...0x5A: byte + 0x20
+            case 0x30...0x39, 0x61...0x7A: byte
+            default: 0x2D
+            }
+        }
 
         func matches(_ name: String) -> Bool {
-            name.utf8.count == lowercased.count
-                && zip(name.utf8, lowercased).allSatisfy { byte, lower in
-                    let folded: UInt8 = byte >= 0x41 && byte <= 0x5A ? byte + 0x20 : (byte == 0x5F ? 0x2D : byte)
-                    return folded == lower
-                }
+            name.utf8.count == folded.count && zip(name.utf8, folded).allSatisfy { Self.fold($0) == $1 }
         }
     }
 
@@ -88,6 +93,32 @@ enum ProxyRules {
         var names = Set<String>()
         for value in headers[canonicalForm: "connection"] { names.insert(value.lowercased()) }
         return names
+    }
+
+    /// How an answer's body is delimited for the client. The proxy frames every answer itself (the
+    /// client connection's encoder adds nothing), from the request and the upstream's head:
+    enum AnswerFraming: Equatable {
+        /// No body can follow: an answer to HEAD, or a 1xx, 204 or 304. The upstream's
+        /// `Content-Length` passes, saying what a GET would have returned; no chunked terminator
+        /// is written (a client would read its five bytes as the start of the next answer).
+        case none
+        /// The upstream's `Content-Length`: the body passes byte for byte.
+        case length
+        /// Chunked again for an HTTP/1.1 client (the upstream's was chunked or ran to its close).
+        case chunked
+        /// An HTTP/1.0 client and no length: the body runs until the connection closes, and it does.
+        case untilClose
+    }
+
+    static func answerFraming(
+        status: HTTPResponseStatus,
+        requestMethod: HTTPMethod,
+        clientVersion: HTTPVersion,
+        hasLength: Bool
+    ) -> AnswerFraming {
+        if requestMethod == .HEAD || !status.mayHaveResponseBody { return .none }
+        if hasLength { return .length }
+        return clientVersion.major == 1 && clientVersion.minor >= 1 ? .chunked : .untilClose
     }
 
     /// What the proxy does with a request of each method: the one table of method rules.
@@ -128,6 +159,16 @@ enum ProxyRules {
         case unixSocket
         /// Loopback TCP: every local user, and every web page a local browser shows, can send here.
         case tcp(Configuration.ListenAddress)
+    }
+
+    /// Whether `target` is a path every server reads alike: it starts with one `/` (URL parsers read
+    /// `//x/auth/token` as host `x` and path `/auth/token`), and has no `#` (not allowed in a request
+    /// target: a server may cut there, or not) and no `\` (read as `/` by some: `/\x/auth/token`).
+    static func isOriginForm(_ target: String) -> Bool {
+        var bytes = target.utf8.makeIterator()
+        guard bytes.next() == UInt8(ascii: "/") else { return false }
+        if let second = bytes.next(), second == UInt8(ascii: "/") { return false }
+        return !target.utf8.contains { $0 == UInt8(ascii: "#") || $0 == UInt8(ascii: "\\") }
     }
 
     /// What decides whether a request goes upstream: the listener it came in on and the settings
@@ -191,7 +232,7 @@ enum ProxyRules {
                 headers: [("Allow", allowedMethods)]
             )
         }
-        guard head.uri.hasPrefix("/") else {
+        guard isOriginForm(head.uri) else {
             return Refusal(
                 status: .badRequest,
                 reason: .target,
