@@ -22,6 +22,16 @@ static const int clinux_O_PATH = O_PATH;
 static const int clinux_SO_PEERGROUPS = SO_PEERGROUPS;
 struct clinux_peer_groups { uint32_t gids[256]; };
 
+// SO_MEMINFO (Linux 4.6): a socket's memory counters. For a Unix stream socket, the one at
+// SK_MEMINFO_WMEM_ALLOC is what it sent that its peer has not read yet: it falls as the peer reads.
+#include <linux/sock_diag.h>
+#ifndef SO_MEMINFO
+#define SO_MEMINFO 55
+#endif
+static const int clinux_SO_MEMINFO = SO_MEMINFO;
+static const int clinux_SK_MEMINFO_WMEM_ALLOC = SK_MEMINFO_WMEM_ALLOC;
+struct clinux_meminfo { uint32_t values[SK_MEMINFO_VARS]; };
+
 // prctl(2) is variadic, which Swift cannot call: no core dump of the daemon, and its /proc files
 // (memory, environment) are root's, not its user's.
 #include <sys/prctl.h>

@@ -601,4 +601,41 @@ import Testing
         await harness.stop()
         await upstream.stop()
     }
+
+    /// A slow but steady reader is not a stalled one (the second review: 43 KiB/s was closed as
+    /// unread, because a Unix socket turns writable only once its peer read all but a quarter of its
+    /// buffer). The proxy closes a reader only when it took nothing for the idle timeout: if this
+    /// connection is closed, the reader must have paused that long (measured around each read).
+    @Test func aSlowSteadyReaderIsNotClosedAsUnread() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream, #""idleTimeoutSeconds": 4"#)
+        try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+        try await client.send(Self.get("/big"))
+        let (read, longestPause, closed) = await UnixSocketClient.blocking {
+            // 128 KiB every 3 s (43 KiB/s), as the review's reader.
+            var read = 0
+            var longestPause: TimeInterval = 0
+            var last = Date()
+            while read < 512 << 10 {
+                var burst = 0
+                while burst < 128 << 10 {
+                    let bytes = client.readSome(timeout: 60)
+                    longestPause = max(longestPause, Date().timeIntervalSince(last))
+                    last = Date()
+                    if bytes.isEmpty { return (read + burst, longestPause, true) }
+                    burst += bytes.count
+                }
+                read += burst
+                Thread.sleep(forTimeInterval: 3)
+            }
+            return (read, longestPause, false)
+        }
+        #expect(!closed || longestPause >= 4, "closed after \(read) bytes; longest pause \(longestPause) s")
+        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+        #expect(closed || !metrics.contains(#"reason="unread_answer""#))
+        await harness.stop()
+        await upstream.stop()
+    }
 }

@@ -1,3 +1,5 @@
+import CLinux
+import Glibc
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -453,14 +455,24 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         if let writable { return writable.futureResult }
         let promise = loop.makePromise(of: Void.self)
         writable = promise
-        let channel = context.channel
+        armUnreadTimeout(context.channel, since: ClientProgress(context.channel))
+        return promise.futureResult
+    }
+
+    /// Closes the connection unless the client took some of its answer within the idle timeout.
+    /// Progress is measured, not inferred from writability: a Unix socket turns writable only once
+    /// its peer has read all but a quarter of its buffer, so a slow but steady reader can stay
+    /// unwritable for longer than the timeout.
+    private func armUnreadTimeout(_ channel: any Channel, since before: ClientProgress) {
         let timeout = exchange?.settings.idleTimeout ?? shared.settings.idleTimeout
         unreadTimeout = loop.scheduleTask(in: timeout) { [weak self] in
-            self?.shared.metrics.proxyConnectionClosed("unread_answer")
-            self?.abandon()
+            guard let self, self.writable != nil else { return }
+            let now = ClientProgress(channel)
+            if now.isAhead(of: before) { return self.armUnreadTimeout(channel, since: now) }
+            self.shared.metrics.proxyConnectionClosed("unread_answer")
+            self.abandon()
             channel.close(promise: nil)
         }
-        return promise.futureResult
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -748,5 +760,43 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
 
     private func succeeded() -> EventLoopFuture<Void> {
         loop.makeSucceededVoidFuture()
+    }
+}
+
+/// How much of its answer a client has yet to take: what NIO holds for it, and what the kernel
+/// holds that the client has not read (Unix sockets; nil where it cannot be read). Either falling
+/// means the client reads.
+struct ClientProgress: Equatable {
+    var buffered: Int?
+    var unread: UInt32?
+
+    init(_ channel: any Channel) {
+        buffered = try? channel.syncOptions?.getOption(.bufferedWritableBytes)
+        unread = nil
+        guard let provider = channel as? any SocketOptionProvider else { return }
+        let info: EventLoopFuture<clinux_meminfo> = provider.unsafeGetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET),
+            name: SocketOptionName(clinux_SO_MEMINFO)
+        )
+        // Read on the channel's loop, where the option is read at once and the callback runs
+        // before this returns (as `PeerCredentials.read` relies on).
+        var unread: UInt32?
+        info.assumeIsolated().whenSuccess { meminfo in
+            unread = withUnsafeBytes(of: meminfo.values) {
+                $0.load(fromByteOffset: Int(clinux_SK_MEMINFO_WMEM_ALLOC) * 4, as: UInt32.self)
+            }
+        }
+        self.unread = unread
+    }
+
+    init(buffered: Int?, unread: UInt32?) {
+        self.buffered = buffered
+        self.unread = unread
+    }
+
+    func isAhead(of before: ClientProgress) -> Bool {
+        if let now = buffered, let then = before.buffered, now < then { return true }
+        if let now = unread, let then = before.unread, now < then { return true }
+        return false
     }
 }
