@@ -638,4 +638,45 @@ import Testing
         await harness.stop()
         await upstream.stop()
     }
+
+    /// Attack (the review's): uploads waiting for an upstream connection cost about 250 KiB each.
+    /// 500 connections each send a 60 KiB body while every upstream connection is held: bodies kept
+    /// for replays share one budget (past it they stream, read no faster than the upstream takes
+    /// them), so the peak stays under 32 MiB above the warm level.
+    @Test func uploadsWaitingForAnUpstreamConnectionCostBoundedMemory() async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(
+            upstream,
+            #""maxUpstreamConnections": 2, "connectTimeoutSeconds": 120"#
+        )
+        let child = try harness.start()
+        #expect(await harness.waitUntilReady() != nil)
+        let socket = ProxyTests.apiSocket(harness)
+        for _ in 0..<20 { #expect(try await Command.curl("/api/warm", socket: socket).status == 200) }
+        upstream.hold()
+        let body = [UInt8](repeating: UInt8(ascii: "u"), count: 60 << 10)
+        let head = Array("POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.count)\r\n\r\n".utf8)
+        let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
+            var clients: [UnixSocketClient] = []
+            for _ in 0..<500 {
+                let client = try UnixSocketClient(socket: socket)
+                _ = await UnixSocketClient.blocking {
+                    client.flood(head + body, total: head.count + body.count, stallTimeout: 0.1)
+                }
+                clients.append(client)
+            }
+            try await Task.sleep(for: .seconds(1))
+            return clients
+        }
+        Scenario.report(
+            growthKiB < 32 << 10,
+            "500 uploads of 60 KiB waiting for an upstream connection: peak RSS +\(growthKiB) KiB"
+        )
+        #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB")
+        #expect(child.isRunning)
+        upstream.release()
+        _ = clients
+        await harness.stop()
+        await upstream.stop()
+    }
 }

@@ -73,6 +73,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         var poolWait: Int?
         /// The answer's head said `Connection: close` (see `ProxyRules.AnswerFraming`).
         var closesAfterAnswer = false
+        /// Bytes of `body` taken from the proxy's `BodyBudget`.
+        var budgeted = 0
         /// A failure on a reused connection before any answer was retried once on a new one.
         var retriedStale = false
         var sentAt = NIODeadline.now()
@@ -255,9 +257,12 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     }
 
     private func receiveBody(_ part: ByteBuffer, context: ChannelHandlerContext) {
-        guard var current = exchange, !current.requestEnded else { return }
-        current.bodyBytes += part.readableBytes
-        guard current.bodyBytes <= current.settings.maxRequestBodyBytes else {
+        // Read field by field: a copy of the exchange would share its body's storage, and the
+        // append below would then copy the whole body for every part.
+        guard exchange?.requestEnded == false, let limit = exchange?.settings.maxRequestBodyBytes else { return }
+        exchange?.bodyBytes += part.readableBytes
+        guard let bodyBytes = exchange?.bodyBytes, bodyBytes <= limit else {
+            guard let current = exchange else { return }
             // Whatever was sent upstream is abandoned; the client gets 413 if it has no answer yet.
             let head = current.head
             let answered = current.answer != .waiting
@@ -265,31 +270,44 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
             if answered {
                 context.close(promise: nil)
             } else {
-                answerLocally(
-                    head,
-                    .payloadTooLarge,
-                    "request body over outputs.proxy.maxRequestBodyBytes",
-                    close: true
+                let refusal = ProxyRules.Refusal(
+                    status: .payloadTooLarge,
+                    reason: .tooLarge,
+                    message: "request body over outputs.proxy.maxRequestBodyBytes"
                 )
+                refuse(head, refusal, close: true)
             }
             return
         }
-        if let stream = current.stream {
-            exchange = current
+        if let stream = exchange?.stream {
             forward(part, on: stream)
             return
         }
-        var part = part
-        current.body.writeBuffer(&part)
-        exchange = current
-        if current.body.readableBytes > ProxyRules.replayBufferBytes {
-            // Too large to keep for a replay: it streams from here on.
-            let stream = BodyStream()
-            stream.queued.append(current.body)
-            exchange?.body = ByteBuffer()
-            exchange?.stream = stream
-            send()
+        // Kept whole for a replay while it fits in the replay buffer and in the proxy's budget for
+        // all such bodies (`BodyBudget`); otherwise it streams from here on, and is not replayed.
+        let size = part.readableBytes
+        let fits = (exchange?.body.readableBytes ?? 0) + size <= ProxyRules.replayBufferBytes
+        if fits, shared.bodies.value.take(size) {
+            var part = part
+            exchange?.budgeted += size
+            exchange?.body.writeBuffer(&part)
+            return
         }
+        let stream = BodyStream()
+        if let body = exchange?.body, body.readableBytes > 0 { stream.queued.append(body) }
+        stream.queued.append(part)
+        releaseBody()
+        exchange?.stream = stream
+        send()
+    }
+
+    /// The exchange's kept body is no longer held (it streams, or the exchange ended): its bytes
+    /// go back to the budget.
+    private func releaseBody() {
+        guard let budgeted = exchange?.budgeted, budgeted > 0 else { return }
+        shared.bodies.value.give(budgeted)
+        exchange?.budgeted = 0
+        exchange?.body = ByteBuffer()
     }
 
     private func forward(_ part: ByteBuffer, on stream: BodyStream) {
@@ -736,6 +754,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     /// The exchange is over: the connection is idle again (it may be evicted, and no longer counts
     /// against its peer's share).
     private func endExchange() {
+        releaseBody()
         exchange = nil
         if let channel = context?.channel { shared.connections.endWait(channel) }
     }

@@ -87,6 +87,14 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
             case close
         }
 
+        /// The body part just queued did not fit in the proxy's `BodyBudget`: as past a bound.
+        mutating func overflow() {
+            overflowed = true
+            while let last = queue.popLast() {
+                if case .head = last { break }
+            }
+        }
+
         /// The answer being written closes the connection (`Connection: close`): no request queued
         /// behind it may reach the handler, which would send it upstream although the client is
         /// told the connection ends here, and may send it again.
@@ -124,12 +132,42 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
 
     private var machine = Machine()
     private var readHeld = false
+    /// The proxy's budget for held bodies (nil: unbounded, in tests), and what the queue took of it.
+    private let bodies: NIOLoopBound<BodyBudget>?
+    private var budgeted = 0
+
+    init(bodies: NIOLoopBound<BodyBudget>? = nil) {
+        self.bodies = bodies
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        switch machine.received(unwrapInboundIn(data)) {
-        case .deliver: context.fireChannelRead(data)
-        case .queued, .dropped: break
+        let part = unwrapInboundIn(data)
+        switch machine.received(part) {
+        case .deliver:
+            context.fireChannelRead(data)
+        case .queued:
+            guard case .body(let bytes) = part, let bodies else { return }
+            if bodies.value.take(bytes.readableBytes) {
+                budgeted += bytes.readableBytes
+            } else {
+                machine.overflow()
+                releaseBudget()
+            }
+        case .dropped:
+            break
         }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        releaseBudget()
+        context.fireChannelInactive()
+    }
+
+    /// Queued bodies are handed on or dropped: their bytes go back (once the queue is empty, all).
+    private func releaseBudget() {
+        guard budgeted > 0, machine.queue.isEmpty || machine.overflowed else { return }
+        bodies?.value.give(budgeted)
+        budgeted = 0
     }
 
     func read(context: ChannelHandlerContext) {
@@ -146,6 +184,7 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
         guard case .end = part else { return context.write(data, promise: promise) }
         switch machine.answerEnded() {
         case .deliver(let parts):
+            releaseBudget()
             context.write(data, promise: promise)
             // As NIO's pipelining handler does: the next request at once, in order.
             for part in parts { context.fireChannelRead(wrapInboundOut(part)) }
@@ -168,4 +207,27 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
         readHeld = false
         context.read()
     }
+}
+
+/// The request bodies the proxy keeps whole for a replay, all connections together, bounded: a
+/// body that does not fit streams instead (and is not replayed), read no faster than the upstream
+/// takes it. Without it 512 connections could each hold a 64 KiB replay buffer, and uploads waiting
+/// for an upstream connection cost about 250 KiB each. Used on the proxy's one loop only.
+final class BodyBudget {
+    /// 8 MiB: 128 replay buffers at once, far more than the pool has connections to send them on.
+    static let defaultLimit = 8 << 20
+
+    let limit: Int
+    private(set) var used = 0
+
+    init(limit: Int) { self.limit = limit }
+
+    /// Takes `bytes` if they fit.
+    func take(_ bytes: Int) -> Bool {
+        guard used + bytes <= limit else { return false }
+        used += bytes
+        return true
+    }
+
+    func give(_ bytes: Int) { used = max(0, used - bytes) }
 }

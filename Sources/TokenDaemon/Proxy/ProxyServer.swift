@@ -71,6 +71,12 @@ public final class ProxyServer: Sendable {
         func bootstrap(_ listener: ProxyRules.Listener) -> ServerBootstrap {
             ServerBootstrap(group: loop)
                 .serverChannelOption(.backlog, value: 256)
+                // At most 16 KiB per read from a client: a body that waits (for an upstream
+                // connection, or past the `BodyBudget`) holds one read, not NIO's 64 KiB.
+                .childChannelOption(
+                    .recvAllocator,
+                    value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 16 << 10)
+                )
                 .childChannelInitializer { channel in
                     let admission = shared.connections.admit(channel)
                     guard admission != .refused else { return channel.close() }
@@ -90,7 +96,7 @@ public final class ProxyServer: Sendable {
                         )
                         // One request at a time per connection, answers in order; a few pipelined
                         // requests wait, and reading stops while they do.
-                        try sync.addHandler(ProxyRequestQueue())
+                        try sync.addHandler(ProxyRequestQueue(bodies: shared.bodies))
                         try sync.addHandler(HTTPServerProtocolErrorHandler())
                         try sync.addHandler(ProxyHandler(shared: shared, listener: listener, loop: channel.eventLoop))
                     }
@@ -170,6 +176,8 @@ final class ProxyShared: Sendable {
     let clock: @Sendable () -> Date
     /// The upstream's keep-alive connections, on `loop`.
     let pool: NIOLoopBound<UpstreamPool>
+    /// Request bodies kept for replays, all connections together, on `loop`.
+    let bodies: NIOLoopBound<BodyBudget>
     let target: UpstreamTarget
     let upstream: String
     let access: SocketAccess
@@ -199,6 +207,7 @@ final class ProxyShared: Sendable {
         // Built once: it reads the system's trust roots and the CA file.
         let tls =
             target.secure ? try NIOSSLContext(configuration: AuthClient.tlsConfiguration(caFile: proxy.caFile)) : nil
+        bodies = NIOLoopBound(BodyBudget(limit: BodyBudget.defaultLimit), eventLoop: loop)
         pool = NIOLoopBound(
             UpstreamPool(
                 target: target,
