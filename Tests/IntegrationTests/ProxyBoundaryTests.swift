@@ -14,6 +14,27 @@ import Testing
         )
     }
 
+    /// Runs `body` with a ready daemon whose proxy forwards to a capturing upstream; both are
+    /// stopped however `body` ends, a thrown error included.
+    static func withProxy(
+        _ settings: String = "",
+        _ body: (CapturingUpstream, DaemonHarness, ChildProcess) async throws -> Void
+    ) async throws {
+        let upstream = CapturingUpstream()
+        let harness = try await Self.harness(upstream, settings)
+        do {
+            let child = try harness.start()
+            #expect(await harness.waitUntilReady() != nil)
+            try await body(upstream, harness, child)
+        } catch {
+            await harness.stop()
+            await upstream.stop()
+            throw error
+        }
+        await harness.stop()
+        await upstream.stop()
+    }
+
     /// The lines of one HTTP request's head as the upstream received it, by field name (lowercased).
     static func fields(_ request: CapturingUpstream.Request, _ name: String) -> [String] {
         request.headers.filter { $0.0.lowercased() == name }.map(\.1)
@@ -40,31 +61,27 @@ import Testing
     /// echoed the next client's head, credentials included. Now: 405 from the proxy, and the
     /// upstream receives not one byte of it; the next client's request goes out alone.
     @Test func aTraceWithASmuggledRequestInItsBodyNeverReachesTheUpstream() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 400\r\n\r\n"
-        let trace =
-            "TRACE /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: \(smuggled.utf8.count)\r\n\r\n" + smuggled
-        let answer = try await UnixSocketClient.exchange(Array(trace.utf8), socket: ProxyTests.apiSocket(harness))
-        #expect(answer.hasPrefix("HTTP/1.1 405"), "\(answer)")
-        #expect(ProxyTests.header("Allow", in: answer)?.contains("TRACE") == false)
-        let plain = try await UnixSocketClient.exchange(
-            Array("TRACE /api/echo HTTP/1.1\r\nHost: x\r\n\r\n".utf8),
-            socket: ProxyTests.apiSocket(harness)
-        )
-        #expect(plain.hasPrefix("HTTP/1.1 405"), "a plain TRACE echoes the credentials too: \(plain)")
-        let next = try await Command.curl("/api/next", socket: ProxyTests.apiSocket(harness))
-        #expect(next.status == 200 && next.body == "request 1\n", "\(next.body)")
-        #expect(upstream.requests.map(\.uri) == ["/api/next"], "the upstream parsed one request, the client's")
-        #expect(!upstream.rawText.contains("smuggled") && !upstream.rawText.contains("TRACE"))
-        Self.expectOnlyTheDaemonsCredentials(upstream, harness: harness)
-        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
-        #expect(metrics.contains(#"fts_tokend_proxy_refusals_total{reason="method"} 2"#), "\(metrics)")
-        harness.expectNoSecretsInOutput()
-        await harness.stop()
-        await upstream.stop()
+        try await Self.withProxy { upstream, harness, _ in
+            let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\nContent-Length: 400\r\n\r\n"
+            let trace =
+                "TRACE /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: \(smuggled.utf8.count)\r\n\r\n" + smuggled
+            let answer = try await UnixSocketClient.exchange(Array(trace.utf8), socket: ProxyTests.apiSocket(harness))
+            #expect(answer.hasPrefix("HTTP/1.1 405"), "\(answer)")
+            #expect(ProxyTests.header("Allow", in: answer)?.contains("TRACE") == false)
+            let plain = try await UnixSocketClient.exchange(
+                Array("TRACE /api/echo HTTP/1.1\r\nHost: x\r\n\r\n".utf8),
+                socket: ProxyTests.apiSocket(harness)
+            )
+            #expect(plain.hasPrefix("HTTP/1.1 405"), "a plain TRACE echoes the credentials too: \(plain)")
+            let next = try await Command.curl("/api/next", socket: ProxyTests.apiSocket(harness))
+            #expect(next.status == 200 && next.body == "request 1\n", "\(next.body)")
+            #expect(upstream.requests.map(\.uri) == ["/api/next"], "the upstream parsed one request, the client's")
+            #expect(!upstream.rawText.contains("smuggled") && !upstream.rawText.contains("TRACE"))
+            Self.expectOnlyTheDaemonsCredentials(upstream, harness: harness)
+            let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+            #expect(metrics.contains(#"fts_tokend_proxy_refusals_total{reason="method"} 2"#), "\(metrics)")
+            harness.expectNoSecretsInOutput()
+        }
     }
 
     /// The exact bytes: requests of every framing, pipelined on one connection, each with the
@@ -72,103 +89,91 @@ import Testing
     /// The upstream parses exactly as many requests as the client sent, each body intact, each
     /// with one `Authorization` and one `x-api-key`, the daemon's.
     @Test func theUpstreamReceivesExactlyOneFramedRequestPerClientRequest() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let credentials =
-            "Authorization: Bearer stolen\r\nX_Api_Key: stolen\r\nx-api_key: stolen\r\nAUTHORIZATION_: x\r\n"
-            + "X-API-KEY: stolen\r\nauthorization: Basic eDp4\r\n"
-        let requests: [(method: String, framing: String, body: String)] = [
-            ("GET", "", ""),
-            ("GET", "Content-Length: 5\r\n", "hello"),
-            ("DELETE", "Transfer-Encoding: chunked\r\n", "5\r\nworld\r\n0\r\n\r\n"),
-            ("POST", "Content-Length: 11\r\n", "a=1&b=2&c=3"),
-            ("POST", "Transfer-Encoding: chunked\r\n", "3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"),
-            ("OPTIONS", "", ""),
-            ("PATCH", "Content-Length: 2\r\n", "{}"),
-            ("HEAD", "", ""),
-            ("PROPFIND", "Content-Length: 3\r\n", "xyz"),
-        ]
-        var bytes = ""
-        for (index, request) in requests.enumerated() {
-            // The last asks the proxy to close once it is answered: the client reads to the end.
-            let close = index == requests.count - 1 ? "Connection: close\r\n" : ""
-            bytes +=
-                "\(request.method) /api/r\(index) HTTP/1.1\r\nHost: x\r\n\(credentials)\(close)\(request.framing)\r\n"
-                + request.body
+        try await Self.withProxy { upstream, harness, _ in
+            let credentials =
+                "Authorization: Bearer stolen\r\nX_Api_Key: stolen\r\nx-api_key: stolen\r\nAUTHORIZATION_: x\r\n"
+                + "X-API-KEY: stolen\r\nauthorization: Basic eDp4\r\n"
+            let requests: [(method: String, framing: String, body: String)] = [
+                ("GET", "", ""),
+                ("GET", "Content-Length: 5\r\n", "hello"),
+                ("DELETE", "Transfer-Encoding: chunked\r\n", "5\r\nworld\r\n0\r\n\r\n"),
+                ("POST", "Content-Length: 11\r\n", "a=1&b=2&c=3"),
+                ("POST", "Transfer-Encoding: chunked\r\n", "3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"),
+                ("OPTIONS", "", ""),
+                ("PATCH", "Content-Length: 2\r\n", "{}"),
+                ("HEAD", "", ""),
+                ("PROPFIND", "Content-Length: 3\r\n", "xyz"),
+            ]
+            var bytes = ""
+            for (index, request) in requests.enumerated() {
+                // The last asks the proxy to close once it is answered: the client reads to the end.
+                let close = index == requests.count - 1 ? "Connection: close\r\n" : ""
+                bytes +=
+                    "\(request.method) /api/r\(index) HTTP/1.1\r\nHost: x\r\n\(credentials)\(close)\(request.framing)\r\n"
+                    + request.body
+            }
+            let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+            try await client.send(Array(bytes.utf8))
+            let answers = await client.readAll(timeout: 60)
+            #expect(answers.components(separatedBy: "HTTP/1.1 200 OK\r\n").count == requests.count + 1, "\(answers)")
+            let received = upstream.requests
+            #expect(received.map(\.uri) == requests.indices.map { "/api/r\($0)" }, "one request per client request")
+            #expect(received.map(\.method) == requests.map(\.method))
+            let bodies = ["", "hello", "world", "a=1&b=2&c=3", "abcdef", "", "{}", "", "xyz"]
+            #expect(received.map { String(decoding: $0.body, as: UTF8.self) } == bodies)
+            Self.expectOnlyTheDaemonsCredentials(upstream, harness: harness)
+            #expect(!upstream.rawText.contains("stolen") && !upstream.rawText.lowercased().contains("basic"))
+            // Nothing after the last request: the last byte the upstream got ends the last request.
+            #expect(upstream.rawText.hasSuffix("\r\n\r\nxyz"))
+            harness.expectNoSecretsInOutput()
         }
-        let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
-        try await client.send(Array(bytes.utf8))
-        let answers = await client.readAll(timeout: 60)
-        #expect(answers.components(separatedBy: "HTTP/1.1 200 OK\r\n").count == requests.count + 1, "\(answers)")
-        let received = upstream.requests
-        #expect(received.map(\.uri) == requests.indices.map { "/api/r\($0)" }, "one request per client request")
-        #expect(received.map(\.method) == requests.map(\.method))
-        let bodies = ["", "hello", "world", "a=1&b=2&c=3", "abcdef", "", "{}", "", "xyz"]
-        #expect(received.map { String(decoding: $0.body, as: UTF8.self) } == bodies)
-        Self.expectOnlyTheDaemonsCredentials(upstream, harness: harness)
-        #expect(!upstream.rawText.contains("stolen") && !upstream.rawText.lowercased().contains("basic"))
-        // Nothing after the last request: the last byte the upstream got ends the last request.
-        #expect(upstream.rawText.hasSuffix("\r\n\r\nxyz"))
-        harness.expectNoSecretsInOutput()
-        await harness.stop()
-        await upstream.stop()
     }
 
     /// Attack: `POST /auth/token` through the proxy reached the auth server with the organisation's
     /// key (password guessing, account lock-out). Every spelling is refused 403; the upstream sees
     /// nothing and the mock's log-in count does not move.
     @Test func theLoginEndpointIsNeverProxiedUnderAnySpelling() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let spellings = [
-            "/auth/token", "/AUTH/Token", "/auth//token", "/api/../auth/token", "/./auth/token", "/auth/%74oken",
-            "/%2561uth/token", "/auth%2Ftoken", "/auth;x=1/token", "/auth/token.json", "/auth/token?email=x",
-            "/auth/refresh", "/auth",
-        ]
-        for path in spellings {
-            let answer = try await Command.run(
-                "/usr/bin/curl",
-                [
-                    "-s", "--path-as-is", "--max-time", "60", "--unix-socket", ProxyTests.apiSocket(harness), "-o",
-                    "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Content-Type: application/json",
-                    "--data-binary", #"{"email":"svc@example.com","password":"guess"}"#, "http://localhost" + path,
-                ]
-            )
-            #expect(answer.output == "403", "\(path): \(answer.output)")
-        }
-        #expect(upstream.connections == 0 && upstream.rawBytes.isEmpty, "the upstream saw nothing")
-        #expect(harness.mock.stats.loginRequests == 1, "only the daemon's own log-in")
-        #expect(
-            await eventually(timeout: 60) {
-                harness.child?.standardError.contains("event=proxy_refused listener=proxy") == true
+        try await Self.withProxy { upstream, harness, _ in
+            let spellings = [
+                "/auth/token", "/AUTH/Token", "/auth//token", "/api/../auth/token", "/./auth/token", "/auth/%74oken",
+                "/%2561uth/token", "/auth%2Ftoken", "/auth;x=1/token", "/auth/token.json", "/auth/token?email=x",
+                "/auth/refresh", "/auth",
+            ]
+            for path in spellings {
+                let answer = try await Command.run(
+                    "/usr/bin/curl",
+                    [
+                        "-s", "--path-as-is", "--max-time", "60", "--unix-socket", ProxyTests.apiSocket(harness), "-o",
+                        "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Content-Type: application/json",
+                        "--data-binary", #"{"email":"svc@example.com","password":"guess"}"#, "http://localhost" + path,
+                    ]
+                )
+                #expect(answer.output == "403", "\(path): \(answer.output)")
             }
-        )
-        let refusedLines = harness.child?.standardError.components(separatedBy: "event=proxy_refused").count ?? 0
-        #expect(refusedLines == 2, "logged once a minute per peer, not per request")
-        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
-        #expect(metrics.contains(#"fts_tokend_proxy_refusals_total{reason="denied_path"} \#(spellings.count)"#))
-        harness.expectNoSecretsInOutput()
-        await harness.stop()
-        await upstream.stop()
+            #expect(upstream.connections == 0 && upstream.rawBytes.isEmpty, "the upstream saw nothing")
+            #expect(harness.mock.stats.loginRequests == 1, "only the daemon's own log-in")
+            #expect(
+                await eventually(timeout: 60) {
+                    harness.child?.standardError.contains("event=proxy_refused listener=proxy") == true
+                }
+            )
+            let refusedLines = harness.child?.standardError.components(separatedBy: "event=proxy_refused").count ?? 0
+            #expect(refusedLines == 2, "logged once a minute per peer, not per request")
+            let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+            #expect(metrics.contains(#"fts_tokend_proxy_refusals_total{reason="denied_path"} \#(spellings.count)"#))
+            harness.expectNoSecretsInOutput()
+        }
     }
 
     /// Attack: a transfer coding list the proxy re-frames (`gzip, chunked` lost its gzip): refused.
     @Test func aCodingListTheProxyWouldAlterIsRefusedNotForwarded() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let request =
-            "POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-        let answer = try await UnixSocketClient.exchange(Array(request.utf8), socket: ProxyTests.apiSocket(harness))
-        #expect(answer.hasPrefix("HTTP/1.1 501"), "\(answer)")
-        #expect(upstream.rawBytes.isEmpty)
-        await harness.stop()
-        await upstream.stop()
+        try await Self.withProxy { upstream, harness, _ in
+            let request =
+                "POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            let answer = try await UnixSocketClient.exchange(Array(request.utf8), socket: ProxyTests.apiSocket(harness))
+            #expect(answer.hasPrefix("HTTP/1.1 501"), "\(answer)")
+            #expect(upstream.rawBytes.isEmpty)
+        }
     }
 
     /// The pool's gauges on `/metrics` (`fts_tokend_proxy_upstream_connections`, `..._waiting`).
@@ -203,82 +208,72 @@ import Testing
     /// slot back, and 128 such requests left the proxy answering nothing, for good. Now the pool
     /// returns to zero busy and zero waiting, and the next request is served.
     @Test func clientsThatHangUpAtEveryStageNeverLeakAnUpstreamConnection() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(
-            upstream,
+        try await Self.withProxy(
             #""maxUpstreamConnections": 4, "maxUpstreamConnectionsPerPeer": 4, "connectTimeoutSeconds": 30"#
-        )
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let socket = ProxyTests.apiSocket(harness)
-        var hangUps = 0
-        // 1. Gone as soon as the request is out: the connection is still being made, or just made.
-        for index in 0..<1000 {
-            let client = try UnixSocketClient(socket: socket)
-            try await client.send(Self.get("/api/gone\(index)"))
-            hangUps += 1
-        }
-        // 2. Waiting for a connection, and with the request at the upstream: four fill the pool
-        //    (the upstream holds their answers), four more wait; all eight leave.
-        upstream.hold()
-        for round in 0..<25 {
-            let before = upstream.requests.count
-            var clients: [UnixSocketClient] = []
-            for index in 0..<8 {
+        ) { upstream, harness, _ in
+            let socket = ProxyTests.apiSocket(harness)
+            var hangUps = 0
+            // 1. Gone as soon as the request is out: the connection is still being made, or just made.
+            for index in 0..<1000 {
                 let client = try UnixSocketClient(socket: socket)
-                try await client.send(Self.get("/api/held\(round)-\(index)"))
-                clients.append(client)
+                try await client.send(Self.get("/api/gone\(index)"))
+                hangUps += 1
             }
-            #expect(await eventually(timeout: 60) { upstream.requests.count >= before + 4 }, "round \(round)")
-            hangUps += clients.count
-            clients.removeAll()
+            // 2. Waiting for a connection, and with the request at the upstream: four fill the pool
+            //    (the upstream holds their answers), four more wait; all eight leave.
+            upstream.hold()
+            for round in 0..<25 {
+                let before = upstream.requests.count
+                var clients: [UnixSocketClient] = []
+                for index in 0..<8 {
+                    let client = try UnixSocketClient(socket: socket)
+                    try await client.send(Self.get("/api/held\(round)-\(index)"))
+                    clients.append(client)
+                }
+                #expect(await eventually(timeout: 60) { upstream.requests.count >= before + 4 }, "round \(round)")
+                hangUps += clients.count
+                clients.removeAll()
+            }
+            upstream.release()
+            // 3. Mid-answer: the first bytes of an 8 MiB answer read, then gone.
+            for _ in 0..<50 {
+                let client = try UnixSocketClient(socket: socket)
+                try await client.send(Self.get("/big"))
+                #expect(!(await client.readSome(timeout: 60)).isEmpty)
+                hangUps += 1
+            }
+            #expect(hangUps == 1250)
+            let drained = try await Self.poolDrains(harness)
+            let counts = try await Self.pool(harness)
+            #expect(drained, "busy \(counts.busy), idle \(counts.idle), waiting \(counts.waiting)")
+            let next = try await Command.curl("/api/next", socket: socket)
+            #expect(next.status == 200, "\(next.body)")
+            harness.expectNoSecretsInOutput()
         }
-        upstream.release()
-        // 3. Mid-answer: the first bytes of an 8 MiB answer read, then gone.
-        for _ in 0..<50 {
-            let client = try UnixSocketClient(socket: socket)
-            try await client.send(Self.get("/big"))
-            #expect(!(await client.readSome(timeout: 60)).isEmpty)
-            hangUps += 1
-        }
-        #expect(hangUps == 1250)
-        let drained = try await Self.poolDrains(harness)
-        let counts = try await Self.pool(harness)
-        #expect(drained, "busy \(counts.busy), idle \(counts.idle), waiting \(counts.waiting)")
-        let next = try await Command.curl("/api/next", socket: socket)
-        #expect(next.status == 200, "\(next.body)")
-        harness.expectNoSecretsInOutput()
-        await harness.stop()
-        await upstream.stop()
     }
 
     /// Every upstream connection busy (the upstream holds its answers): a request waits at most
     /// `connectTimeoutSeconds`, then gets 503 with `Retry-After`, counted as `busy`; the held ones
     /// are answered once the upstream answers.
     @Test func aRequestThatFindsEveryUpstreamConnectionBusyGets503WithRetryAfter() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(
-            upstream,
+        try await Self.withProxy(
             #""maxUpstreamConnections": 2, "maxUpstreamConnectionsPerPeer": 2, "connectTimeoutSeconds": 1"#
-        )
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let socket = ProxyTests.apiSocket(harness)
-        upstream.hold()
-        let held = try (0..<2).map { _ in try UnixSocketClient(socket: socket) }
-        for (index, client) in held.enumerated() { try await client.send(Self.get("/api/held\(index)")) }
-        #expect(await eventually(timeout: 60) { upstream.requests.count == 2 })
-        let refused = try await Command.curl("/api/third", socket: socket)
-        #expect(refused.status == 503, "\(refused.body)")
-        #expect(ProxyTests.header("Retry-After", in: refused.headers) == "1")
-        #expect(upstream.requests.count == 2, "the third never went upstream")
-        upstream.release()
-        for client in held { #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true) }
-        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
-        #expect(metrics.contains(#"fts_tokend_proxy_refusals_total{reason="busy"} 1"#))
-        #expect(try await Self.poolDrains(harness))
-        await harness.stop()
-        await upstream.stop()
+        ) { upstream, harness, _ in
+            let socket = ProxyTests.apiSocket(harness)
+            upstream.hold()
+            let held = try (0..<2).map { _ in try UnixSocketClient(socket: socket) }
+            for (index, client) in held.enumerated() { try await client.send(Self.get("/api/held\(index)")) }
+            #expect(await eventually(timeout: 60) { upstream.requests.count == 2 })
+            let refused = try await Command.curl("/api/third", socket: socket)
+            #expect(refused.status == 503, "\(refused.body)")
+            #expect(ProxyTests.header("Retry-After", in: refused.headers) == "1")
+            #expect(upstream.requests.count == 2, "the third never went upstream")
+            upstream.release()
+            for client in held { #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true) }
+            let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+            #expect(metrics.contains(#"fts_tokend_proxy_refusals_total{reason="busy"} 1"#))
+            #expect(try await Self.poolDrains(harness))
+        }
     }
 
     /// Attack (the review's flood): one slow GET per connection, 214 KiB of small requests
@@ -287,38 +282,34 @@ import Testing
     /// connection holds at most a few queued requests and is read no further: the peak stays
     /// under 32 MiB above the warm level, and another client is served meanwhile and after.
     @Test func pipeliningBehindSlowRequestsOnManyConnectionsCostsBoundedMemory() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream, #""connectTimeoutSeconds": 120, "timeoutSeconds": 120"#)
-        let child = try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let socket = ProxyTests.apiSocket(harness)
-        for _ in 0..<50 { #expect(try await Command.curl("/api/warm", socket: socket).status == 200) }
-        upstream.hold()
-        let small = Array(String(repeating: "GET /api/p HTTP/1.1\r\nHost: x\r\n\r\n", count: 64).utf8)
-        let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
-            var clients: [UnixSocketClient] = []
-            for _ in 0..<400 {
-                let client = try UnixSocketClient(socket: socket)
-                try await client.send(Self.get("/api/slow"))
-                _ = await UnixSocketClient.blocking { client.flood(small, total: 214 << 10, stallTimeout: 0.1) }
-                clients.append(client)
+        try await Self.withProxy(#""connectTimeoutSeconds": 120, "timeoutSeconds": 120"#) { upstream, harness, child in
+            let socket = ProxyTests.apiSocket(harness)
+            for _ in 0..<50 { #expect(try await Command.curl("/api/warm", socket: socket).status == 200) }
+            upstream.hold()
+            let small = Array(String(repeating: "GET /api/p HTTP/1.1\r\nHost: x\r\n\r\n", count: 64).utf8)
+            let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
+                var clients: [UnixSocketClient] = []
+                for _ in 0..<400 {
+                    let client = try UnixSocketClient(socket: socket)
+                    try await client.send(Self.get("/api/slow"))
+                    _ = await UnixSocketClient.blocking { client.flood(small, total: 214 << 10, stallTimeout: 0.1) }
+                    clients.append(client)
+                }
+                // Whatever it read of them is decoded by now: the RSS sampler sees it.
+                try await Task.sleep(for: .seconds(1))
+                return clients
             }
-            // Whatever it read of them is decoded by now: the RSS sampler sees it.
-            try await Task.sleep(for: .seconds(1))
-            return clients
+            Scenario.report(
+                growthKiB < 32 << 10,
+                "400 connections pipelining 214 KiB each behind a slow GET: peak RSS +\(growthKiB) KiB"
+            )
+            #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB")
+            #expect(child.isRunning)
+            upstream.release()
+            _ = clients
+            let metrics = try await Command.curl("/metrics", socket: harness.socketPath)
+            #expect(metrics.status == 200)
         }
-        Scenario.report(
-            growthKiB < 32 << 10,
-            "400 connections pipelining 214 KiB each behind a slow GET: peak RSS +\(growthKiB) KiB"
-        )
-        #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB")
-        #expect(child.isRunning)
-        upstream.release()
-        _ = clients
-        let metrics = try await Command.curl("/metrics", socket: harness.socketPath)
-        #expect(metrics.status == 200)
-        await harness.stop()
-        await upstream.stop()
     }
 
     /// Lets uid/gid 65534 reach the proxy's socket, so that a second user can call it.
@@ -332,110 +323,96 @@ import Testing
     /// another user's request got no answer. Now a peer holds at most its share (three quarters of
     /// the pool by default): the other user is answered while the first one's requests are held.
     @Test func oneUsersSlowRequestsLeaveAnUpstreamConnectionForAnother() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream, #""maxUpstreamConnections": 4, "connectTimeoutSeconds": 120"#)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        Self.openToNobody(harness)
-        let socket = ProxyTests.apiSocket(harness)
-        upstream.hold("/held")
-        var held: [UnixSocketClient] = []
-        for index in 0..<10 {
-            let client = try UnixSocketClient(socket: socket)
-            try await client.send(Self.get("/held/\(index)"))
-            held.append(client)
+        try await Self.withProxy(#""maxUpstreamConnections": 4, "connectTimeoutSeconds": 120"#) {
+            upstream,
+            harness,
+            _ in
+            Self.openToNobody(harness)
+            let socket = ProxyTests.apiSocket(harness)
+            upstream.hold("/held")
+            var held: [UnixSocketClient] = []
+            for index in 0..<10 {
+                let client = try UnixSocketClient(socket: socket)
+                try await client.send(Self.get("/held/\(index)"))
+                held.append(client)
+            }
+            #expect(await eventually(timeout: 60) { upstream.requests.count == 3 }, "three quarters of 4")
+            #expect(try await Self.pool(harness).waiting == 7)
+            let other = try await Command.curl("/api/other", socket: socket, as: (65534, 65534))
+            #expect(other.status == 200 && other.body.hasPrefix("request "), "\(other.status) \(other.body)")
+            #expect(upstream.requests.count == 4)
+            upstream.release()
+            for client in held { #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true) }
+            #expect(try await Self.poolDrains(harness))
         }
-        #expect(await eventually(timeout: 60) { upstream.requests.count == 3 }, "three quarters of 4")
-        #expect(try await Self.pool(harness).waiting == 7)
-        let other = try await Command.curl("/api/other", socket: socket, as: (65534, 65534))
-        #expect(other.status == 200 && other.body.hasPrefix("request "), "\(other.status) \(other.body)")
-        #expect(upstream.requests.count == 4)
-        upstream.release()
-        for client in held { #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true) }
-        #expect(try await Self.poolDrains(harness))
-        await harness.stop()
-        await upstream.stop()
     }
 
     /// Attack: idle connections evicted a request in flight (the table gave way to new connections
     /// by idle time, and a request's connection had been quiet longest). A connection with a
     /// request in flight is never evicted: its answer arrives whole after the table turned over.
     @Test func aRequestInFlightIsNeverEvictedForNewConnections() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream, #""maxConnections": 8"#)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let socket = ProxyTests.apiSocket(harness)
-        upstream.hold("/held")
-        let inFlight = try UnixSocketClient(socket: socket)
-        try await inFlight.send(Self.get("/held/1"))
-        #expect(await eventually(timeout: 60) { upstream.requests.count == 1 })
-        var idle: [UnixSocketClient] = []
-        for _ in 0..<20 { idle.append(try UnixSocketClient(socket: socket)) }
-        let served = try await Command.curl("/api/after", socket: socket)
-        #expect(served.status == 200)
-        upstream.release()
-        #expect(await inFlight.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
-        _ = idle
-        await harness.stop()
-        await upstream.stop()
+        try await Self.withProxy(#""maxConnections": 8"#) { upstream, harness, _ in
+            let socket = ProxyTests.apiSocket(harness)
+            upstream.hold("/held")
+            let inFlight = try UnixSocketClient(socket: socket)
+            try await inFlight.send(Self.get("/held/1"))
+            #expect(await eventually(timeout: 60) { upstream.requests.count == 1 })
+            var idle: [UnixSocketClient] = []
+            for _ in 0..<20 { idle.append(try UnixSocketClient(socket: socket)) }
+            let served = try await Command.curl("/api/after", socket: socket)
+            #expect(served.status == 200)
+            upstream.release()
+            #expect(await inFlight.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
+            _ = idle
+        }
     }
 
     /// Attack: a request whose body never arrives held its connection (and the table's slot) for
     /// good. At the idle timeout it gets 408 and the connection closes; the upstream saw nothing.
     @Test func aRequestBodyThatStopsArrivingIsAnswered408AtTheIdleTimeout() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream, #""idleTimeoutSeconds": 1"#)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
-        try await client.send(Array("POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".utf8))
-        let answer = await client.readAll(timeout: 60)
-        #expect(answer.hasPrefix("HTTP/1.1 408"), "\(answer)")
-        #expect(upstream.rawBytes.isEmpty)
-        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
-        #expect(metrics.contains(#"fts_tokend_proxy_connections_closed_total{reason="stalled_body"} 1"#))
-        await harness.stop()
-        await upstream.stop()
+        try await Self.withProxy(#""idleTimeoutSeconds": 1"#) { upstream, harness, _ in
+            let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+            try await client.send(Array("POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".utf8))
+            let answer = await client.readAll(timeout: 60)
+            #expect(answer.hasPrefix("HTTP/1.1 408"), "\(answer)")
+            #expect(upstream.rawBytes.isEmpty)
+            let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+            #expect(metrics.contains(#"fts_tokend_proxy_connections_closed_total{reason="stalled_body"} 1"#))
+        }
     }
 
     /// Attack: answers nobody reads held every upstream connection for good. A client that takes
     /// nothing of its answer for the idle timeout is closed, its upstream connection goes back,
     /// and the next request is served.
     @Test func answersNobodyReadsGiveTheirUpstreamConnectionsBack() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(
-            upstream,
+        try await Self.withProxy(
             #""maxUpstreamConnections": 2, "maxUpstreamConnectionsPerPeer": 2, "idleTimeoutSeconds": 1"#
-        )
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let socket = ProxyTests.apiSocket(harness)
-        var unread: [UnixSocketClient] = []
-        for _ in 0..<2 {
-            let client = try UnixSocketClient(socket: socket)
-            try await client.send(Self.get("/big"))
-            unread.append(client)
+        ) { upstream, harness, _ in
+            let socket = ProxyTests.apiSocket(harness)
+            var unread: [UnixSocketClient] = []
+            for _ in 0..<2 {
+                let client = try UnixSocketClient(socket: socket)
+                try await client.send(Self.get("/big"))
+                unread.append(client)
+            }
+            // Nothing is read meanwhile (reading would drain the answers).
+            var closedForNotReading = false
+            for _ in 0..<600 where !closedForNotReading {
+                let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+                closedForNotReading = metrics.contains(
+                    #"fts_tokend_proxy_connections_closed_total{reason="unread_answer"} 2"#
+                )
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(closedForNotReading)
+            #expect(try await Self.poolDrains(harness))
+            let next = try await Command.curl("/api/next", socket: socket)
+            #expect(next.status == 200)
+            for client in unread {
+                let received = await client.readAll(timeout: 60)
+                #expect(received.utf8.count < CapturingUpstream.bigAnswerBytes, "the answer was cut, not finished")
+            }
         }
-        // Nothing is read meanwhile (reading would drain the answers).
-        var closedForNotReading = false
-        for _ in 0..<600 where !closedForNotReading {
-            let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
-            closedForNotReading = metrics.contains(
-                #"fts_tokend_proxy_connections_closed_total{reason="unread_answer"} 2"#
-            )
-            try await Task.sleep(for: .milliseconds(100))
-        }
-        #expect(closedForNotReading)
-        #expect(try await Self.poolDrains(harness))
-        let next = try await Command.curl("/api/next", socket: socket)
-        #expect(next.status == 200)
-        for client in unread {
-            let received = await client.readAll(timeout: 60)
-            #expect(received.utf8.count < CapturingUpstream.bigAnswerBytes, "the answer was cut, not finished")
-        }
-        await harness.stop()
-        await upstream.stop()
     }
 
     /// Allow lists cannot apply to TCP peers (no uid to check): said at load and by `check`, and
@@ -540,66 +517,58 @@ import Testing
     /// had the requests pipelined behind it still sent upstream, credentials and all, though the
     /// client is told the connection ended (and may send them again). Nothing behind it goes out.
     @Test func requestsPipelinedBehindARefusedOneNeverReachTheUpstream() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let socket = ProxyTests.apiSocket(harness)
-        #expect(try await Command.curl("/api/warm", socket: socket).status == 200, "an idle upstream connection")
-        let bytes =
-            "TRACE /x HTTP/1.1\r\nHost: x\r\n\r\n"
-            + "POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"buy\":\"one\"}"
-        let answer = try await UnixSocketClient.exchange(Array(bytes.utf8), socket: socket)
-        #expect(answer.hasPrefix("HTTP/1.1 405") && answer.components(separatedBy: "HTTP/1.1 ").count == 2)
-        try await Task.sleep(for: .milliseconds(500))
-        #expect(upstream.requests.map(\.uri) == ["/api/warm"], "the POST never went out")
-        await harness.stop()
-        await upstream.stop()
+        try await Self.withProxy { upstream, harness, _ in
+            let socket = ProxyTests.apiSocket(harness)
+            #expect(try await Command.curl("/api/warm", socket: socket).status == 200, "an idle upstream connection")
+            let bytes =
+                "TRACE /x HTTP/1.1\r\nHost: x\r\n\r\n"
+                + "POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"buy\":\"one\"}"
+            let answer = try await UnixSocketClient.exchange(Array(bytes.utf8), socket: socket)
+            #expect(answer.hasPrefix("HTTP/1.1 405") && answer.components(separatedBy: "HTTP/1.1 ").count == 2)
+            try await Task.sleep(for: .milliseconds(500))
+            #expect(upstream.requests.map(\.uri) == ["/api/warm"], "the POST never went out")
+        }
     }
 
     /// Attack (the second review): an answer to HEAD with no length (or chunked) went to the client
     /// chunked, `0\r\n\r\n` and all, which the client read as the start of its next answer. A HEAD
     /// answer carries no body bytes; the next pipelined answer follows its head directly.
     @Test func anAnswerToHeadCarriesNoBodyBytes() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let bytes =
-            "HEAD /nolength HTTP/1.1\r\nHost: x\r\n\r\nGET /api/next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        let answer = try await UnixSocketClient.exchange(Array(bytes.utf8), socket: ProxyTests.apiSocket(harness))
-        let parts = answer.components(separatedBy: "\r\n\r\n")
-        #expect(parts.count == 3, "\(answer)")
-        #expect(
-            parts.first?.hasPrefix("HTTP/1.1 200") == true && parts.dropFirst().first?.hasPrefix("HTTP/1.1 200") == true
-        )
-        #expect(!(parts.first ?? "").lowercased().contains("transfer-encoding"), "\(answer)")
-        #expect(parts.last == "request 2\n", "\(answer)")
-        await harness.stop()
-        await upstream.stop()
+        try await Self.withProxy { upstream, harness, _ in
+            let bytes =
+                "HEAD /nolength HTTP/1.1\r\nHost: x\r\n\r\nGET /api/next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            let answer = try await UnixSocketClient.exchange(Array(bytes.utf8), socket: ProxyTests.apiSocket(harness))
+            let parts = answer.components(separatedBy: "\r\n\r\n")
+            #expect(parts.count == 3, "\(answer)")
+            #expect(
+                parts.first?.hasPrefix("HTTP/1.1 200") == true
+                    && parts.dropFirst().first?.hasPrefix("HTTP/1.1 200") == true
+            )
+            #expect(!(parts.first ?? "").lowercased().contains("transfer-encoding"), "\(answer)")
+            #expect(parts.last == "request 2\n", "\(answer)")
+        }
     }
 
     /// Attack (the second review): an HTTP/1.0 client asking for keep-alive got an answer with no
     /// length and no close, so one answer ran into the next. Each answer is delimited: a length and
     /// `Connection: keep-alive`, or `Connection: close` and the close.
     @Test func http10ClientsGetDelimitedAnswers() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let bytes =
-            "GET /api/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /nolength HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
-        let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
-        try await client.send(Array(bytes.utf8))
-        let answer = await client.readAll(timeout: 60)
-        let answers = answer.components(separatedBy: "HTTP/1.0 200 OK\r\n").dropFirst()
-        #expect(answers.count == 2, "\(answer)")
-        let first = answers.first ?? ""
-        #expect(first.lowercased().contains("connection: keep-alive") && first.hasSuffix("request 1\n"), "\(first)")
-        let second = answers.last ?? ""
-        #expect(second.lowercased().contains("connection: close") && second.hasSuffix("until the close\n"), "\(second)")
-        await harness.stop()
-        await upstream.stop()
+        try await Self.withProxy { upstream, harness, _ in
+            let bytes =
+                "GET /api/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /nolength HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+            let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+            try await client.send(Array(bytes.utf8))
+            let answer = await client.readAll(timeout: 60)
+            let answers = answer.components(separatedBy: "HTTP/1.0 200 OK\r\n").dropFirst()
+            #expect(answers.count == 2, "\(answer)")
+            let first = answers.first ?? ""
+            #expect(first.lowercased().contains("connection: keep-alive") && first.hasSuffix("request 1\n"), "\(first)")
+            let second = answers.last ?? ""
+            #expect(
+                second.lowercased().contains("connection: close") && second.hasSuffix("until the close\n"),
+                "\(second)"
+            )
+        }
     }
 
     /// A slow but steady reader is not a stalled one (the second review: 43 KiB/s was closed as
@@ -607,36 +576,32 @@ import Testing
     /// buffer). The proxy closes a reader only when it took nothing for the idle timeout: if this
     /// connection is closed, the reader must have paused that long (measured around each read).
     @Test func aSlowSteadyReaderIsNotClosedAsUnread() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(upstream, #""idleTimeoutSeconds": 4"#)
-        try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
-        try await client.send(Self.get("/big"))
-        let (read, longestPause, closed) = await UnixSocketClient.blocking {
-            // 128 KiB every 3 s (43 KiB/s), as the review's reader.
-            var read = 0
-            var longestPause: TimeInterval = 0
-            var last = Date()
-            while read < 512 << 10 {
-                var burst = 0
-                while burst < 128 << 10 {
-                    let bytes = client.readSome(timeout: 60)
-                    longestPause = max(longestPause, Date().timeIntervalSince(last))
-                    last = Date()
-                    if bytes.isEmpty { return (read + burst, longestPause, true) }
-                    burst += bytes.count
+        try await Self.withProxy(#""idleTimeoutSeconds": 4"#) { upstream, harness, _ in
+            let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+            try await client.send(Self.get("/big"))
+            let (read, longestPause, closed) = await UnixSocketClient.blocking {
+                // 128 KiB every 3 s (43 KiB/s), as the review's reader.
+                var read = 0
+                var longestPause: TimeInterval = 0
+                var last = Date()
+                while read < 512 << 10 {
+                    var burst = 0
+                    while burst < 128 << 10 {
+                        let bytes = client.readSome(timeout: 60)
+                        longestPause = max(longestPause, Date().timeIntervalSince(last))
+                        last = Date()
+                        if bytes.isEmpty { return (read + burst, longestPause, true) }
+                        burst += bytes.count
+                    }
+                    read += burst
+                    Thread.sleep(forTimeInterval: 3)
                 }
-                read += burst
-                Thread.sleep(forTimeInterval: 3)
+                return (read, longestPause, false)
             }
-            return (read, longestPause, false)
+            #expect(!closed || longestPause >= 4, "closed after \(read) bytes; longest pause \(longestPause) s")
+            let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+            #expect(closed || !metrics.contains(#"reason="unread_answer""#))
         }
-        #expect(!closed || longestPause >= 4, "closed after \(read) bytes; longest pause \(longestPause) s")
-        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
-        #expect(closed || !metrics.contains(#"reason="unread_answer""#))
-        await harness.stop()
-        await upstream.stop()
     }
 
     /// Attack (the review's): uploads waiting for an upstream connection cost about 250 KiB each.
@@ -644,39 +609,35 @@ import Testing
     /// for replays share one budget (past it they stream, read no faster than the upstream takes
     /// them), so the peak stays under 32 MiB above the warm level.
     @Test func uploadsWaitingForAnUpstreamConnectionCostBoundedMemory() async throws {
-        let upstream = CapturingUpstream()
-        let harness = try await Self.harness(
+        try await Self.withProxy(#""maxUpstreamConnections": 2, "connectTimeoutSeconds": 120"#) {
             upstream,
-            #""maxUpstreamConnections": 2, "connectTimeoutSeconds": 120"#
-        )
-        let child = try harness.start()
-        #expect(await harness.waitUntilReady() != nil)
-        let socket = ProxyTests.apiSocket(harness)
-        for _ in 0..<20 { #expect(try await Command.curl("/api/warm", socket: socket).status == 200) }
-        upstream.hold()
-        let body = [UInt8](repeating: UInt8(ascii: "u"), count: 60 << 10)
-        let head = Array("POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.count)\r\n\r\n".utf8)
-        let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
-            var clients: [UnixSocketClient] = []
-            for _ in 0..<500 {
-                let client = try UnixSocketClient(socket: socket)
-                _ = await UnixSocketClient.blocking {
-                    client.flood(head + body, total: head.count + body.count, stallTimeout: 0.1)
+            harness,
+            child in
+            let socket = ProxyTests.apiSocket(harness)
+            for _ in 0..<20 { #expect(try await Command.curl("/api/warm", socket: socket).status == 200) }
+            upstream.hold()
+            let body = [UInt8](repeating: UInt8(ascii: "u"), count: 60 << 10)
+            let head = Array("POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.count)\r\n\r\n".utf8)
+            let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
+                var clients: [UnixSocketClient] = []
+                for _ in 0..<500 {
+                    let client = try UnixSocketClient(socket: socket)
+                    _ = await UnixSocketClient.blocking {
+                        client.flood(head + body, total: head.count + body.count, stallTimeout: 0.1)
+                    }
+                    clients.append(client)
                 }
-                clients.append(client)
+                try await Task.sleep(for: .seconds(1))
+                return clients
             }
-            try await Task.sleep(for: .seconds(1))
-            return clients
+            Scenario.report(
+                growthKiB < 32 << 10,
+                "500 uploads of 60 KiB waiting for an upstream connection: peak RSS +\(growthKiB) KiB"
+            )
+            #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB")
+            #expect(child.isRunning)
+            upstream.release()
+            _ = clients
         }
-        Scenario.report(
-            growthKiB < 32 << 10,
-            "500 uploads of 60 KiB waiting for an upstream connection: peak RSS +\(growthKiB) KiB"
-        )
-        #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB")
-        #expect(child.isRunning)
-        upstream.release()
-        _ = clients
-        await harness.stop()
-        await upstream.stop()
     }
 }

@@ -266,23 +266,27 @@ public final class DaemonMetrics: Sendable {
     }
 
     private func gauge(_ descriptor: MetricNameDescriptor, _ labels: [(String, String)]) -> Gauge {
-        let key = descriptor.name + labels.map { "|\($0.0)=\($0.1)" }.joined()
-        return gauges.withLockedValue { cache in
-            if let gauge = cache[key] { return gauge }
-            let gauge = registry.makeGauge(descriptor: descriptor, labels: labels)
-            cache[key] = gauge
-            return gauge
-        }
+        Self.cached(in: gauges, descriptor, labels) { registry.makeGauge(descriptor: $0, labels: $1) }
     }
     private let gauges = NIOLockedValueBox<[String: Gauge]>([:])
 
     private func counter(_ descriptor: MetricNameDescriptor, _ labels: [(String, String)]) -> Counter {
+        Self.cached(in: counters, descriptor, labels) { registry.makeCounter(descriptor: $0, labels: $1) }
+    }
+
+    /// The metric of `descriptor` with `labels`, made once and then looked up by name and labels.
+    private static func cached<Metric>(
+        in cache: NIOLockedValueBox<[String: Metric]>,
+        _ descriptor: MetricNameDescriptor,
+        _ labels: [(String, String)],
+        make: (MetricNameDescriptor, [(String, String)]) -> Metric
+    ) -> Metric {
         let key = descriptor.name + labels.map { "|\($0.0)=\($0.1)" }.joined()
-        return counters.withLockedValue { cache in
-            if let counter = cache[key] { return counter }
-            let counter = registry.makeCounter(descriptor: descriptor, labels: labels)
-            cache[key] = counter
-            return counter
+        return cache.withLockedValue { cache in
+            if let metric = cache[key] { return metric }
+            let metric = make(descriptor, labels)
+            cache[key] = metric
+            return metric
         }
     }
 }
