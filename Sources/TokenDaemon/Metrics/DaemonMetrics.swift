@@ -220,20 +220,26 @@ public final class DaemonMetrics: Sendable {
         ).increment()
     }
 
-    /// The proxy's upstream connections (`busy`: serving a request or being made; `idle`: kept
-    /// alive for the next) and the requests waiting for one.
-    public func proxyUpstreamPool(busy: Int, idle: Int, waiting: Int) {
+    /// Sets the proxy's upstream connection gauges (`busy`: serving a request or being made;
+    /// `idle`: kept alive for the next) and the requests waiting for one. The gauges are looked up
+    /// once, here; the setter is called as the pool changes.
+    public func proxyUpstreamPoolGauges() -> @Sendable (_ busy: Int, _ idle: Int, _ waiting: Int) -> Void {
         let connections = Self.name(
             "proxy_upstream_connections",
             "",
             "API proxy: connections to the upstream by state (busy, idle)."
         )
-        gauge(connections, [("state", "busy")]).set(Double(busy))
-        gauge(connections, [("state", "idle")]).set(Double(idle))
-        gauge(
+        let busy = gauge(connections, [("state", "busy")])
+        let idle = gauge(connections, [("state", "idle")])
+        let waiting = gauge(
             Self.name("proxy_upstream_waiting", "", "API proxy: requests waiting for an upstream connection."),
             []
-        ).set(Double(waiting))
+        )
+        return { busyCount, idleCount, waitingCount in
+            busy.set(Double(busyCount))
+            idle.set(Double(idleCount))
+            waiting.set(Double(waitingCount))
+        }
     }
 
     /// Time from sending a request upstream to its answer's head.

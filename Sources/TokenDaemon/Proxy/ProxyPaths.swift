@@ -15,7 +15,7 @@ struct CanonicalPath: Sendable, Equatable, CustomStringConvertible {
 
     init(_ target: String) {
         var bytes = Array(target.utf8.prefix { $0 != UInt8(ascii: "?") && $0 != UInt8(ascii: "#") })
-        for _ in 0..<4 {
+        for _ in 0..<4 where bytes.contains(UInt8(ascii: "%")) {
             let decoded = Self.percentDecoded(bytes)
             if decoded == bytes { break }
             bytes = decoded
@@ -91,7 +91,7 @@ struct DeniedPath: Sendable, Equatable {
         guard candidate.segments.count >= own.count else { return false }
         guard let last = own.last else { return true }
         let head = own.count - 1
-        guard Array(candidate.segments[..<head]) == Array(own[..<head]) else { return false }
+        for index in 0..<head where candidate.segments[index] != own[index] { return false }
         let segment = candidate.segments[head]
         return isFolder ? segment == last : segment.starts(with: last)
     }

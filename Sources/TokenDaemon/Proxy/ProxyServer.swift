@@ -221,9 +221,7 @@ final class ProxyShared: Sendable {
                     proxy.maxUpstreamConnectionsPerPeer * upstreamCapacity / proxy.maxUpstreamConnections
                 ),
                 loop: loop,
-                gauges: { [metrics] busy, idle, waiting in
-                    metrics.proxyUpstreamPool(busy: busy, idle: idle, waiting: waiting)
-                }
+                gauges: metrics.proxyUpstreamPoolGauges()
             ),
             eventLoop: loop
         )

@@ -160,9 +160,15 @@ final class UpstreamPool {
     /// Counts, for tests and the gauges.
     var counts: (busy: Int, idle: Int, waiting: Int) { (open - idle.count, idle.count, waiters.count) }
 
+    /// The counts last given to `gauges`: they are set only when one changes (this runs several
+    /// times per request).
+    private var published: (busy: Int, idle: Int, waiting: Int) = (-1, -1, -1)
+
     private func publish() {
-        let (busy, idle, waiting) = counts
-        gauges(busy, idle, waiting)
+        let now = counts
+        guard now != published else { return }
+        published = now
+        gauges(now.busy, now.idle, now.waiting)
     }
 
     /// Hands `then` a connection for one request of `peer`: an idle one, a new one, or the next to
