@@ -254,23 +254,25 @@ import TokenDaemon
         // timeout just before the newcomer, however long a loaded machine took to get here.
         // `idle` is idle from just before its request: the daemon may close it 10 s later, not before.
         var idleSince = Date()
+        let oldestSince = Date()
         for client in [oldest, busy, idle] {
             idleSince = Date()
             try await client.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
             #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
         }
+        // Measured before the newcomer connects: past the 10 s idle timeout (a loaded machine took
+        // 22 s here once), the daemon may have closed `oldest` itself, and no eviction was needed.
+        let oldestMayHaveTimedOut = Date().timeIntervalSince(oldestSince) >= 10
         let answer = try await UnixSocketClient.exchange(
             Array("GET /token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8),
             socket: harness.socketPath
         )
         #expect(answer.hasPrefix("HTTP/1.1 200"), "the newcomer is served")
         #expect(await oldest.waitForClose(timeout: 60), "the longest-idle connection made room")
-        #expect(
-            try await Command.curl("/metrics", socket: harness.socketPath).body.contains(
-                #"fts_tokend_socket_connections_dropped_total{reason="evicted"} 1"#
-            ),
-            "one connection made room, the oldest"
-        )
+        let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
+        let evictedOne = metrics.contains(#"fts_tokend_socket_connections_dropped_total{reason="evicted"} 1"#)
+        let evictedNone = !metrics.contains(#"reason="evicted""#)
+        #expect(evictedOne || (oldestMayHaveTimedOut && evictedNone), "one connection made room, the oldest")
         // The others stay: `idle` is still served, unless a loaded machine got here after its idle
         // timeout (seen with both cores loaded: 16 s).
         try? await idle.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".utf8))
