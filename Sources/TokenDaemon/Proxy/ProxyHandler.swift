@@ -783,8 +783,9 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
 }
 
 /// How much of its answer a client has yet to take: what NIO holds for it, and what the kernel
-/// holds that the client has not read (Unix sockets; nil where it cannot be read). Either falling
-/// means the client reads.
+/// holds that the client has not read (Unix sockets; nil where it cannot be read). While the client
+/// cannot take more the proxy writes nothing, so their sum falls exactly by what the client read.
+/// (Either alone is no measure: as the client reads, NIO moves what it holds into the kernel.)
 struct ClientProgress: Equatable {
     var buffered: Int?
     var unread: UInt32?
@@ -813,9 +814,7 @@ struct ClientProgress: Equatable {
         self.unread = unread
     }
 
-    func isAhead(of before: ClientProgress) -> Bool {
-        if let now = buffered, let then = before.buffered, now < then { return true }
-        if let now = unread, let then = before.unread, now < then { return true }
-        return false
-    }
+    var pending: Int { (buffered ?? 0) + Int(unread ?? 0) }
+
+    func isAhead(of before: ClientProgress) -> Bool { pending < before.pending }
 }
