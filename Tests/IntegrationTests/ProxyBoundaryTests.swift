@@ -112,7 +112,7 @@ import Testing
                     "\(request.method) /api/r\(index) HTTP/1.1\r\nHost: x\r\n\(credentials)\(close)\(request.framing)\r\n"
                     + request.body
             }
-            let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+            let client = try await UnixSocketClient.connect(ProxyTests.apiSocket(harness))
             try await client.send(Array(bytes.utf8))
             let answers = await client.readAll(timeout: 60)
             #expect(answers.components(separatedBy: "HTTP/1.1 200 OK\r\n").count == requests.count + 1, "\(answers)")
@@ -215,7 +215,7 @@ import Testing
             var hangUps = 0
             // 1. Gone as soon as the request is out: the connection is still being made, or just made.
             for index in 0..<1000 {
-                let client = try UnixSocketClient(socket: socket)
+                let client = try await UnixSocketClient.connect(socket)
                 try await client.send(Self.get("/api/gone\(index)"))
                 hangUps += 1
             }
@@ -226,7 +226,7 @@ import Testing
                 let before = upstream.requests.count
                 var clients: [UnixSocketClient] = []
                 for index in 0..<8 {
-                    let client = try UnixSocketClient(socket: socket)
+                    let client = try await UnixSocketClient.connect(socket)
                     try await client.send(Self.get("/api/held\(round)-\(index)"))
                     clients.append(client)
                 }
@@ -237,7 +237,7 @@ import Testing
             upstream.release()
             // 3. Mid-answer: the first bytes of an 8 MiB answer read, then gone.
             for _ in 0..<50 {
-                let client = try UnixSocketClient(socket: socket)
+                let client = try await UnixSocketClient.connect(socket)
                 try await client.send(Self.get("/big"))
                 #expect(!(await client.readSome(timeout: 60)).isEmpty)
                 hangUps += 1
@@ -261,7 +261,8 @@ import Testing
         ) { upstream, harness, _ in
             let socket = ProxyTests.apiSocket(harness)
             upstream.hold()
-            let held = try (0..<2).map { _ in try UnixSocketClient(socket: socket) }
+            var held: [UnixSocketClient] = []
+            for _ in 0..<2 { held.append(try await UnixSocketClient.connect(socket)) }
             for (index, client) in held.enumerated() { try await client.send(Self.get("/api/held\(index)")) }
             #expect(await eventually(timeout: 60) { upstream.requests.count == 2 })
             let refused = try await Command.curl("/api/third", socket: socket)
@@ -290,7 +291,7 @@ import Testing
             let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
                 var clients: [UnixSocketClient] = []
                 for _ in 0..<400 {
-                    let client = try UnixSocketClient(socket: socket)
+                    let client = try await UnixSocketClient.connect(socket)
                     try await client.send(Self.get("/api/slow"))
                     _ = await UnixSocketClient.blocking { client.flood(small, total: 214 << 10, stallTimeout: 0.1) }
                     clients.append(client)
@@ -332,7 +333,7 @@ import Testing
             upstream.hold("/held")
             var held: [UnixSocketClient] = []
             for index in 0..<10 {
-                let client = try UnixSocketClient(socket: socket)
+                let client = try await UnixSocketClient.connect(socket)
                 try await client.send(Self.get("/held/\(index)"))
                 held.append(client)
             }
@@ -354,11 +355,11 @@ import Testing
         try await Self.withProxy(#""maxConnections": 8"#) { upstream, harness, _ in
             let socket = ProxyTests.apiSocket(harness)
             upstream.hold("/held")
-            let inFlight = try UnixSocketClient(socket: socket)
+            let inFlight = try await UnixSocketClient.connect(socket)
             try await inFlight.send(Self.get("/held/1"))
             #expect(await eventually(timeout: 60) { upstream.requests.count == 1 })
             var idle: [UnixSocketClient] = []
-            for _ in 0..<20 { idle.append(try UnixSocketClient(socket: socket)) }
+            for _ in 0..<20 { idle.append(try await UnixSocketClient.connect(socket)) }
             let served = try await Command.curl("/api/after", socket: socket)
             #expect(served.status == 200)
             upstream.release()
@@ -371,7 +372,7 @@ import Testing
     /// good. At the idle timeout it gets 408 and the connection closes; the upstream saw nothing.
     @Test func aRequestBodyThatStopsArrivingIsAnswered408AtTheIdleTimeout() async throws {
         try await Self.withProxy(#""idleTimeoutSeconds": 1"#) { upstream, harness, _ in
-            let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+            let client = try await UnixSocketClient.connect(ProxyTests.apiSocket(harness))
             try await client.send(Array("POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".utf8))
             let answer = await client.readAll(timeout: 60)
             #expect(answer.hasPrefix("HTTP/1.1 408"), "\(answer)")
@@ -391,7 +392,7 @@ import Testing
             let socket = ProxyTests.apiSocket(harness)
             var unread: [UnixSocketClient] = []
             for _ in 0..<2 {
-                let client = try UnixSocketClient(socket: socket)
+                let client = try await UnixSocketClient.connect(socket)
                 try await client.send(Self.get("/big"))
                 unread.append(client)
             }
@@ -499,8 +500,8 @@ import Testing
         let socket = ProxyTests.apiSocket(harness)
         var idle: [UnixSocketClient] = []
         for _ in 0..<150 {
-            idle.append(try UnixSocketClient(socket: socket))
-            idle.append(try UnixSocketClient(socket: harness.socketPath))
+            idle.append(try await UnixSocketClient.connect(socket))
+            idle.append(try await UnixSocketClient.connect(harness.socketPath))
         }
         let first = harness.token
         child.signal(SIGUSR1)
@@ -556,7 +557,7 @@ import Testing
         try await Self.withProxy { upstream, harness, _ in
             let bytes =
                 "GET /api/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /nolength HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
-            let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+            let client = try await UnixSocketClient.connect(ProxyTests.apiSocket(harness))
             try await client.send(Array(bytes.utf8))
             let answer = await client.readAll(timeout: 60)
             let answers = answer.components(separatedBy: "HTTP/1.0 200 OK\r\n").dropFirst()
@@ -577,7 +578,7 @@ import Testing
     /// connection is closed, the reader must have paused that long (measured around each read).
     @Test func aSlowSteadyReaderIsNotClosedAsUnread() async throws {
         try await Self.withProxy(#""idleTimeoutSeconds": 4"#) { upstream, harness, _ in
-            let client = try UnixSocketClient(socket: ProxyTests.apiSocket(harness))
+            let client = try await UnixSocketClient.connect(ProxyTests.apiSocket(harness))
             try await client.send(Self.get("/big"))
             let (read, longestPause, closed) = await UnixSocketClient.blocking {
                 // 128 KiB every 3 s (43 KiB/s), as the review's reader.
@@ -621,7 +622,7 @@ import Testing
             let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
                 var clients: [UnixSocketClient] = []
                 for _ in 0..<500 {
-                    let client = try UnixSocketClient(socket: socket)
+                    let client = try await UnixSocketClient.connect(socket)
                     _ = await UnixSocketClient.blocking {
                         client.flood(head + body, total: head.count + body.count, stallTimeout: 0.1)
                     }

@@ -246,20 +246,24 @@ import TokenDaemon
         let harness = try await DaemonHarness(socket: #""maxConnections": 3"#)
         try harness.start()
         #expect(await harness.waitUntilReady() != nil)
-        let oldest = try UnixSocketClient(socket: harness.socketPath)
-        let busy = try UnixSocketClient(socket: harness.socketPath)
-        let idle = try UnixSocketClient(socket: harness.socketPath)
+        // Each connects just before its request: no connection waits idle for its first one (a
+        // loaded full run took 18 s here, past the 10 s idle timeout: broken pipe).
+        var clients: [UnixSocketClient] = []
         // Each makes a request, answered before the next: the order of their last requests is
         // known (`oldest` is the one idle the longest), and none can have reached the 10 s idle
         // timeout just before the newcomer, however long a loaded machine took to get here.
         // `idle` is idle from just before its request: the daemon may close it 10 s later, not before.
         var idleSince = Date()
         let oldestSince = Date()
-        for client in [oldest, busy, idle] {
+        for _ in 0..<3 {
+            let client = try await UnixSocketClient.connect(harness.socketPath)
             idleSince = Date()
             try await client.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
             #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
+            clients.append(client)
         }
+        // clients[1] stays open and quiet between the two.
+        let (oldest, idle) = (clients[0], clients[2])
         // Measured before the newcomer connects: past the 10 s idle timeout (a loaded machine took
         // 22 s here once), the daemon may have closed `oldest` itself, and no eviction was needed.
         let oldestMayHaveTimedOut = Date().timeIntervalSince(oldestSince) >= 10

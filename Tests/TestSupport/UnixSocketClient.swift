@@ -223,6 +223,11 @@ extension UnixSocketClient {
         }
     }
 
+    /// Connects on a thread of its own: connect(2) blocks while the server's backlog is full.
+    public static func connect(_ path: String) async throws -> UnixSocketClient {
+        try await blocking { try UnixSocketClient(socket: path) }
+    }
+
     public func send(_ bytes: [UInt8]) async throws {
         try await Self.blocking { try self.send(bytes) }
     }
