@@ -371,9 +371,11 @@ import Testing
     /// Attack: a request whose body never arrives held its connection (and the table's slot) for
     /// good. At the idle timeout it gets 408 and the connection closes; the upstream saw nothing.
     @Test func aRequestBodyThatStopsArrivingIsAnswered408AtTheIdleTimeout() async throws {
-        try await Self.withProxy(#""idleTimeoutSeconds": 1"#) { upstream, harness, _ in
-            let client = try await UnixSocketClient.connect(ProxyTests.apiSocket(harness))
-            try await client.send(Array("POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".utf8))
+        try await Self.withProxy(#""idleTimeoutSeconds": 3"#) { upstream, harness, _ in
+            let client = try await UnixSocketClient.connect(
+                ProxyTests.apiSocket(harness),
+                sending: Array("POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".utf8)
+            )
             let answer = await client.readAll(timeout: 60)
             #expect(answer.hasPrefix("HTTP/1.1 408"), "\(answer)")
             #expect(upstream.rawBytes.isEmpty)
@@ -387,15 +389,11 @@ import Testing
     /// and the next request is served.
     @Test func answersNobodyReadsGiveTheirUpstreamConnectionsBack() async throws {
         try await Self.withProxy(
-            #""maxUpstreamConnections": 2, "maxUpstreamConnectionsPerPeer": 2, "idleTimeoutSeconds": 1"#
+            #""maxUpstreamConnections": 2, "maxUpstreamConnectionsPerPeer": 2, "idleTimeoutSeconds": 3"#
         ) { upstream, harness, _ in
             let socket = ProxyTests.apiSocket(harness)
             var unread: [UnixSocketClient] = []
-            for _ in 0..<2 {
-                let client = try await UnixSocketClient.connect(socket)
-                try await client.send(Self.get("/big"))
-                unread.append(client)
-            }
+            for _ in 0..<2 { unread.append(try await UnixSocketClient.connect(socket, sending: Self.get("/big"))) }
             // Nothing is read meanwhile (reading would drain the answers).
             var closedForNotReading = false
             for _ in 0..<600 where !closedForNotReading {
@@ -578,8 +576,7 @@ import Testing
     /// connection is closed, the reader must have paused that long (measured around each read).
     @Test func aSlowSteadyReaderIsNotClosedAsUnread() async throws {
         try await Self.withProxy(#""idleTimeoutSeconds": 4"#) { upstream, harness, _ in
-            let client = try await UnixSocketClient.connect(ProxyTests.apiSocket(harness))
-            try await client.send(Self.get("/big"))
+            let client = try await UnixSocketClient.connect(ProxyTests.apiSocket(harness), sending: Self.get("/big"))
             let (read, longestPause, closed) = await UnixSocketClient.blocking {
                 // 128 KiB every 3 s (43 KiB/s), as the review's reader.
                 var read = 0

@@ -228,6 +228,16 @@ extension UnixSocketClient {
         try await blocking { try UnixSocketClient(socket: path) }
     }
 
+    /// Connects and sends `bytes` in one step on a thread of its own: against a short idle timeout,
+    /// no gap between the two that a loaded machine could stretch past it.
+    public static func connect(_ path: String, sending bytes: [UInt8]) async throws -> UnixSocketClient {
+        try await blocking {
+            let client = try UnixSocketClient(socket: path)
+            try client.send(bytes)
+            return client
+        }
+    }
+
     public func send(_ bytes: [UInt8]) async throws {
         try await Self.blocking { try self.send(bytes) }
     }
