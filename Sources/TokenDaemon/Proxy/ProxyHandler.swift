@@ -48,6 +48,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     private var writable: EventLoopPromise<Void>?
     /// Closes the connection if the client takes nothing more of its answer meanwhile.
     private var unreadTimeout: Scheduled<Void>?
+    /// Everything NIO held for the client when `unreadTimeout` was armed has reached the kernel.
+    private var unreadMarkerDrained = false
 
     /// One request, from its head to the end of its answer.
     private struct Exchange {
@@ -473,7 +475,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         if let writable { return writable.futureResult }
         let promise = loop.makePromise(of: Void.self)
         writable = promise
-        armUnreadTimeout(context.channel, since: ClientProgress(context.channel))
+        armUnreadTimeout(context, since: ClientProgress(context.channel))
         return promise.futureResult
     }
 
@@ -481,12 +483,25 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     /// Progress is measured, not inferred from writability: a Unix socket turns writable only once
     /// its peer has read all but a quarter of its buffer, so a slow but steady reader can stay
     /// unwritable for longer than the timeout.
-    private func armUnreadTimeout(_ channel: any Channel, since before: ClientProgress) {
+    /// Two signs of progress, as NIO does not say how much it holds for the channel:
+    /// 1. the kernel holds less for the client than when the timer was armed;
+    /// 2. an empty write queued behind everything NIO holds completed: NIO got it all into the
+    ///    kernel, which was full when the timer was armed, so the client read at least that much.
+    /// A client that read less than NIO held (at most about 128 KiB) in the whole idle timeout, and
+    /// whose kernel queue was refilled to its level, counts as stalled.
+    private func armUnreadTimeout(_ context: ChannelHandlerContext, since before: ClientProgress) {
+        let channel = context.channel
+        let marker = loop.makePromise(of: Void.self)
+        unreadMarkerDrained = false
+        marker.futureResult.assumeIsolated().whenSuccess { [weak self] in self?.unreadMarkerDrained = true }
+        context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer()))), promise: marker)
         let timeout = exchange?.settings.idleTimeout ?? shared.settings.idleTimeout
         unreadTimeout = loop.scheduleTask(in: timeout) { [weak self] in
-            guard let self, self.writable != nil else { return }
+            guard let self, self.writable != nil, let context = self.context else { return }
             let now = ClientProgress(channel)
-            if now.isAhead(of: before) { return self.armUnreadTimeout(channel, since: now) }
+            if self.unreadMarkerDrained || now.isAhead(of: before) {
+                return self.armUnreadTimeout(context, since: now)
+            }
             self.shared.metrics.proxyConnectionClosed("unread_answer")
             self.abandon()
             channel.close(promise: nil)
@@ -782,10 +797,11 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     }
 }
 
-/// How much of its answer a client has yet to take: what NIO holds for it, and what the kernel
-/// holds that the client has not read (Unix sockets; nil where it cannot be read). While the client
-/// cannot take more the proxy writes nothing, so their sum falls exactly by what the client read.
-/// (Either alone is no measure: as the client reads, NIO moves what it holds into the kernel.)
+/// How much of its answer a client has yet to take: what NIO holds for it (where the channel says;
+/// NIO's Unix and TCP channels do not), and what the kernel holds that the client has not read (Unix
+/// sockets, `SO_MEMINFO`; nil where it cannot be read). While the client cannot take more the proxy
+/// writes nothing, so their sum falls by what the client read, less what NIO moved into the kernel
+/// meanwhile (see `armUnreadTimeout` for the other sign).
 struct ClientProgress: Equatable {
     var buffered: Int?
     var unread: UInt32?
