@@ -598,7 +598,11 @@ import Testing
                 }
                 return (read, longestPause, false)
             }
-            #expect(!closed || longestPause >= 8, "closed after \(read) bytes; longest pause \(longestPause) s")
+            let why = harness.child?.standardError.split(separator: "\n").filter { $0.contains("proxy_unread") } ?? []
+            #expect(
+                !closed || longestPause >= 8,
+                "closed after \(read) bytes; longest pause \(longestPause) s; \(why)"
+            )
             let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
             #expect(closed || !metrics.contains(#"reason="unread_answer""#))
         }

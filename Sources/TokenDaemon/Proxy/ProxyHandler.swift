@@ -483,8 +483,8 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     /// Progress is measured, not inferred from writability: a Unix socket turns writable only once
     /// its peer has read all but a quarter of its buffer, so a slow but steady reader can stay
     /// unwritable for longer than the timeout.
-    /// Two signs of progress, as NIO does not say how much it holds for the channel:
-    /// 1. the kernel holds less for the client than when the timer was armed;
+    /// Two signs of progress:
+    /// 1. NIO and the kernel together hold less for the client than when the timer was armed;
     /// 2. an empty write queued behind everything NIO holds completed: NIO got it all into the
     ///    kernel, which was full when the timer was armed, so the client read at least that much.
     /// A client that read less than NIO held (at most about 128 KiB) in the whole idle timeout, and
@@ -503,6 +503,16 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
                 return self.armUnreadTimeout(context, since: now)
             }
             self.shared.metrics.proxyConnectionClosed("unread_answer")
+            // The figures the rule judged, for an operator who wonders why (no header, no body).
+            self.shared.logger.debug(
+                "API proxy closed a client that took none of its answer",
+                metadata: [
+                    "event": "proxy_unread_closed", "nio_before": "\(before.buffered.map { "\($0)" } ?? "?")",
+                    "nio_now": "\(now.buffered.map { "\($0)" } ?? "?")",
+                    "kernel_before": "\(before.unread.map { "\($0)" } ?? "?")",
+                    "kernel_now": "\(now.unread.map { "\($0)" } ?? "?")",
+                ]
+            )
             self.abandon()
             channel.close(promise: nil)
         }
@@ -797,9 +807,9 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     }
 }
 
-/// How much of its answer a client has yet to take: what NIO holds for it (where the channel says;
-/// NIO's Unix and TCP channels do not), and what the kernel holds that the client has not read (Unix
-/// sockets, `SO_MEMINFO`; nil where it cannot be read). While the client cannot take more the proxy
+/// How much of its answer a client has yet to take: what NIO holds for it
+/// (`bufferedWritableBytes`), and what the kernel holds that the client has not read
+/// (`SO_MEMINFO`); nil where either cannot be read. While the client cannot take more the proxy
 /// writes nothing, so their sum falls by what the client read, less what NIO moved into the kernel
 /// meanwhile (see `armUnreadTimeout` for the other sign).
 struct ClientProgress: Equatable {
