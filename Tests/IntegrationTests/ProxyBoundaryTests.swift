@@ -290,29 +290,56 @@ import Testing
             for _ in 0..<50 { #expect(try await Command.curl("/api/warm", socket: socket).status == 200) }
             upstream.hold()
             let small = Array(String(repeating: "GET /api/p HTTP/1.1\r\nHost: x\r\n\r\n", count: 64).utf8)
-            let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
-                var clients: [UnixSocketClient] = []
-                for _ in 0..<400 {
-                    let client = try await UnixSocketClient.connect(socket)
-                    try await client.send(Self.get("/api/slow"))
-                    _ = await UnixSocketClient.blocking { client.flood(small, total: 214 << 10, stallTimeout: 0.1) }
-                    clients.append(client)
-                }
-                // Whatever it read of them is decoded by now: the RSS sampler sees it.
-                try await Task.sleep(for: .seconds(1))
-                return clients
-            }
-            Scenario.report(
-                growthKiB < 32 << 10,
-                "400 connections pipelining 214 KiB each behind a slow GET: peak RSS +\(growthKiB) KiB"
+            let (clients, growthKiB) = try await Self.flood(
+                child,
+                socket: socket,
+                connections: 400,
+                opening: Self.get("/api/slow"),
+                chunk: small,
+                total: 214 << 10
             )
-            #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB")
+            Self.expectBoundedPeak(growthKiB, "400 connections pipelining 214 KiB each behind a slow GET")
             #expect(child.isRunning)
             upstream.release()
             _ = clients
             let metrics = try await Command.curl("/metrics", socket: harness.socketPath)
             #expect(metrics.status == 200)
         }
+    }
+
+    /// Opens `connections` to `socket`, each sending `opening` and then `chunk` again and again up
+    /// to `total` bytes (stopping where the proxy stops reading); returns them, still open, and how
+    /// far the resident memory of `child` rose meanwhile (KiB). Whatever the proxy read of them is
+    /// decoded a second after the last one, and the sampler sees it.
+    static func flood(
+        _ child: ChildProcess,
+        socket: String,
+        connections: Int,
+        opening: [UInt8] = [],
+        chunk: [UInt8],
+        total: Int
+    ) async throws -> ([UnixSocketClient], Int) {
+        try await ProxyLoadTests.rssGrowth(of: child.pid) {
+            var clients: [UnixSocketClient] = []
+            for _ in 0..<connections {
+                let client = try await UnixSocketClient.connect(socket)
+                if !opening.isEmpty { try await client.send(opening) }
+                _ = await UnixSocketClient.blocking { client.flood(chunk, total: total, stallTimeout: 0.1) }
+                clients.append(client)
+            }
+            try await Task.sleep(for: .seconds(1))
+            return clients
+        }
+    }
+
+    /// The goal for every flood: a peak under 32 MiB above the warm level.
+    static func expectBoundedPeak(
+        _ growthKiB: Int,
+        _ flood: String,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) {
+        Scenario.report(growthKiB < 32 << 10, "\(flood): peak RSS +\(growthKiB) KiB")
+        #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB", sourceLocation: sourceLocation)
     }
 
     /// Lets uid/gid 65534 reach the proxy's socket, so that a second user can call it.
@@ -622,23 +649,14 @@ import Testing
             upstream.hold()
             let body = [UInt8](repeating: UInt8(ascii: "u"), count: 60 << 10)
             let head = Array("POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.count)\r\n\r\n".utf8)
-            let (clients, growthKiB) = try await ProxyLoadTests.rssGrowth(of: child.pid) {
-                var clients: [UnixSocketClient] = []
-                for _ in 0..<500 {
-                    let client = try await UnixSocketClient.connect(socket)
-                    _ = await UnixSocketClient.blocking {
-                        client.flood(head + body, total: head.count + body.count, stallTimeout: 0.1)
-                    }
-                    clients.append(client)
-                }
-                try await Task.sleep(for: .seconds(1))
-                return clients
-            }
-            Scenario.report(
-                growthKiB < 32 << 10,
-                "500 uploads of 60 KiB waiting for an upstream connection: peak RSS +\(growthKiB) KiB"
+            let (clients, growthKiB) = try await Self.flood(
+                child,
+                socket: socket,
+                connections: 500,
+                chunk: head + body,
+                total: head.count + body.count
             )
-            #expect(growthKiB < 32 << 10, "peak RSS +\(growthKiB) KiB")
+            Self.expectBoundedPeak(growthKiB, "500 uploads of 60 KiB waiting for an upstream connection")
             #expect(child.isRunning)
             upstream.release()
             _ = clients

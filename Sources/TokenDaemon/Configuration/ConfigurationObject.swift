@@ -118,39 +118,36 @@ final class ConfigurationObject {
 
     /// A list of numbers, if given.
     func optionalNumbers(_ key: String) throws(ConfigurationError) -> [Double]? {
-        switch value(key) {
-        case nil:
-            return nil
-        case .array(let items):
-            var numbers: [Double] = []
-            for item in items {
-                guard case .number(let number) = item, number.isFinite else {
-                    throw ConfigurationError(path(key), "must list numbers only")
-                }
-                numbers.append(number)
-            }
-            return numbers
-        case .some(let other):
-            throw ConfigurationError(path(key), "must be an array of numbers, not \(other.typeName)")
+        try optionalList(key, of: "numbers") { item in
+            if case .number(let number) = item, number.isFinite { number } else { nil }
         }
     }
 
     /// A list of strings, if given.
     func optionalStrings(_ key: String) throws(ConfigurationError) -> [String]? {
+        try optionalList(key, of: "strings") { item in
+            if case .string(let text) = item { text } else { nil }
+        }
+    }
+
+    /// A list whose every item `element` reads (nil: not one of `kind`), if given.
+    private func optionalList<Element>(
+        _ key: String,
+        of kind: String,
+        _ element: (JSONValue) -> Element?
+    ) throws(ConfigurationError) -> [Element]? {
         switch value(key) {
         case nil:
             return nil
         case .array(let items):
-            var strings: [String] = []
+            var list: [Element] = []
             for item in items {
-                guard case .string(let text) = item else {
-                    throw ConfigurationError(path(key), "must list strings only")
-                }
-                strings.append(text)
+                guard let read = element(item) else { throw ConfigurationError(path(key), "must list \(kind) only") }
+                list.append(read)
             }
-            return strings
+            return list
         case .some(let other):
-            throw ConfigurationError(path(key), "must be an array of strings, not \(other.typeName)")
+            throw ConfigurationError(path(key), "must be an array of \(kind), not \(other.typeName)")
         }
     }
 

@@ -812,7 +812,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
 /// (`SO_MEMINFO`); nil where either cannot be read. While the client cannot take more the proxy
 /// writes nothing, so their sum falls by what the client read, less what NIO moved into the kernel
 /// meanwhile (see `armUnreadTimeout` for the other sign).
-struct ClientProgress: Equatable {
+struct ClientProgress {
     var buffered: Int?
     var unread: UInt32?
 
@@ -832,11 +832,6 @@ struct ClientProgress: Equatable {
                 $0.load(fromByteOffset: Int(clinux_SK_MEMINFO_WMEM_ALLOC) * 4, as: UInt32.self)
             }
         }
-        self.unread = unread
-    }
-
-    init(buffered: Int?, unread: UInt32?) {
-        self.buffered = buffered
         self.unread = unread
     }
 
