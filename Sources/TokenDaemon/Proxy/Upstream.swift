@@ -325,9 +325,10 @@ final class UpstreamPool {
         defer { publish() }
         end(connection.slot)
         guard !isShutDown else { return connection.close() }
-        connection.park(idleTimeout: Self.idleTimeout)
         idle.append(connection)
         serveWaiters()
+        // Its idle timer only if no waiter took it (a timer armed and cancelled at once otherwise).
+        if idle.last === connection { connection.park(idleTimeout: Self.idleTimeout) }
     }
 
     /// `connection` closed: it leaves the idle list (its slot comes back through its close future).
