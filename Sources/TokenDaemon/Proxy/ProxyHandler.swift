@@ -12,11 +12,13 @@ import Foundation
 #endif
 
 /// Serves one proxy connection: each request goes upstream with the daemon's credentials, its
-/// answer streams back. `HTTPServerPipelineHandler` below hands it one request at a time.
+/// answer streams back. `ProxyRequestQueue` before it hands it one request at a time.
 ///
-/// What a client gets:
+/// The rules live in `ProxyExchange`, a state machine that performs no I/O; this handler feeds it
+/// the connection's events and performs what it returns. What a client gets:
 /// 1. a request refused before anything is sent (`ProxyRules.refusal`, the allow lists, no valid
-///    token: 503 with `Retry-After`) is answered by the proxy, and the upstream never sees it;
+///    token: 503 with `Retry-After`, the peer's share of in-flight requests) is answered by the
+///    proxy, and the upstream never sees it;
 /// 2. a body up to `ProxyRules.replayBufferBytes` is read whole before the request goes out (so it
 ///    can be replayed); a larger one streams, and the client is read no faster than the upstream
 ///    takes it;
@@ -25,24 +27,23 @@ import Foundation
 ///    is reported to the daemon (as `POST /token/invalidate` would). When the request is
 ///    replayable (idempotent method, body kept whole) its answer is dropped and the request sent
 ///    once more with the next token; otherwise the answer goes back with `X-Token-Refresh`
-///    saying what happened (`started`, `newer-token`, `rate-limited`, `unavailable`,
-///    `replay-rejected`);
+///    saying what happened (`TokenRefresh`);
 /// 5. an upstream that cannot be reached or does not answer in time: 502 or 504 if nothing was
 ///    sent back yet, otherwise the connection is closed (a truncated answer must not look whole).
-final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
+final class ProxyHandler<Upstream: UpstreamSource>: ChannelDuplexHandler, UpstreamResponder {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
+    typealias Exchange = ProxyExchange<Upstream.Link>
 
     private let shared: ProxyShared
     private let listener: ProxyRules.Listener
+    private let upstream: Upstream
     private let loop: any EventLoop
     private var context: ChannelHandlerContext?
     private var peer: PeerCredentials?
-    private var exchange: Exchange?
-    /// Numbers each upstream attempt, so that callbacks of an abandoned one are ignored.
-    private var attemptSerial = 0
-    /// A read was asked for while the request body waited for the upstream; passed on later.
+    private var exchange: Exchange
+    /// A read was asked for while the machine held reads; passed on once it no longer does.
     private var readHeld = false
     /// Completed when the client's channel takes more again (the upstream waits for it).
     private var writable: EventLoopPromise<Void>?
@@ -50,81 +51,17 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     private var unreadTimeout: Scheduled<Void>?
     /// Everything NIO held for the client when `unreadTimeout` was armed has reached the kernel.
     private var unreadMarkerDrained = false
+    /// The exchange's waits for the daemon (its answer to a report, or a new token): I/O handles
+    /// the machine's state says are pending, let go of when the exchange ends.
+    private var report: (RejectionReport, decided: EventLoopPromise<Void>)?
+    private var tokenWait: (id: Int, timeout: Scheduled<Void>)?
 
-    /// One request, from its head to the end of its answer.
-    private struct Exchange {
-        let head: HTTPRequestHead
-        /// The client's headers as the upstream gets them, before the credentials are added.
-        let headers: HTTPHeaders
-        /// The request target on the upstream (its base path, then the client's target).
-        let target: String
-        let settings: ProxyShared.Live
-        /// The body while it fits in the replay buffer.
-        var body = ByteBuffer()
-        var bodyBytes = 0
-        var requestEnded = false
-        /// Set once the body outgrew the replay buffer: it streams, and cannot be replayed.
-        var stream: BodyStream?
-        /// Attempts sent (at most two: the request and its replay).
-        var attempts = 0
-        var attempt = 0
-        var token: TokenBoard.Entry?
-        /// The upstream connection of the current attempt.
-        var connection: UpstreamConnection?
-        /// The pool's id of this attempt's wait for a connection, withdrawn if the exchange ends.
-        var poolWait: Int?
-        /// The answer's head said `Connection: close` (see `ProxyRules.AnswerFraming`).
-        var closesAfterAnswer = false
-        /// Bytes of `body` taken from the proxy's `BodyBudget`.
-        var budgeted = 0
-        /// A failure on a reused connection before any answer was retried once on a new one.
-        var retriedStale = false
-        var sentAt = NIODeadline.now()
-        /// When the request's head arrived.
-        let began = NIODeadline.now()
-        var answer: Answer = .waiting
-        /// A wait for the daemon (its answer to the report, or a new token), to cancel on close.
-        var waiting: Waiting?
-
-        var isReplayable: Bool { ProxyRules.rule(for: head.method).replayable && stream == nil }
-        var hasBody: Bool {
-            bodyBytes > 0 || head.headers.contains(name: "content-length")
-                || head.headers.contains(name: "transfer-encoding")
-        }
-    }
-
-    private enum Answer {
-        /// No answer head from the upstream yet.
-        case waiting
-        /// The client has the head; body parts follow.
-        case streaming
-        /// The upstream rejected the token: its answer is dropped, and the request replayed.
-        case discarding
-    }
-
-    private enum Waiting {
-        case report(RejectionReport)
-        case token(id: Int, timeout: Scheduled<Void>)
-    }
-
-    /// A request body on its way upstream once it outgrew the replay buffer.
-    private final class BodyStream {
-        var connection: UpstreamConnection?
-        /// Parts read before the upstream connection was there.
-        var queued: [ByteBuffer] = []
-        var writesInFlight = 0
-        /// The client's body ended; the upstream is told once every part is written.
-        var ended = false
-        var endSent = false
-
-        /// Whether the client should not be read: the upstream has not taken what was read.
-        var isFull: Bool { writesInFlight > 0 || !queued.isEmpty }
-    }
-
-    init(shared: ProxyShared, listener: ProxyRules.Listener, loop: any EventLoop) {
+    init(shared: ProxyShared, listener: ProxyRules.Listener, upstream: Upstream, loop: any EventLoop) {
         self.shared = shared
         self.listener = listener
+        self.upstream = upstream
         self.loop = loop
+        self.exchange = Exchange(budget: shared.bodies.value)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -150,7 +87,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
 
     func channelInactive(context: ChannelHandlerContext) {
         unreadTimeout?.cancel()
-        abandon()
+        if let leftovers = exchange.clientGone() { exchangeEnded(leftovers) }
         writable?.fail(ChannelError.ioOnClosedChannel)
         writable = nil
         context.fireChannelInactive()
@@ -158,39 +95,24 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         guard event is IdleStateHandler.IdleStateEvent else { return context.fireUserInboundEventTriggered(event) }
-        // Nothing read for the idle timeout. Closed: a connection with no exchange, and one whose
-        // client owes the rest of a request body and sends none (the proxy is not the one holding
-        // its reads back). Not: one waiting for the upstream or the daemon.
-        guard let current = exchange else { return context.close(promise: nil) }
-        if !current.requestEnded, !readHeld {
-            shared.metrics.proxyConnectionClosed("stalled_body")
-            if current.answer == .waiting {
-                refuse(
-                    current.head,
-                    ProxyRules.Refusal(
-                        status: .requestTimeout,
-                        reason: .stalled,
-                        message: "the request body stopped arriving"
-                    ),
-                    close: true
-                )
-            } else {
-                abandon()
-                context.close(promise: nil)
-            }
+        let action = exchange.idle()
+        switch action {
+        case .refuse, .close(.some): shared.metrics.proxyConnectionClosed("stalled_body")
+        default: break
         }
+        perform(action)
     }
 
     func read(context: ChannelHandlerContext) {
-        if exchange?.stream?.isFull == true {
+        if exchange.holdsReads {
             readHeld = true
             return
         }
         context.read()
     }
 
-    private func resumeReading() {
-        guard readHeld, let context else { return }
+    private func resumeReadingIfAllowed() {
+        guard readHeld, !exchange.holdsReads, let context else { return }
         readHeld = false
         context.read()
     }
@@ -199,22 +121,14 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
-        case .head(let head):
-            begin(head, context: context)
-        case .body(let part):
-            receiveBody(part, context: context)
-        case .end:
-            guard exchange != nil, exchange?.requestEnded == false else { return }
-            exchange?.requestEnded = true
-            if let stream = exchange?.stream {
-                stream.ended = true
-                finishStreamIfDone(stream)
-            } else {
-                send()
-            }
+        case .head(let head): begin(head, context: context)
+        case .body(let part): perform(exchange.bodyPart(part))
+        case .end: perform(exchange.requestEnd())
         }
     }
 
+    /// The gates before an exchange: the allow lists, the request rules, a valid token, the peer's
+    /// share of in-flight requests. A request that passes them starts the exchange.
     private func begin(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         let settings = shared.settings
         shared.connections.touch(context.channel)
@@ -244,221 +158,267 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
             )
             return refuse(head, refusal, close: true)
         }
-        // The body is read before the request goes out: a client waiting for 100 Continue is told
-        // to send it now (the upstream never sees Expect).
-        if head.headers.first(name: "expect")?.lowercased() == "100-continue" {
-            context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: .continue))))
-                .whenFailure { _ in }
-        }
-        exchange = Exchange(
+        let request = Exchange.Request(
             head: head,
-            headers: ProxyRules.forwardedHeaders(head.headers),
             target: target,
-            settings: settings
+            host: shared.target.hostHeader,
+            maxBodyBytes: settings.maxRequestBodyBytes,
+            rejectedStatuses: settings.rejectedStatuses
         )
+        perform(exchange.begin(request))
     }
 
-    private func receiveBody(_ part: ByteBuffer, context: ChannelHandlerContext) {
-        // Read field by field: a copy of the exchange would share its body's storage, and the
-        // append below would then copy the whole body for every part.
-        guard exchange?.requestEnded == false, let limit = exchange?.settings.maxRequestBodyBytes else { return }
-        exchange?.bodyBytes += part.readableBytes
-        guard let bodyBytes = exchange?.bodyBytes, bodyBytes <= limit else {
-            guard let current = exchange else { return }
-            // Whatever was sent upstream is abandoned; the client gets 413 if it has no answer yet.
-            let head = current.head
-            let answered = current.answer != .waiting
-            abandon()
-            if answered {
-                context.close(promise: nil)
-            } else {
-                let refusal = ProxyRules.Refusal(
-                    status: .payloadTooLarge,
-                    reason: .tooLarge,
-                    message: "request body over outputs.proxy.maxRequestBodyBytes"
-                )
-                refuse(head, refusal, close: true)
-            }
-            return
+    /// Performs what the machine decided.
+    private func perform(_ action: Exchange.Action) {
+        defer { resumeReadingIfAllowed() }
+        guard let context else { return }
+        switch action {
+        case .none:
+            break
+        case .sendContinue(let version):
+            context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: version, status: .continue))))
+                .whenFailure { _ in }
+        case .startAttempt:
+            let board = shared.board
+            let now = shared.clock()
+            perform(exchange.attempt(with: board.validEntry(at: now), refusalWithoutToken: noTokenRefusal()))
+        case .acquire(let serial):
+            acquire(serial)
+        case .release(let connection):
+            upstream.release(connection)
+        case .send(let connection, let head, let body, let streamed, let serial, let parts, let end):
+            connection.send(head, body: body, streamed: streamed, to: self, attempt: serial)
+            for part in parts { write(part, on: connection, serial: serial) }
+            if end { connection.endBody() }
+        case .writeBody(let connection, let part, let serial):
+            write(part, on: connection, serial: serial)
+        case .endBody(let connection):
+            connection.endBody()
+        case .refuse(let ended, let refusal, let close):
+            exchangeEnded(ended.leftovers)
+            refuse(ended.head, refusal, close: close, began: ended.began)
+        case .answer(let ended, let status, let message, let headers, let close):
+            exchangeEnded(ended.leftovers)
+            answerLocally(ended.head, status, message, close: close, extra: headers, began: ended.began)
+        case .close(let ended):
+            if let ended { exchangeEnded(ended.leftovers) }
+            context.close(promise: nil)
         }
-        if let stream = exchange?.stream {
-            forward(part, on: stream)
-            return
-        }
-        // Kept whole for a replay while it fits in the replay buffer and in the proxy's budget for
-        // all such bodies (`BodyBudget`); otherwise it streams from here on, and is not replayed.
-        let size = part.readableBytes
-        let fits = (exchange?.body.readableBytes ?? 0) + size <= ProxyRules.replayBufferBytes
-        if fits, shared.bodies.value.take(size) {
-            var part = part
-            exchange?.budgeted += size
-            exchange?.body.writeBuffer(&part)
-            return
-        }
-        let stream = BodyStream()
-        if let body = exchange?.body, body.readableBytes > 0 { stream.queued.append(body) }
-        stream.queued.append(part)
-        releaseBody()
-        exchange?.stream = stream
-        send()
     }
 
-    /// The exchange's kept body is no longer held (it streams, or the exchange ended): its bytes
-    /// go back to the budget.
-    private func releaseBody() {
-        guard let budgeted = exchange?.budgeted, budgeted > 0 else { return }
-        shared.bodies.value.give(budgeted)
-        exchange?.budgeted = 0
-        exchange?.body = ByteBuffer()
-    }
-
-    private func forward(_ part: ByteBuffer, on stream: BodyStream) {
-        guard let connection = stream.connection else {
-            stream.queued.append(part)
-            return
-        }
-        stream.writesInFlight += 1
+    private func write(_ part: ByteBuffer, on connection: Upstream.Link, serial: Int) {
         connection.writeBody(part).assumeIsolated().whenComplete { [weak self] result in
-            stream.writesInFlight -= 1
-            // A failed write means the connection failed: its responder hears of it.
-            guard case .success = result else { return }
-            self?.finishStreamIfDone(stream)
-            if !stream.isFull { self?.resumeReading() }
+            guard let self else { return }
+            let ok: Bool
+            if case .success = result { ok = true } else { ok = false }
+            self.perform(self.exchange.bodyWritten(serial: serial, ok: ok))
         }
-    }
-
-    /// The upstream connection took the request head: the body read so far goes out.
-    private func attach(_ connection: UpstreamConnection, to stream: BodyStream) {
-        stream.connection = connection
-        let queued = stream.queued
-        stream.queued = []
-        for part in queued { forward(part, on: stream) }
-        finishStreamIfDone(stream)
-        if !stream.isFull { resumeReading() }
-    }
-
-    private func finishStreamIfDone(_ stream: BodyStream) {
-        guard stream.ended, !stream.endSent, let connection = stream.connection, !stream.isFull else { return }
-        stream.endSent = true
-        connection.endBody()
     }
 
     // MARK: Upstream attempts
 
-    /// Sends the request upstream with the current token (a replay with the next one).
-    private func send() {
-        guard var current = exchange else { return }
-        guard let entry = shared.board.validEntry(at: shared.clock()) else {
-            return refuse(current.head, noTokenRefusal(), close: !current.requestEnded)
-        }
-        attemptSerial += 1
-        let attempt = attemptSerial
-        current.attempts += 1
-        current.attempt = attempt
-        current.token = entry
-        current.answer = .waiting
-        current.sentAt = .now()
-        var headers = current.headers
-        headers.add(name: "Host", value: shared.target.hostHeader)
-        headers.add(name: "Authorization", value: entry.authorization)
-        headers.add(name: "x-api-key", value: entry.apiKey)
-        let stream = current.stream
-        if stream != nil {
-            // The client's framing when it declared a length; chunked otherwise.
-            if let length = current.head.headers.first(name: "content-length") {
-                headers.add(name: "Content-Length", value: length)
-            } else {
-                headers.add(name: "Transfer-Encoding", value: "chunked")
-            }
-        } else if current.hasBody {
-            headers.add(name: "Content-Length", value: String(current.body.readableBytes))
-        }
-        let head = HTTPRequestHead(
-            version: .http1_1,
-            method: current.head.method,
-            uri: current.target,
-            headers: headers
-        )
-        let body = stream == nil ? current.body : nil
-        exchange = current
-        let pool = shared.pool.value
-        let waiting = pool.acquire(for: PeerKey(uid: peer?.uid)) { [weak self] result in
-            guard let self, self.current(attempt) != nil else {
-                // The exchange ended while the connection was made: the pool gets it back unused.
-                if case .success(let connection) = result { pool.release(connection) }
+    private func acquire(_ serial: Int) {
+        let upstream = self.upstream
+        let wait = upstream.acquire(for: PeerKey(uid: peer?.uid)) { [weak self] result in
+            guard let self else {
+                // The connection closed while the upstream connection was made: it goes back unused.
+                if case .success(let connection) = result { upstream.release(connection) }
                 return
             }
-            self.exchange?.poolWait = nil
             switch result {
             case .success(let connection):
-                self.exchange?.connection = connection
-                connection.send(head, body: body, streamed: stream != nil, to: self, attempt: attempt)
-                if let stream { self.attach(connection, to: stream) }
+                self.perform(self.exchange.connected(connection, serial: serial))
             case .failure(.busy):
-                self.shared.logUpstreamFailure("\(current.head.method) request found no free upstream connection")
-                self.refuse(
-                    current.head,
-                    ProxyRules.Refusal(
-                        status: .serviceUnavailable,
-                        reason: .busy,
-                        message: "every upstream connection stayed busy; try again",
-                        headers: [("Retry-After", "1")]
-                    ),
-                    close: !(self.exchange?.requestEnded ?? false)
-                )
+                let action = self.exchange.poolBusy(serial: serial)
+                if let ended = action.ended {
+                    self.shared.logUpstreamFailure("\(ended.head.method) request found no free upstream connection")
+                }
+                self.perform(action)
             case .failure(let error):
-                self.upstreamFailed(error, attempt: attempt)
+                self.upstreamFailed(error, attempt: serial)
             }
         }
-        if let waiting, self.current(attempt) != nil { exchange?.poolWait = waiting }
+        if let wait { exchange.waiting(wait, serial: serial) }
     }
 
-    /// Callbacks of attempt `attempt`, or nil when it is not the current one.
-    private func current(_ attempt: Int) -> Exchange? {
-        guard let exchange, exchange.attempt == attempt else { return nil }
-        return exchange
-    }
-
-    func upstreamHead(_ head: HTTPResponseHead, attempt: Int) -> EventLoopFuture<Void> {
-        guard let context, let current = current(attempt) else { return succeeded() }
-        shared.metrics.proxyUpstreamHead(.nanoseconds((NIODeadline.now() - current.sentAt).nanoseconds))
-        if current.settings.rejectedStatuses.contains(Int(head.status.code)) {
-            return rejected(head, context: context)
+    func upstreamHead(_ head: HTTPResponseHead, attempt serial: Int) -> EventLoopFuture<Void> {
+        if let sentAt = exchange.sentAt(serial) {
+            shared.metrics.proxyUpstreamHead(.nanoseconds((NIODeadline.now() - sentAt).nanoseconds))
         }
-        return forwardHead(head, refresh: nil, context: context)
+        let current = shared.board.validEntry(at: shared.clock())?.fingerprint
+        return perform(exchange.upstreamHead(head, serial: serial, current: current), serial: serial)
     }
 
-    private func forwardHead(
-        _ upstream: HTTPResponseHead,
-        refresh: String?,
-        context: ChannelHandlerContext
-    ) -> EventLoopFuture<Void> {
-        guard let current = exchange else { return succeeded() }
-        var head = HTTPResponseHead(
-            version: current.head.version,
-            status: upstream.status,
-            headers: ProxyRules.clientHeaders(upstream.headers)
-        )
-        if let refresh { head.headers.replaceOrAdd(name: ProxyRules.refreshHeader, value: refresh) }
-        let framing = ProxyRules.answerFraming(
-            status: upstream.status,
-            requestMethod: current.head.method,
-            clientVersion: current.head.version,
-            hasLength: head.headers.contains(name: "content-length")
-        )
-        if framing == .chunked { head.headers.add(name: "Transfer-Encoding", value: "chunked") }
-        let closes = !current.head.isKeepAlive || framing == .untilClose
-        if closes {
-            head.headers.replaceOrAdd(name: "Connection", value: "close")
-        } else if current.head.version.minor == 0 {
-            // An HTTP/1.0 client that asked to keep the connection is told it is kept.
-            head.headers.replaceOrAdd(name: "Connection", value: "keep-alive")
+    /// Performs what the machine decided about an answer's head; the future completes when the
+    /// upstream may be read on (the client took the head, or the daemon answered the report).
+    private func perform(_ action: Exchange.HeadAction, serial: Int) -> EventLoopFuture<Void> {
+        guard let context else { return succeeded() }
+        switch action {
+        case .ignore, .discard:
+            return succeeded()
+        case .forward(let head, let request, let began, let refresh):
+            if refresh != nil { shared.metrics.proxyRejection(replayed: false) }
+            answered(request, status: head.status, byUpstream: true, began: began)
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+            return untilWritable(context)
+        case .report(let fingerprint):
+            let sent = RejectionReport.send(
+                to: shared.board,
+                fingerprint: fingerprint,
+                reporterUID: peer?.uid,
+                on: context.eventLoop
+            ) { [weak self] outcome in
+                guard let self, let (_, decided) = self.report else { return }
+                self.report = nil
+                self.perform(self.exchange.reportAnswered(outcome, serial: serial), serial: serial).cascade(to: decided)
+            }
+            guard let sent else { return perform(exchange.reportAnswered(nil, serial: serial), serial: serial) }
+            let decided = loop.makePromise(of: Void.self)
+            report = (sent, decided)
+            return decided.futureResult
         }
-        exchange?.closesAfterAnswer = closes
-        exchange?.answer = .streaming
-        answered(current.head, status: upstream.status, byUpstream: true, began: current.began)
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
+    }
+
+    func upstreamReadComplete(attempt serial: Int) {
+        guard exchange.sentAt(serial) != nil else { return }
+        context?.flush()
+    }
+
+    func upstreamBody(_ part: ByteBuffer, attempt serial: Int) -> EventLoopFuture<Void> {
+        guard let context, exchange.forwardsAnswerBody(serial: serial) else { return succeeded() }
+        context.write(wrapOutboundOut(.body(.byteBuffer(part))), promise: nil)
         return untilWritable(context)
+    }
+
+    func upstreamEnd(attempt serial: Int) {
+        guard let context else { return }
+        switch exchange.upstreamEnd(serial: serial) {
+        case .none:
+            break
+        case .endAnswer(let close):
+            exchangeEnded(nil)
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+                if close { context.close(promise: nil) }
+            }
+            resumeReadingIfAllowed()
+        case .waitForToken(let after, let serial):
+            waitForToken(after: after, serial: serial)
+        }
+    }
+
+    func upstreamFailed(_ error: UpstreamError, attempt serial: Int) {
+        let action = exchange.upstreamFailed(error, serial: serial)
+        if let ended = action.ended { shared.logUpstreamFailure("\(ended.head.method) request failed: \(error)") }
+        perform(action)
+    }
+
+    // MARK: Rejected tokens
+
+    /// The rejected answer is drained: waits for a token other than the rejected one, then the
+    /// machine sends the request again.
+    private func waitForToken(after fingerprint: String, serial: Int) {
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        let loop = self.loop
+        let wake: @Sendable () -> Void = {
+            loop.execute {
+                let handler = bound.value
+                guard let (_, timeout) = handler.tokenWait else { return }
+                timeout.cancel()
+                handler.tokenWait = nil
+                handler.replay(serial: serial)
+            }
+        }
+        guard let id = shared.board.wait(after: fingerprint, now: shared.clock(), wake: wake) else {
+            return replay(serial: serial)
+        }
+        let seconds = shared.settings.tokenWaitSeconds
+        let timeout = loop.scheduleTask(in: .milliseconds(Int64(seconds * 1000))) {
+            let handler = bound.value
+            guard let (id, _) = handler.tokenWait else { return }
+            handler.shared.board.cancelWait(id)
+            handler.tokenWait = nil
+            let action = handler.exchange.tokenWaitExpired(serial: serial, seconds: Int(seconds))
+            if action.ended != nil { handler.shared.metrics.proxyRejection(replayed: false) }
+            handler.perform(action)
+        }
+        tokenWait = (id, timeout)
+    }
+
+    private func replay(serial: Int) {
+        let action = exchange.tokenPosted(serial: serial)
+        if case .startAttempt = action { shared.metrics.proxyRejection(replayed: true) }
+        perform(action)
+    }
+
+    // MARK: Answers the proxy gives itself
+
+    private func noTokenRefusal() -> ProxyRules.Refusal {
+        ProxyRules.Refusal(
+            status: .serviceUnavailable,
+            reason: .noToken,
+            message: "no valid token: the daemon is logging in",
+            headers: [("Retry-After", String(shared.board.retryAfter(at: shared.clock())))]
+        )
+    }
+
+    /// Answers a request the proxy refuses: counted by reason, logged at most once a minute per
+    /// peer (a client that repeats it must not fill the journal).
+    private func refuse(
+        _ head: HTTPRequestHead,
+        _ refusal: ProxyRules.Refusal,
+        close: Bool,
+        began: NIODeadline = .now()
+    ) {
+        shared.metrics.proxyRefusal(refusal.reason.rawValue)
+        if shared.access.shouldLogRefusal(of: peer?.uid) {
+            shared.logger.warning(
+                "API proxy refused a request: \(refusal.message)",
+                metadata: [
+                    // A peer the allow lists refuse is logged as on the token socket.
+                    "event": "\(refusal.reason == .peer ? "peer_refused" : "proxy_refused")", "listener": "proxy",
+                    "reason": "\(refusal.reason.rawValue)", "status": "\(refusal.status.code)",
+                    "method": "\(head.method.rawValue)", "via": "\(listener == .unixSocket ? "unix" : "tcp")",
+                    "uid": "\(peer.map { "\($0.uid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
+                ]
+            )
+        }
+        answerLocally(head, refusal.status, refusal.message, close: close, extra: refusal.headers, began: began)
+    }
+
+    /// Answers `head` without the upstream (its exchange, if any, has ended). `close`: the
+    /// connection closes after it (the request's body may be unread, so nothing after it can be
+    /// trusted to line up).
+    private func answerLocally(
+        _ head: HTTPRequestHead,
+        _ status: HTTPResponseStatus,
+        _ message: String,
+        close: Bool,
+        extra: [(String, String)] = [],
+        began: NIODeadline
+    ) {
+        guard let context else { return }
+        answered(head, status: status, byUpstream: false, began: began)
+        let close = close || !head.isKeepAlive
+        var body = ByteBuffer(bytes: (try? JSONEncoder().encode(["error": message])) ?? Data())
+        body.writeString("\n")
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "application/json")
+        headers.add(name: "Content-Length", value: String(body.readableBytes))
+        headers.add(name: "Via", value: ProxyRules.via)
+        for (name, value) in extra { headers.add(name: name, value: value) }
+        if close {
+            headers.add(name: "Connection", value: "close")
+        } else if head.version.minor == 0 {
+            headers.add(name: "Connection", value: "keep-alive")
+        }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))))
+            .whenFailure { _ in }
+        if head.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(body)))).whenFailure { _ in }
+        }
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            if close { context.close(promise: nil) }
+        }
     }
 
     /// Written parts go out at the next flush (the upstream's read burst ends, or the answer does):
@@ -495,7 +455,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         unreadMarkerDrained = false
         marker.futureResult.assumeIsolated().whenSuccess { [weak self] in self?.unreadMarkerDrained = true }
         context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(ByteBuffer()))), promise: marker)
-        let timeout = exchange?.settings.idleTimeout ?? shared.settings.idleTimeout
+        let timeout = shared.settings.idleTimeout
         unreadTimeout = loop.scheduleTask(in: timeout) { [weak self] in
             guard let self, self.writable != nil, let context = self.context else { return }
             let now = ClientProgress(channel)
@@ -513,7 +473,7 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
                     "kernel_now": "\(now.unread.map { "\($0)" } ?? "?")",
                 ]
             )
-            self.abandon()
+            if let leftovers = self.exchange.clientGone() { self.exchangeEnded(leftovers) }
             channel.close(promise: nil)
         }
     }
@@ -526,235 +486,6 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
             writable.succeed()
         }
         context.fireChannelWritabilityChanged()
-    }
-
-    func upstreamReadComplete(attempt: Int) {
-        guard current(attempt) != nil else { return }
-        context?.flush()
-    }
-
-    func upstreamBody(_ part: ByteBuffer, attempt: Int) -> EventLoopFuture<Void> {
-        guard let context, let current = current(attempt), current.answer == .streaming else { return succeeded() }
-        context.write(wrapOutboundOut(.body(.byteBuffer(part))), promise: nil)
-        return untilWritable(context)
-    }
-
-    func upstreamEnd(attempt: Int) {
-        guard let context, let current = current(attempt) else { return }
-        switch current.answer {
-        case .discarding:
-            replay()
-        case .streaming:
-            let close = current.closesAfterAnswer || !current.requestEnded
-            endExchange()
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
-                if close { context.close(promise: nil) }
-            }
-            resumeReading()
-        case .waiting:
-            break
-        }
-    }
-
-    func upstreamFailed(_ error: UpstreamError, attempt: Int) {
-        guard let context, let current = current(attempt) else { return }
-        exchange?.connection = nil
-        // A kept-alive connection the upstream closed just as it was reused: once more, on a new one,
-        // if nothing of the answer came and the request can be sent again.
-        if case .closed = error, current.answer == .waiting, !current.retriedStale, current.isReplayable,
-            (current.connection?.servedBefore ?? 0) > 0
-        {
-            exchange?.retriedStale = true
-            exchange?.attempts -= 1
-            return send()
-        }
-        shared.logUpstreamFailure("\(current.head.method) request failed: \(error)")
-        guard current.answer == .waiting else {
-            // Part of the answer went out: closing is the only way to say it is not whole.
-            endExchange()
-            context.close(promise: nil)
-            return
-        }
-        let timedOut: Bool
-        if case .timeout = error { timedOut = true } else { timedOut = false }
-        answerLocally(
-            current.head,
-            timedOut ? .gatewayTimeout : .badGateway,
-            timedOut ? "the upstream did not answer in time" : "the upstream cannot be reached (\(error))",
-            close: true
-        )
-    }
-
-    // MARK: Rejected tokens
-
-    /// The upstream rejected the token the request carried: report it, then replay or forward.
-    private func rejected(_ head: HTTPResponseHead, context: ChannelHandlerContext) -> EventLoopFuture<Void> {
-        guard let current = exchange, let used = current.token else { return succeeded() }
-        guard current.attempts == 1 else {
-            shared.metrics.proxyRejection(replayed: false)
-            return forwardHead(head, refresh: "replay-rejected", context: context)
-        }
-        let now = shared.clock()
-        if shared.board.validEntry(at: now)?.fingerprint != used.fingerprint {
-            // A new token came while the request was out: nothing to report.
-            return decide(head, replayable: current.isReplayable, refresh: "newer-token", context: context)
-        }
-        let promise = context.eventLoop.makePromise(of: Void.self)
-        let attempt = current.attempt
-        let sent = RejectionReport.send(
-            to: shared.board,
-            fingerprint: used.fingerprint,
-            reporterUID: peer?.uid,
-            on: context.eventLoop
-        ) { outcome in
-            guard let context = self.context, self.current(attempt) != nil, case .report? = self.exchange?.waiting
-            else { return }
-            self.exchange?.waiting = nil
-            let replayable = self.exchange?.isReplayable ?? false
-            let decided: EventLoopFuture<Void>
-            switch outcome {
-            case .accepted?:
-                decided = self.decide(head, replayable: replayable, refresh: "started", context: context)
-            case .stale?:
-                decided = self.decide(head, replayable: replayable, refresh: "newer-token", context: context)
-            case .rateLimited?:
-                self.shared.metrics.proxyRejection(replayed: false)
-                decided = self.forwardHead(head, refresh: "rate-limited", context: context)
-            case nil:
-                self.shared.metrics.proxyRejection(replayed: false)
-                decided = self.forwardHead(head, refresh: "unavailable", context: context)
-            }
-            decided.cascade(to: promise)
-        }
-        guard let sent else {
-            shared.metrics.proxyRejection(replayed: false)
-            return forwardHead(head, refresh: "unavailable", context: context)
-        }
-        exchange?.waiting = .report(sent)
-        return promise.futureResult
-    }
-
-    /// Replays a replayable request (dropping the rejected answer), or forwards the rejection.
-    private func decide(
-        _ head: HTTPResponseHead,
-        replayable: Bool,
-        refresh: String,
-        context: ChannelHandlerContext
-    ) -> EventLoopFuture<Void> {
-        guard replayable else {
-            shared.metrics.proxyRejection(replayed: false)
-            return forwardHead(head, refresh: refresh, context: context)
-        }
-        exchange?.answer = .discarding
-        return succeeded()
-    }
-
-    /// The rejected answer is drained: waits for a token other than the rejected one, then sends
-    /// the request again.
-    private func replay() {
-        guard let current = exchange, let used = current.token, let context else { return }
-        let loop = context.eventLoop
-        let bound = NIOLoopBound(self, eventLoop: loop)
-        let attempt = current.attempt
-        let wake: @Sendable () -> Void = {
-            loop.execute {
-                let handler = bound.value
-                guard handler.current(attempt) != nil, case .token(_, let timeout)? = handler.exchange?.waiting else {
-                    return
-                }
-                timeout.cancel()
-                handler.exchange?.waiting = nil
-                handler.shared.metrics.proxyRejection(replayed: true)
-                handler.send()
-            }
-        }
-        guard let id = shared.board.wait(after: used.fingerprint, now: shared.clock(), wake: wake) else {
-            shared.metrics.proxyRejection(replayed: true)
-            return send()
-        }
-        let seconds = current.settings.tokenWaitSeconds
-        let timeout = loop.scheduleTask(in: .milliseconds(Int64(seconds * 1000))) {
-            let handler = bound.value
-            guard let current = handler.current(attempt), case .token(let id, _)? = current.waiting else { return }
-            handler.shared.board.cancelWait(id)
-            handler.exchange?.waiting = nil
-            handler.shared.metrics.proxyRejection(replayed: false)
-            handler.answerLocally(
-                current.head,
-                .serviceUnavailable,
-                "the upstream rejected the token and no new one came within \(Int(seconds)) s",
-                close: false,
-                extra: [("Retry-After", "5"), (ProxyRules.refreshHeader, "started")]
-            )
-        }
-        exchange?.waiting = .token(id: id, timeout: timeout)
-    }
-
-    // MARK: Answers the proxy gives itself
-
-    private func noTokenRefusal() -> ProxyRules.Refusal {
-        ProxyRules.Refusal(
-            status: .serviceUnavailable,
-            reason: .noToken,
-            message: "no valid token: the daemon is logging in",
-            headers: [("Retry-After", String(shared.board.retryAfter(at: shared.clock())))]
-        )
-    }
-
-    /// Answers a request the proxy refuses: counted by reason, logged at most once a minute per
-    /// peer (a client that repeats it must not fill the journal).
-    private func refuse(_ head: HTTPRequestHead, _ refusal: ProxyRules.Refusal, close: Bool) {
-        shared.metrics.proxyRefusal(refusal.reason.rawValue)
-        if shared.access.shouldLogRefusal(of: peer?.uid) {
-            shared.logger.warning(
-                "API proxy refused a request: \(refusal.message)",
-                metadata: [
-                    // A peer the allow lists refuse is logged as on the token socket.
-                    "event": "\(refusal.reason == .peer ? "peer_refused" : "proxy_refused")", "listener": "proxy",
-                    "reason": "\(refusal.reason.rawValue)", "status": "\(refusal.status.code)",
-                    "method": "\(head.method.rawValue)", "via": "\(listener == .unixSocket ? "unix" : "tcp")",
-                    "uid": "\(peer.map { "\($0.uid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
-                ]
-            )
-        }
-        answerLocally(head, refusal.status, refusal.message, close: close, extra: refusal.headers)
-    }
-
-    /// Answers `head` without the upstream, ending the exchange. `close`: the connection closes
-    /// after it (the request's body may be unread, so nothing after it can be trusted to line up).
-    private func answerLocally(
-        _ head: HTTPRequestHead,
-        _ status: HTTPResponseStatus,
-        _ message: String,
-        close: Bool,
-        extra: [(String, String)] = []
-    ) {
-        guard let context else { return }
-        let began = exchange?.began ?? .now()
-        abandon()
-        answered(head, status: status, byUpstream: false, began: began)
-        let close = close || !head.isKeepAlive
-        var body = ByteBuffer(bytes: (try? JSONEncoder().encode(["error": message])) ?? Data())
-        body.writeString("\n")
-        var headers = HTTPHeaders()
-        headers.add(name: "Content-Type", value: "application/json")
-        headers.add(name: "Content-Length", value: String(body.readableBytes))
-        headers.add(name: "Via", value: ProxyRules.via)
-        for (name, value) in extra { headers.add(name: name, value: value) }
-        if close {
-            headers.add(name: "Connection", value: "close")
-        } else if head.version.minor == 0 {
-            headers.add(name: "Connection", value: "keep-alive")
-        }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: status, headers: headers))))
-            .whenFailure { _ in }
-        if head.method != .HEAD {
-            context.write(wrapOutboundOut(.body(.byteBuffer(body)))).whenFailure { _ in }
-        }
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
-            if close { context.close(promise: nil) }
-        }
-        resumeReading()
     }
 
     /// Counts an answer, and logs it at debug level: method, path without the query (which may
@@ -777,33 +508,38 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     }
 
     /// The exchange is over: the connection is idle again (it may be evicted, and no longer counts
-    /// against its peer's share).
-    private func endExchange() {
-        releaseBody()
-        exchange = nil
-        if let channel = context?.channel { shared.connections.endWait(channel) }
-    }
-
-    /// Ends the current exchange without answering: the upstream request is cancelled, waits for
-    /// the daemon are withdrawn, a streaming body fails.
-    private func abandon() {
-        guard let current = exchange else { return }
-        endExchange()
-        current.connection?.cancel()
-        if let id = current.poolWait { shared.pool.value.cancelWait(id) }
-        switch current.waiting {
-        case .report(let report)?:
+    /// against its peer's share); what it held is let go of (`leftovers`: an exchange that ended
+    /// early), and its waits for the daemon are withdrawn.
+    private func exchangeEnded(_ leftovers: Exchange.Leftovers?) {
+        leftovers?.connection?.cancel()
+        if let id = leftovers?.poolWait { upstream.cancelWait(id) }
+        if let (report, decided) = report {
+            self.report = nil
             report.cancel()
-        case .token(let id, let timeout)?:
+            // The upstream connection waits on it; it is cancelled, or its answer was decided.
+            decided.succeed()
+        }
+        if let (id, timeout) = tokenWait {
+            tokenWait = nil
             timeout.cancel()
             shared.board.cancelWait(id)
-        case nil:
-            break
         }
+        if let channel = context?.channel { shared.connections.endWait(channel) }
     }
 
     private func succeeded() -> EventLoopFuture<Void> {
         loop.makeSucceededVoidFuture()
+    }
+}
+
+extension ProxyExchange.Action {
+    /// The exchange this action ends early, if it does.
+    var ended: ProxyExchange.Ended? {
+        switch self {
+        case .refuse(let ended, _, _), .answer(let ended, _, _, _, _): ended
+        case .close(let ended): ended
+        default: nil
+        }
     }
 }
 

@@ -98,7 +98,14 @@ public final class ProxyServer: Sendable {
                         // requests wait, and reading stops while they do.
                         try sync.addHandler(ProxyRequestQueue(bodies: shared.bodies))
                         try sync.addHandler(HTTPServerProtocolErrorHandler())
-                        try sync.addHandler(ProxyHandler(shared: shared, listener: listener, loop: channel.eventLoop))
+                        try sync.addHandler(
+                            ProxyHandler(
+                                shared: shared,
+                                listener: listener,
+                                upstream: shared.pool.value,
+                                loop: channel.eventLoop
+                            )
+                        )
                     }
                 }
         }

@@ -99,7 +99,7 @@ struct PeerKey: Hashable, Sendable {
 ///    that allows keep-alive (or unused, when its request went away while it was made); idle
 ///    connections close after `idleTimeout`, and any the upstream closes leave the pool at once;
 /// 5. a waiter whose client went away is withdrawn (`cancelWait`) and takes no connection.
-final class UpstreamPool {
+final class UpstreamPool: UpstreamSource {
     static let idleTimeout = TimeAmount.seconds(60)
 
     let loop: any EventLoop
@@ -351,7 +351,7 @@ final class UpstreamPool {
 
 /// One connection to the upstream: sends a request, hands its answer to the responder part by part,
 /// and returns to the pool after a whole keep-alive answer.
-final class UpstreamConnection: ChannelDuplexHandler {
+final class UpstreamConnection: ChannelDuplexHandler, UpstreamLink {
     typealias InboundIn = HTTPClientResponsePart
     typealias OutboundIn = HTTPClientRequestPart
     typealias OutboundOut = HTTPClientRequestPart
