@@ -63,11 +63,6 @@ public final class ProxyServer: Sendable {
                 loop: loop
             )
         }.get()
-        var limits = NIOHTTPDecoderLimitConfiguration()
-        limits.maxHeaderFieldSize = headLimit
-        limits.maxHeaderListSize = headLimit
-        limits.maxHeaderFieldCount = 200
-        let decoderLimits = limits
         func bootstrap(_ listener: ProxyRules.Listener) -> ServerBootstrap {
             ServerBootstrap(group: loop)
                 .serverChannelOption(.backlog, value: 256)
@@ -82,30 +77,10 @@ public final class ProxyServer: Sendable {
                     guard admission != .refused else { return channel.close() }
                     channel.closeFuture.whenComplete { _ in shared.connections.remove(channel) }
                     return channel.eventLoop.makeCompletedFuture {
-                        let sync = channel.pipeline.syncOperations
-                        try sync.addHandler(IdleStateHandler(readTimeout: shared.settings.idleTimeout))
-                        // The proxy frames every answer itself (`ProxyRules.AnswerFraming`): the
-                        // encoder would chunk an answer to HEAD, which has no body.
-                        var encoder = HTTPResponseEncoder.Configuration()
-                        encoder.automaticallySetFramingHeaders = false
-                        try sync.addHandler(HTTPResponseEncoder(configuration: encoder))
-                        try sync.addHandler(
-                            ByteToMessageHandler(
-                                HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits)
-                            )
+                        try channel.pipeline.syncOperations.addHandler(
+                            IdleStateHandler(readTimeout: shared.settings.idleTimeout)
                         )
-                        // One request at a time per connection, answers in order; a few pipelined
-                        // requests wait, and reading stops while they do.
-                        try sync.addHandler(ProxyRequestQueue(bodies: shared.bodies))
-                        try sync.addHandler(HTTPServerProtocolErrorHandler())
-                        try sync.addHandler(
-                            ProxyHandler(
-                                shared: shared,
-                                listener: listener,
-                                upstream: shared.pool.value,
-                                loop: channel.eventLoop
-                            )
-                        )
+                        try addHandlers(to: channel, shared: shared, listener: listener, upstream: shared.pool.value)
                     }
                 }
         }
@@ -133,6 +108,36 @@ public final class ProxyServer: Sendable {
             metadata: ["event": "proxy_listening", "mode": "\(FileMode.format(proxy.mode))"]
         )
         return ProxyServer(channels: channels, shared: shared, ownedPath: proxy.path, logger: logger)
+    }
+
+    /// The proxy's handlers after the idle timer, on `channel`'s loop: what a connection is served by
+    /// (the server's pipeline and the handler's tests build it here alike).
+    static func addHandlers<Upstream: UpstreamSource>(
+        to channel: any Channel,
+        shared: ProxyShared,
+        listener: ProxyRules.Listener,
+        upstream: Upstream
+    ) throws {
+        var limits = NIOHTTPDecoderLimitConfiguration()
+        limits.maxHeaderFieldSize = headLimit
+        limits.maxHeaderListSize = headLimit
+        limits.maxHeaderFieldCount = 200
+        let sync = channel.pipeline.syncOperations
+        // The proxy frames every answer itself (`ProxyRules.AnswerFraming`): the encoder would
+        // chunk an answer to HEAD, which has no body.
+        var encoder = HTTPResponseEncoder.Configuration()
+        encoder.automaticallySetFramingHeaders = false
+        try sync.addHandler(HTTPResponseEncoder(configuration: encoder))
+        try sync.addHandler(
+            ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: limits))
+        )
+        // One request at a time per connection, answers in order; a few pipelined requests wait,
+        // and reading stops while they do.
+        try sync.addHandler(ProxyRequestQueue(bodies: shared.bodies))
+        try sync.addHandler(HTTPServerProtocolErrorHandler())
+        try sync.addHandler(
+            ProxyHandler(shared: shared, listener: listener, upstream: upstream, loop: channel.eventLoop)
+        )
     }
 
     /// A reload's proxy settings that apply live (ConfigChange says which need a restart): the
