@@ -156,7 +156,7 @@ import Testing
             #expect(harness.mock.stats.loginRequests == 1, "only the daemon's own log-in")
             #expect(
                 await eventually(timeout: 60) {
-                    harness.child?.standardError.contains("event=proxy_refused listener=proxy") == true
+                    harness.child?.standardError.contains("event=proxy_refused gid=0 listener=proxy") == true
                 }
             )
             let refusedLines = harness.child?.standardError.components(separatedBy: "event=proxy_refused").count ?? 0

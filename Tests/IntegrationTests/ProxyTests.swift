@@ -293,7 +293,8 @@ import Testing
         #expect(harness.mock.stats.apiAccepted == 1)
         #expect(
             await eventually(timeout: 60) {
-                harness.child?.standardError.contains("event=peer_refused listener=proxy") == true
+                harness.child?.standardError.contains("event=peer_refused gid=65534 listener=proxy method=GET pid=")
+                    == true
             }
         )
         await harness.stop()

@@ -153,7 +153,11 @@ import TokenDaemon
         let outsider = try await Command.curl("/token", socket: harness.socketPath, as: (65534, 65534))
         #expect(outsider.status == 403)
         #expect(!outsider.body.contains("eyJ"))
-        #expect(await eventually { harness.child?.standardError.contains("event=peer_refused gid=65534 pid=") == true })
+        #expect(
+            await eventually {
+                harness.child?.standardError.contains("event=peer_refused gid=65534 listener=socket pid=") == true
+            }
+        )
         #expect(harness.child?.standardError.contains("uid=65534") == true)
 
         // Primary gid 4242 is allowed; supplementary group 65534 opens the socket file.

@@ -214,7 +214,7 @@ public final class DaemonMetrics: Sendable {
             Self.name(
                 "proxy_connections_closed",
                 "total",
-                "API proxy client connections closed for stalling, by reason."
+                "API proxy client connections closed by the proxy, by reason."
             ),
             [("reason", reason)]
         ).increment()

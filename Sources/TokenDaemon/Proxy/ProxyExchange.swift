@@ -3,7 +3,7 @@ import NIOHTTP1
 
 /// What the proxy's exchange needs of an upstream connection (`UpstreamConnection`; a fake in the
 /// handler's tests).
-protocol UpstreamLink: AnyObject {
+protocol UpstreamLink: AnyObject, SendableMetatype {
     /// Requests served before the current one (a stale keep-alive connection fails on reuse).
     var servedBefore: Int { get }
     /// Sends `head` (and `body` when the body is known whole); a streamed body follows through
@@ -17,7 +17,7 @@ protocol UpstreamLink: AnyObject {
 }
 
 /// Where the proxy's exchange gets its upstream connections (`UpstreamPool`; a fake in tests).
-protocol UpstreamSource: AnyObject {
+protocol UpstreamSource: AnyObject, SendableMetatype {
     associatedtype Link: UpstreamLink
     /// Hands `then` a connection for one request of `peer`, or why none could be had; returns the
     /// wait's id when the request waits (for `cancelWait`).

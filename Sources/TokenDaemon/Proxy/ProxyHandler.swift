@@ -73,15 +73,7 @@ final class ProxyHandler<Upstream: UpstreamSource>: ChannelDuplexHandler, Upstre
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        let channel = context.channel
-        if listener == .unixSocket {
-            PeerCredentials.read(channel) { peer in
-                self.peer = peer
-                if !self.shared.access.allows(peer) { self.shared.connections.markRefused(channel) }
-            }
-        } else if !shared.access.allows(nil) {
-            shared.connections.markRefused(channel)
-        }
+        shared.listener.identify(context.channel, unixSocket: listener == .unixSocket) { self.peer = $0 }
         context.fireChannelActive()
     }
 
@@ -370,18 +362,17 @@ final class ProxyHandler<Upstream: UpstreamSource>: ChannelDuplexHandler, Upstre
         began: NIODeadline = .now()
     ) {
         shared.metrics.proxyRefusal(refusal.reason.rawValue)
-        if shared.access.shouldLogRefusal(of: peer?.uid) {
-            shared.logger.warning(
-                "API proxy refused a request: \(refusal.message)",
-                metadata: [
-                    // A peer the allow lists refuse is logged as on the token socket.
-                    "event": "\(refusal.reason == .peer ? "peer_refused" : "proxy_refused")", "listener": "proxy",
-                    "reason": "\(refusal.reason.rawValue)", "status": "\(refusal.status.code)",
-                    "method": "\(head.method.rawValue)", "via": "\(listener == .unixSocket ? "unix" : "tcp")",
-                    "uid": "\(peer.map { "\($0.uid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
-                ]
-            )
-        }
+        shared.listener.logRefusal(
+            "API proxy refused a request: \(refusal.message)",
+            // A peer the allow lists refuse is logged as on the token socket.
+            event: refusal.reason == .peer ? "peer_refused" : "proxy_refused",
+            peer: peer,
+            logger: shared.logger,
+            metadata: [
+                "reason": "\(refusal.reason.rawValue)", "status": "\(refusal.status.code)",
+                "method": "\(head.method.rawValue)", "via": "\(listener == .unixSocket ? "unix" : "tcp")",
+            ]
+        )
         answerLocally(head, refusal.status, refusal.message, close: close, extra: refusal.headers, began: began)
     }
 

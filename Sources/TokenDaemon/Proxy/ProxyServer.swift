@@ -64,38 +64,21 @@ public final class ProxyServer: Sendable {
             )
         }.get()
         func bootstrap(_ listener: ProxyRules.Listener) -> ServerBootstrap {
-            ServerBootstrap(group: loop)
-                .serverChannelOption(.backlog, value: 256)
-                // At most 16 KiB per read from a client: a body that waits (for an upstream
-                // connection, or past the `BodyBudget`) holds one read, not NIO's 64 KiB.
-                .childChannelOption(
-                    .recvAllocator,
-                    value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 16 << 10)
-                )
-                .childChannelInitializer { channel in
-                    let admission = shared.connections.admit(channel)
-                    guard admission != .refused else { return channel.close() }
-                    channel.closeFuture.whenComplete { _ in shared.connections.remove(channel) }
-                    return channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(
-                            IdleStateHandler(readTimeout: shared.settings.idleTimeout)
-                        )
-                        try addHandlers(to: channel, shared: shared, listener: listener, upstream: shared.pool.value)
-                    }
-                }
+            shared.listener.bootstrap(on: loop, idleTimeout: { shared.settings.idleTimeout }) { channel in
+                try addHandlers(to: channel, shared: shared, listener: listener, upstream: shared.pool.value)
+            }
+            // At most 16 KiB per read from a client: a body that waits (for an upstream connection,
+            // or past the `BodyBudget`) holds one read, not NIO's 64 KiB.
+            .childChannelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 16 << 10)
+            )
         }
         var channels: [any Channel] = []
         do {
-            channels.append(try await SocketServer.bind(bootstrap(.unixSocket), path: proxy.path, mode: proxy.mode))
+            channels.append(try await Listener.bind(bootstrap(.unixSocket), path: proxy.path, mode: proxy.mode))
             if let listen = proxy.listen {
-                // SO_REUSEADDR: a consumer's connection left in TIME_WAIT by the previous run
-                // must not fail the next bind ("Address already in use"), or a few restarts use up
-                // the unit's StartLimitBurst and leave the host without tokens.
-                channels.append(
-                    try await bootstrap(.tcp(listen))
-                        .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                        .bind(host: listen.host, port: listen.port).get()
-                )
+                channels.append(try await Listener.bind(bootstrap(.tcp(listen)), tcp: listen))
             }
         } catch {
             for channel in channels { try? await channel.close() }
@@ -144,7 +127,7 @@ public final class ProxyServer: Sendable {
     /// allow lists and limits from the next request on, the socket's mode now.
     public func apply(_ proxy: Configuration.Proxy, capacity: Int, logLevel: Logger.Level) throws(SystemError) {
         shared.apply(proxy, capacity: capacity, logLevel: logLevel)
-        try SocketServer.setMode(ofSocketAt: ownedPath, proxy.mode)
+        try Listener.setMode(ofSocketAt: ownedPath, proxy.mode)
     }
 
     /// Stops listening, removes the socket file if it is still ours, and closes the upstream
@@ -192,8 +175,10 @@ final class ProxyShared: Sendable {
     let bodies: NIOLoopBound<BodyBudget>
     let target: UpstreamTarget
     let upstream: String
-    let access: SocketAccess
-    let connections: ConnectionTable
+    /// Its clients' admission, identity, allow lists and refusal logs.
+    let listener: Listener
+    var access: SocketAccess { listener.access }
+    var connections: ConnectionTable { listener.connections }
     private let live: NIOLockedValueBox<Live>
     private let upstreamErrorLogged = NIOLockedValueBox<NIODeadline?>(nil)
 
@@ -212,8 +197,12 @@ final class ProxyShared: Sendable {
         self.loggerBox = NIOLockedValueBox(logger)
         self.clock = clock
         self.upstream = proxy.upstream
-        self.access = SocketAccess(allow: .init(uids: proxy.allowUIDs, gids: proxy.allowGIDs))
-        self.connections = ConnectionTable(capacity: capacity)
+        self.listener = Listener(
+            name: "proxy",
+            connections: ConnectionTable(capacity: capacity),
+            access: SocketAccess(allow: .init(uids: proxy.allowUIDs, gids: proxy.allowGIDs)),
+            dropped: { metrics.proxyConnectionClosed($0) }
+        )
         self.live = NIOLockedValueBox(Self.live(proxy))
         target = try UpstreamTarget(proxy.upstream)
         // Built once: it reads the system's trust roots and the CA file.

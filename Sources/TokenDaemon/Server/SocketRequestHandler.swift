@@ -11,61 +11,6 @@ import FoundationEssentials
 import Foundation
 #endif
 
-/// The identity of a connected peer (SO_PEERCRED, SO_PEERGROUPS), read once per connection.
-struct PeerCredentials: Sendable, Equatable {
-    var pid: Int32
-    var uid: UInt32
-    var gid: UInt32
-    /// Supplementary groups; nil when they could not be read (more than 256, say).
-    var groups: [UInt32]? = nil
-
-    /// The groups in what SO_PEERGROUPS returned into a zeroed buffer: the kernel writes them
-    /// sorted ascending and leaves the rest zero, so zeros after the first entry are padding. A
-    /// buffer of zeros alone cannot tell "no groups" from "group 0": read as none (fails closed).
-    static func groups(from raw: [UInt32]) -> [UInt32] {
-        guard let first = raw.first else { return [] }
-        let rest = raw.dropFirst().prefix { $0 != 0 }
-        return first == 0 && rest.isEmpty ? [] : [first] + rest
-    }
-}
-
-extension PeerCredentials {
-    /// Reads who is at the other end of a Unix socket connection. Called on the channel's loop,
-    /// where the options are read at once: `found` runs before any request is read. A connection
-    /// that is not a Unix socket (TCP) has no peer credentials: `found` is not called.
-    static func read(_ channel: any Channel, found: @escaping (PeerCredentials) -> Void) {
-        guard let provider = channel as? any SocketOptionProvider else { return }
-        let credentials: EventLoopFuture<RawPeerCredentials> = provider.unsafeGetSocketOption(
-            level: SocketOptionLevel(SOL_SOCKET),
-            name: SocketOptionName(SO_PEERCRED)
-        )
-        let groups: EventLoopFuture<clinux_peer_groups> = provider.unsafeGetSocketOption(
-            level: SocketOptionLevel(SOL_SOCKET),
-            name: SocketOptionName(clinux_SO_PEERGROUPS)
-        )
-        credentials.assumeIsolated().whenSuccess { raw in
-            var peer = PeerCredentials(pid: raw.pid, uid: raw.uid, gid: raw.gid)
-            // Unreadable groups (more than 256) leave the peer judged on its uid and primary gid.
-            groups.assumeIsolated().whenComplete { result in
-                if case .success(let list) = result {
-                    let gids = withUnsafeBytes(of: list.gids) { Array($0.bindMemory(to: UInt32.self)) }
-                    peer.groups = PeerCredentials.groups(from: gids)
-                }
-                found(peer)
-            }
-        }
-    }
-}
-
-/// Mirrors glibc's `struct ucred` (pid_t, uid_t, gid_t: three 32-bit fields), which Glibc exposes to
-/// Swift only under _GNU_SOURCE. Read through NIO's `unsafeGetSocketOption`, which copies the bytes
-/// getsockopt(2) returns; a unit test checks the layout.
-struct RawPeerCredentials: Sendable {
-    var pid: Int32 = 0
-    var uid: UInt32 = 0
-    var gid: UInt32 = 0
-}
-
 /// Serves one connection: answers each request from the `TokenBoard`, in order. Errors stay on
 /// this connection.
 ///
@@ -112,10 +57,12 @@ final class SocketRequestHandler: ChannelDuplexHandler {
     }
 
     private let board: TokenBoard
-    private let connections: ConnectionTable
+    /// Its connections, and who may read the token (`access`: read on every request, so that a
+    /// reload's allow lists apply at once).
+    private let listener: Listener
+    private var connections: ConnectionTable { listener.connections }
+    private var access: SocketAccess { listener.access }
     private let metrics: DaemonMetrics
-    /// Who may read the token: read on every request, so that a reload's allow lists apply at once.
-    private let access: SocketAccess
     private let logger: Logger
     private let clock: @Sendable () -> Date
 
@@ -131,26 +78,20 @@ final class SocketRequestHandler: ChannelDuplexHandler {
 
     init(
         board: TokenBoard,
-        connections: ConnectionTable,
+        listener: Listener,
         metrics: DaemonMetrics,
-        access: SocketAccess,
         logger: Logger,
         clock: @escaping @Sendable () -> Date
     ) {
         self.board = board
-        self.connections = connections
+        self.listener = listener
         self.metrics = metrics
-        self.access = access
         self.logger = logger
         self.clock = clock
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        let channel = context.channel
-        PeerCredentials.read(channel) { peer in
-            self.peer = peer
-            if !self.access.allows(peer) { self.connections.markRefused(channel) }
-        }
+        listener.identify(context.channel, unixSocket: true) { self.peer = $0 }
         context.fireChannelActive()
     }
 
@@ -417,15 +358,7 @@ final class SocketRequestHandler: ChannelDuplexHandler {
 
     /// 403 for a peer the allow lists do not name; logged once per uid per minute.
     private func refuse(_ head: HTTPRequestHead, path: String, context: ChannelHandlerContext) {
-        if access.shouldLogRefusal(of: peer?.uid) {
-            logger.warning(
-                "socket peer refused",
-                metadata: [
-                    "event": "peer_refused", "uid": "\(peer.map { "\($0.uid)" } ?? "?")",
-                    "gid": "\(peer.map { "\($0.gid)" } ?? "?")", "pid": "\(peer.map { "\($0.pid)" } ?? "?")",
-                ]
-            )
-        }
+        listener.logRefusal("socket peer refused", event: "peer_refused", peer: peer, logger: logger)
         respond(
             .forbidden,
             path: path,
