@@ -64,7 +64,7 @@ public final class ProxyServer: Sendable {
             )
         }.get()
         func bootstrap(_ listener: ProxyRules.Listener) -> ServerBootstrap {
-            shared.listener.bootstrap(on: loop, idleTimeout: { shared.settings.idleTimeout }) { channel in
+            shared.listener.bootstrap(on: loop, idleTimeout: shared.settings.idleTimeout) { channel in
                 try addHandlers(to: channel, shared: shared, listener: listener, upstream: shared.pool.value)
             }
             // At most 16 KiB per read from a client: a body that waits (for an upstream connection,

@@ -30,11 +30,12 @@ struct Listener: Sendable {
     /// Counts a client dropped at admission: `evicted` (it gave way) or `refused` (no room).
     let dropped: @Sendable (String) -> Void
 
-    /// A server bootstrap on `loop` that admits each client (2., 6.), arms its idle timer (4.),
+    /// A server bootstrap on `loop` that admits each client (2., 6.), arms its idle timer (4.: the
+    /// timeout is read per client, so a reload's applies to clients accepted from then on),
     /// then adds `handlers`.
     func bootstrap(
         on loop: any EventLoop,
-        idleTimeout: @escaping @Sendable () -> TimeAmount,
+        idleTimeout: @autoclosure @escaping @Sendable () -> TimeAmount,
         handlers: @escaping @Sendable (any Channel) throws -> Void
     ) -> ServerBootstrap {
         let connections = self.connections

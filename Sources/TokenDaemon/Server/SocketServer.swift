@@ -84,7 +84,7 @@ public final class SocketServer: Sendable {
         )
         let bootstrap = listener.bootstrap(
             on: MultiThreadedEventLoopGroup.singleton.next(),
-            idleTimeout: { idleTimeout }
+            idleTimeout: idleTimeout
         ) { channel in
             let sync = channel.pipeline.syncOperations
             // NIO's request decoder only: the handler writes its answers as bytes and keeps them
