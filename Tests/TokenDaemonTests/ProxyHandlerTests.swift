@@ -143,6 +143,47 @@ import Testing
         #expect(one.upperBound < two.lowerBound)
     }
 
+    /// A client must not send more after `Connection: close` (RFC 9112 §9.6): NIO's decoder reads
+    /// the bytes as an error, the client gets 400 and the connection closes; nothing behind the
+    /// closing request reaches the upstream, and the request in flight is cancelled with it.
+    @Test func nothingPipelinedBehindARequestThatClosesReachesTheUpstream() throws {
+        let proxy = try EmbeddedProxy()
+        #expect(throws: HTTPParserError.self) {
+            try proxy.client(
+                "GET /one HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+        }
+        proxy.run()
+        #expect(proxy.upstream.links.count == 1)
+        #expect(proxy.upstream.links[0].sent.map(\.head.uri) == ["/base/one"])
+        #expect(proxy.upstream.links[0].cancelled)
+        #expect(try proxy.output().hasPrefix("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"))
+        #expect(!proxy.channel.isActive)
+    }
+
+    @Test func aRequestThatClosesGetsItsAnswerThenTheConnectionCloses() throws {
+        let proxy = try EmbeddedProxy()
+        try proxy.client("GET /one HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try proxy.upstream.links[0].answer(.ok, headers: [("Content-Length", "3")], body: "one")
+        #expect(
+            try proxy.output()
+                == "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nVia: 1.1 fts-tokend\r\nConnection: close\r\n\r\none"
+        )
+        #expect(!proxy.channel.isActive)
+    }
+
+    @Test func anAnswerBeforeTheStreamedBodyEndedClosesTheConnection() throws {
+        let proxy = try EmbeddedProxy()
+        let size = ProxyRules.replayBufferBytes * 2
+        try proxy.client("PUT /v1/blob HTTP/1.1\r\nHost: x\r\nContent-Length: \(size)\r\n\r\n")
+        try proxy.client(String(repeating: "a", count: ProxyRules.replayBufferBytes + 1))
+        try proxy.upstream.links[0].answer(.forbidden, headers: [("Content-Length", "0")], body: nil)
+        let output = try proxy.output()
+        #expect(output.hasPrefix("HTTP/1.1 403 Forbidden\r\n"))
+        // The rest of the body cannot be told from a next request: the connection closes.
+        #expect(!proxy.channel.isActive)
+    }
+
     @Test func nothingPipelinedBehindARefusedRequestReachesTheUpstream() throws {
         let proxy = try EmbeddedProxy()
         try proxy.client("TRACE / HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
