@@ -50,6 +50,15 @@ import Testing
                 ["signal": "USR1", "pidFile": "/run/app.pid"],
             ]
             object["logLevel"] = "debug"
+            set(
+                &object,
+                "fleet",
+                [
+                    "url": "postgresql://fts_tokend@db.internal:5433/fts_tokend?sslmode=require",
+                    "passwordFile": "/etc/fts-tokend/fleet-password", "caFile": "/etc/fts-tokend/db-ca.pem",
+                    "member": "web-01",
+                ]
+            )
         }
         return LoadedConfiguration(configuration: try ConfigurationParser().parse(bytes), secrets: secrets)
     }

@@ -43,6 +43,7 @@ import Testing
         set(&object, "outputs.socket", ["path": "/run/fts-tokend/tokend.sock"])
         set(&object, "outputs.proxy", [String: Any]())
         object["metricsFile"] = "/var/lib/node_exporter/fts-tokend.prom"
+        set(&object, "fleet", ["url": "postgresql://fts_tokend@db.internal/fts_tokend"])
     }
 
     /// Every key the parser accepts, as dotted paths (`onRotate[].exec`), from its own refusals.
@@ -51,7 +52,7 @@ import Testing
         for section in [
             "api", "refresh", "outputs", "outputs.tokenFile", "outputs.jsonFile", "outputs.headersFile",
             "outputs.socket",
-            "outputs.proxy",
+            "outputs.proxy", "fleet",
         ] {
             accepted.formUnion(Self.acceptedKeys(at: section, in: Self.everything).map { section + "." + $0 })
         }

@@ -18,6 +18,27 @@ public struct Configuration: Sendable, Equatable {
     public var onRotate: [RotateAction] = []
     /// node_exporter textfile to write the metrics to, atomically.
     public var metricsFile: String?
+    /// Fleet mode (README "Fleet"): the hosts of one account share one token through PostgreSQL.
+    /// Nil: this host alone, as without it.
+    public var fleet: Fleet? = nil
+
+    /// `fleet`: where the members meet, and who this one is.
+    public struct Fleet: Sendable, Equatable {
+        public var url: DatabaseURL
+        /// `fleet.passwordFile`; without it the systemd credential `fleet-password` is read when
+        /// present, and with neither no password is sent (peer authentication on a Unix socket).
+        public var passwordFile: String?
+        /// PEM bundle of extra trust roots for the database's certificate, added to the system's.
+        public var caFile: String?
+        /// This member's name in the table and the logs; nil: the host name (with the instance's
+        /// name for `fts-tokend@NAME`).
+        public var member: String?
+
+        public static let passwordCredential = "fleet-password"
+        /// At most this long, of letters, digits and `.`, `_`, `-`, `@`: a name that reads the same
+        /// in SQL, logs and metrics labels.
+        public static let maxMemberLength = 64
+    }
 
     public struct API: Sendable, Equatable {
         public var baseURL: String

@@ -53,6 +53,11 @@ public struct ConfigurationLoader: Sendable {
             throw ConfigurationError("(file)", "cannot read \(path): \(error)")
         }
         var configuration = try ConfigurationParser().parse(contents.bytes)
+        // The block is read and checked, but no member coordinates yet (issue "Fleet mode"): a host
+        // told to share a token must not log in alone as if it did.
+        guard configuration.fleet == nil else {
+            throw ConfigurationError("fleet", "fleet mode is not in this version yet; remove the block")
+        }
         try Self.checkTrustedInputs(configuration)
         let secrets = try SecretResolver(environment: environment).resolve(
             configuration.api,

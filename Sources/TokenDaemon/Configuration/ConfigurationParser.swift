@@ -32,7 +32,8 @@ public struct ConfigurationParser {
                 stateFile: try root.optionalPath("stateFile"),
                 logLevel: try parseLogLevel(root),
                 onRotate: try parseRotateActions(root),
-                metricsFile: try root.optionalPath("metricsFile")
+                metricsFile: try root.optionalPath("metricsFile"),
+                fleet: try root.optionalObject("fleet", parseFleet)
             )
         }
     }
@@ -56,6 +57,30 @@ public struct ConfigurationParser {
             timeoutSeconds: try api.number("timeoutSeconds", default: 30, "must be more than 0 and at most 300 seconds")
             { $0 > 0 && $0 <= 300 },
             caFile: try api.optionalPath("caFile")
+        )
+    }
+
+    private func parseFleet(_ fleet: ConfigurationObject) throws(ConfigurationError) -> Configuration.Fleet {
+        let member = try fleet.optionalString("member")
+        if let member {
+            let allowed = member.utf8.allSatisfy {
+                (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0 | 0x20)
+                    || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0)
+                    || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-")
+                    || $0 == UInt8(ascii: "@")
+            }
+            guard allowed, !member.isEmpty, member.utf8.count <= Configuration.Fleet.maxMemberLength else {
+                throw ConfigurationError(
+                    fleet.path("member"),
+                    "must be 1 to \(Configuration.Fleet.maxMemberLength) letters, digits, \".\", \"_\", \"-\" or \"@\""
+                )
+            }
+        }
+        return Configuration.Fleet(
+            url: try DatabaseURL(try fleet.string("url"), at: fleet.path("url")),
+            passwordFile: try fleet.optionalPath("passwordFile"),
+            caFile: try fleet.optionalPath("caFile"),
+            member: member
         )
     }
 

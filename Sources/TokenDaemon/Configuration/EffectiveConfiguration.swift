@@ -44,6 +44,14 @@ extension LoadedConfiguration {
         root["stateFile"] = c.stateFile.map(JSONValue.string)
         root["metricsFile"] = c.metricsFile.map(JSONValue.string)
         if !c.onRotate.isEmpty { root["onRotate"] = .array(c.onRotate.map(rotateAction)) }
+        if let fleet = c.fleet {
+            // The URL holds no password (`DatabaseURL` rule 1).
+            var object: [String: JSONValue] = ["url": .string(fleet.url.text)]
+            object["passwordFile"] = fleet.passwordFile.map(JSONValue.string)
+            object["caFile"] = fleet.caFile.map(JSONValue.string)
+            object["member"] = fleet.member.map(JSONValue.string)
+            root["fleet"] = .object(object)
+        }
         return .object(root)
     }
 
