@@ -352,6 +352,41 @@ check "descriptor budget: at most $max_fds descriptors open in the daemon meanwh
 check "descriptor budget: no EMFILE (Too many open files) in the journal" sh -c "journalctl -u fts-tokend --since @$since -o cat > /tmp/budget.journal && ! grep -qiE 'EMFILE|too many open files|errno: 24' /tmp/budget.journal"
 check "descriptor budget: the same process serves on" sh -c "[ \"\$(systemctl is-active fts-tokend)\" = active ] && [ \"\$(systemctl show -p MainPID --value fts-tokend)\" = $pid ]"
 
+# --- 10d. a pipelining flood on the proxy stays far below MemoryMax=192M: 330 connections, each
+# one slow GET and then 200 KiB of small requests pipelined behind it, none read. The proxy keeps
+# a few queued requests per connection and reads no further (ProxyBoundaryTests measure the same
+# outside the unit). Three members of fts-token flood, 110 connections each: a uid holds at most a
+# quarter of the table in requests in flight (451 / 4 here), and one that asks for more is refused
+# and closed, which would end most of a one-user flood at once. The lab's memory controller is
+# read-only (cgroup v1): MemoryMax= is not enforced there and MemoryCurrent is "[not set]", so the
+# daemon's peak RSS (VmHWM) is the measure, and MemoryCurrent as well where the unit has one.
+slow=$'GET /api/slow?ms=10000 HTTP/1.1\r\nHost: localhost\r\n\r\n'
+rss_before=$(awk '/^VmRSS:/ { print $2 }' /proc/$pid/status)
+restarts_before=$(prop fts-tokend NRestarts)
+sample_start /tmp/flood.samples "$pid"
+for user in reader unlisted supplementary; do
+    conns_start "flood-$user" "$user" flood 50 110 /run/fts-tokend/api.sock "$slow" "$slow" $((200 << 10))
+done
+if conns_ready flood-reader flood-unlisted flood-supplementary; then
+    ok "proxy flood: three members of fts-token open 110 connections each, pipelining up to 200 KiB behind a slow GET without reading"
+else
+    bad "proxy flood: three members of fts-token open 110 connections each, pipelining up to 200 KiB behind a slow GET without reading"
+fi
+sleep 5
+check "proxy flood: meanwhile a new client of the token socket gets the token" sh -c 'runuser -u listed -- curl -sf --max-time 20 --unix-socket /run/fts-tokend/tokend.sock http://localhost/token | grep -q "^ey"'
+flood=$(jq -s -r '"\(map(.opened) | add) connections open, \(map(.sentKiB) | add) KiB sent, \(map(.full) | add) of them sent all 200 KiB"' /tmp/flood-*.status 2>/dev/null)
+conns_stop flood-reader flood-unlisted flood-supplementary
+sample_stop
+closed=$(jq -s 'map(.closed) | add' /tmp/flood-*.status 2>/dev/null)
+peak_kib=$(awk '/^VmHWM:/ { print $2 }' /proc/$pid/status)
+max_rss=$(most /tmp/flood.samples 2)
+memory_current=$(most /tmp/flood.samples 3)
+[ "$memory_current" = 0 ] && memory_current="[not set]"
+echo "proxy flood: $flood; $closed closed by the daemon before the end; RSS $((rss_before / 1024)) MiB before, at most $((max_rss / 1024)) MiB sampled, peak (VmHWM) $((peak_kib / 1024)) MiB; MemoryCurrent at most $memory_current; at most $(most /tmp/flood.samples 1) descriptors"
+check "proxy flood: the daemon survives it (active, same MainPID, no restart)" sh -c "[ \"\$(systemctl is-active fts-tokend)\" = active ] && [ \"\$(systemctl show -p MainPID --value fts-tokend)\" = $pid ] && [ \"\$(systemctl show -p NRestarts --value fts-tokend)\" = $restarts_before ]"
+check "proxy flood: peak RSS $((peak_kib / 1024)) MiB ($((rss_before / 1024)) MiB before), MemoryCurrent at most $memory_current: under half of MemoryMax=192M" sh -c "[ 0$rss_before -gt 0 ] && [ 0$peak_kib -lt $((96 << 10)) ] && { [ '$memory_current' = '[not set]' ] || [ '$memory_current' -lt $((96 << 20)) ]; }"
+check "proxy flood: afterwards a reader's request is served" eventually 40 sh -c "$(declare -f echo_as); echo_as reader | jq -e .tokenValid"
+check "proxy flood: no EMFILE (Too many open files) in the journal" sh -c "! journalctl -u fts-tokend --since @$since -o cat | grep -qiE 'EMFILE|too many open files|errno: 24'"
 install -m 0644 /tmp/config.good /etc/fts-tokend/config.json
 systemctl reload fts-tokend
 
