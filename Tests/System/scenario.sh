@@ -187,6 +187,209 @@ systemctl daemon-reload
 install -m 0644 /tmp/config.good /etc/fts-tokend/config.json
 systemctl restart fts-tokend
 
+# --- 10c. the descriptor budget under LimitNOFILE=1024 (README "outputs.socket.maxConnections"):
+# a reader holds 600 idle connections on each socket, more than the limit allows together; the
+# daemon evicts the longest idle, never runs out of descriptors, and a login is always possible.
+# conns.py, as a member of fts-token: `hold` opens COUNT connections to each socket and, while
+# STOP does not exist (at most SECONDS), reopens those the daemon closes (at most 100 a second),
+# so the tables stay full; `flood` opens COUNT connections, each sending OPENING then CHUNK again
+# and again up to TOTAL bytes without reading (until the proxy stops reading), and holds them.
+# Either writes a JSON line of what it saw to STATUS when ready ("ready": true) and at the end.
+cat > /tmp/conns.py <<'EOF'
+import json, os, resource, select, socket, sys, time
+mode, status, stop, seconds, count = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+end = time.monotonic() + seconds
+def report(**fields):
+    with open(status + ".new", "w") as f: json.dump(fields, f)
+    os.rename(status + ".new", status)
+def connect(path):
+    while time.monotonic() < end:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+            return s
+        except (BlockingIOError, InterruptedError):
+            s.close()
+            time.sleep(0.01)  # the backlog is full: the daemon accepts soon
+    return None
+def closedByPeer(s):
+    try:
+        return s.recv(65536, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+poller = select.poll()
+owner = {}  # fd -> (socket, path)
+# hold reads (and drops) what the daemon sends; flood reads nothing and sees only the hang-up.
+def add(path):
+    s = connect(path)
+    if s is None: return None
+    owner[s.fileno()] = (s, path)
+    poller.register(s, select.POLLIN if mode == "hold" else select.POLLRDHUP)
+    return s
+if mode == "hold":
+    paths = sys.argv[6:]
+    closed = {p: 0 for p in paths}
+    for _ in range(count):
+        for p in paths: add(p)
+    report(ready=True, opened=len(owner))
+    pending, nextBatch = [], 0
+    while time.monotonic() < end and not os.path.exists(stop):
+        for fd, _ in poller.poll(100):
+            s, p = owner[fd]
+            if closedByPeer(s):
+                poller.unregister(fd); del owner[fd]; s.close()
+                closed[p] += 1
+                pending.append(p)
+        if pending and time.monotonic() >= nextBatch:
+            for p in pending[:10]: add(p)
+            del pending[:10]
+            nextBatch = time.monotonic() + 0.1
+    report(ready=True, opened=len(owner), closed=[closed[p] for p in paths])
+else:
+    path, opening, chunk, total = sys.argv[6], sys.argv[7].encode(), sys.argv[8].encode() * 64, int(sys.argv[9])
+    sent = {}
+    for _ in range(count):
+        s = add(path)
+        if s is None: break
+        s.send(opening)
+        sent[s.fileno()] = 0
+    # Round robin until each sent TOTAL or took nothing for a second (the proxy stopped reading).
+    lastProgress = {fd: time.monotonic() for fd in sent}
+    active = set(sent)
+    while active and time.monotonic() < end:
+        for fd in list(active):
+            s = owner[fd][0]
+            try:
+                n = s.send(chunk[: total - sent[fd]])
+                sent[fd] += n
+                lastProgress[fd] = time.monotonic()
+            except BlockingIOError:
+                pass
+            except OSError:
+                active.discard(fd); continue
+            if sent[fd] >= total or time.monotonic() - lastProgress[fd] > 1: active.discard(fd)
+        time.sleep(0.005)
+    report(ready=True, opened=len(owner), sentKiB=sum(sent.values()) // 1024, full=sum(1 for v in sent.values() if v >= total))
+    closed = 0
+    while time.monotonic() < end and not os.path.exists(stop):
+        for fd, events in poller.poll(100):
+            if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                poller.unregister(fd); owner.pop(fd)[0].close(); closed += 1
+    report(ready=True, opened=len(sent), sentKiB=sum(sent.values()) // 1024, full=sum(1 for v in sent.values() if v >= total), closed=closed)
+EOF
+chmod 0644 /tmp/conns.py
+# conns_start NAME USER ARGS...: runs conns.py as USER in the background (its pid added to
+# conns_pids). conns_ready NAME...: each wrote that it is ready (within 30 s). conns_stop NAME...:
+# asks them to end and waits for them; kills by pid any that has not ended within 10 s.
+conns_pids=""
+conns_start() {
+    local name=$1 user=$2; shift 2
+    rm -f "/tmp/$name.status" "/tmp/$name.stop"
+    runuser -u "$user" -- python3 /tmp/conns.py "$1" "/tmp/$name.status" "/tmp/$name.stop" "${@:2}" 2>"/tmp/$name.err" &
+    conns_pids="$conns_pids $!"
+}
+conns_ready() {
+    local name
+    for name in "$@"; do eventually 30 sh -c "jq -e .ready /tmp/$name.status" || return 1; done
+}
+conns_stop() {
+    local name child i
+    for name in "$@"; do touch "/tmp/$name.stop"; done
+    for child in $conns_pids; do
+        for i in $(seq 50); do kill -0 "$child" 2>/dev/null || break; sleep 0.2; done
+        kill "$child" 2>/dev/null
+        wait "$child" 2>/dev/null
+    done
+    conns_pids=""
+    for name in "$@"; do [ -s "/tmp/$name.err" ] && sed "s/^/  conns.py $name: /" "/tmp/$name.err"; done
+}
+# sample_start FILE: every 0.1 s, appends the daemon's open descriptors and resident KiB (and the
+# unit's MemoryCurrent) to FILE, in the background (pid in sampler_pid); sample_stop ends it.
+sample_start() {
+    local file=$1 daemon=$2
+    : > "$file"
+    while :; do
+        echo "$(ls /proc/$daemon/fd 2>/dev/null | wc -l) $(awk '/^VmRSS:/ { print $2 }' /proc/$daemon/status 2>/dev/null) $(prop fts-tokend MemoryCurrent)" >> "$file"
+        sleep 0.1
+    done &
+    sampler_pid=$!
+}
+sample_stop() { kill "$sampler_pid" 2>/dev/null; wait "$sampler_pid" 2>/dev/null; }
+most() { awk -v c="$2" '$c ~ /^[0-9]+$/ && $c + 0 > m { m = $c + 0 } END { print m + 0 }' "$1"; }
+pid=$(prop fts-tokend MainPID)
+check "descriptor budget: the daemon sees LimitNOFILE=1024 and lowers its connection limits to fit, with a warning" sh -c "journalctl -u fts-tokend _PID=$pid FTS_EVENT=config_warning -o cat | grep -q 'the descriptor limit (1024) leaves 960 for connections'"
+# The reader's reports above forced logins minutes ago, but a 1 s floor makes this one certain.
+install -m 0644 /tmp/config.floor /etc/fts-tokend/config.json
+systemctl reload fts-tokend
+sleep 1.5
+since=$(date +%s)
+sample_start /tmp/budget.samples "$pid"
+conns_start budget reader hold 50 600 /run/fts-tokend/tokend.sock /run/fts-tokend/api.sock
+if conns_ready budget; then
+    ok "descriptor budget: a reader holds 600 connections to each socket"
+else
+    bad "descriptor budget: a reader holds 600 connections to each socket"
+fi
+sleep 2
+fp=$(sha256sum < /run/fts-tokend/token | cut -c1-8)
+logins_before=$(logins)
+next=$(runuser -u reader -- fts-tokend token --rejected "$fp" --timeout 30)
+check "descriptor budget: with both tables full, a reader's rejected-token report brings the next token with one login" sh -c "[ -n '$next' ] && [ \"\$(printf %s '$next' | sha256sum | cut -c1-8)\" != $fp ] && [ \"\$(curl -sf http://127.0.0.1:8080/_mock/stats | jq .loginRequests)\" = $((logins_before + 1)) ]"
+tokens="$tokens $next"
+check "descriptor budget: with both tables full, a new client of the token socket gets the token" sh -c 'runuser -u reader -- curl -sf --max-time 20 --unix-socket /run/fts-tokend/tokend.sock http://localhost/token | grep -q "^ey"'
+check "descriptor budget: with both tables full, a new client of the proxy is served" sh -c "$(declare -f echo_as); echo_as reader | jq -e .tokenValid"
+conns_stop budget
+sample_stop
+held=$(jq -r '"\(.opened) still open, \(.closed[0]) + \(.closed[1]) closed by the daemon"' /tmp/budget.status 2>/dev/null)
+max_fds=$(most /tmp/budget.samples 1)
+check "descriptor budget: the tables were full (the daemon closed idle connections: $held)" sh -c "jq -e '.closed[0] > 0 and .closed[1] > 0' /tmp/budget.status"
+check "descriptor budget: at most $max_fds descriptors open in the daemon meanwhile, below LimitNOFILE=1024" [ "$max_fds" -lt 1024 ]
+check "descriptor budget: no EMFILE (Too many open files) in the journal" sh -c "journalctl -u fts-tokend --since @$since -o cat > /tmp/budget.journal && ! grep -qiE 'EMFILE|too many open files|errno: 24' /tmp/budget.journal"
+check "descriptor budget: the same process serves on" sh -c "[ \"\$(systemctl is-active fts-tokend)\" = active ] && [ \"\$(systemctl show -p MainPID --value fts-tokend)\" = $pid ]"
+
+# --- 10d. a pipelining flood on the proxy stays far below MemoryMax=192M: 330 connections, each
+# one slow GET and then 200 KiB of small requests pipelined behind it, none read. The proxy keeps
+# a few queued requests per connection and reads no further (ProxyBoundaryTests measure the same
+# outside the unit). Three members of fts-token flood, 110 connections each: a uid holds at most a
+# quarter of the table in requests in flight (451 / 4 here), and one that asks for more is refused
+# and closed, which would end most of a one-user flood at once. The lab's memory controller is
+# read-only (cgroup v1): MemoryMax= is not enforced there and MemoryCurrent is "[not set]", so the
+# daemon's peak RSS (VmHWM) is the measure, and MemoryCurrent as well where the unit has one.
+slow=$'GET /api/slow?ms=10000 HTTP/1.1\r\nHost: localhost\r\n\r\n'
+rss_before=$(awk '/^VmRSS:/ { print $2 }' /proc/$pid/status)
+restarts_before=$(prop fts-tokend NRestarts)
+sample_start /tmp/flood.samples "$pid"
+for user in reader unlisted supplementary; do
+    conns_start "flood-$user" "$user" flood 50 110 /run/fts-tokend/api.sock "$slow" "$slow" $((200 << 10))
+done
+if conns_ready flood-reader flood-unlisted flood-supplementary; then
+    ok "proxy flood: three members of fts-token open 110 connections each, pipelining up to 200 KiB behind a slow GET without reading"
+else
+    bad "proxy flood: three members of fts-token open 110 connections each, pipelining up to 200 KiB behind a slow GET without reading"
+fi
+sleep 5
+check "proxy flood: meanwhile a new client of the token socket gets the token" sh -c 'runuser -u listed -- curl -sf --max-time 20 --unix-socket /run/fts-tokend/tokend.sock http://localhost/token | grep -q "^ey"'
+flood=$(jq -s -r '"\(map(.opened) | add) connections open, \(map(.sentKiB) | add) KiB sent, \(map(.full) | add) of them sent all 200 KiB"' /tmp/flood-*.status 2>/dev/null)
+conns_stop flood-reader flood-unlisted flood-supplementary
+sample_stop
+closed=$(jq -s 'map(.closed) | add' /tmp/flood-*.status 2>/dev/null)
+peak_kib=$(awk '/^VmHWM:/ { print $2 }' /proc/$pid/status)
+max_rss=$(most /tmp/flood.samples 2)
+memory_current=$(most /tmp/flood.samples 3)
+[ "$memory_current" = 0 ] && memory_current="[not set]"
+echo "proxy flood: $flood; $closed closed by the daemon before the end; RSS $((rss_before / 1024)) MiB before, at most $((max_rss / 1024)) MiB sampled, peak (VmHWM) $((peak_kib / 1024)) MiB; MemoryCurrent at most $memory_current; at most $(most /tmp/flood.samples 1) descriptors"
+check "proxy flood: the daemon survives it (active, same MainPID, no restart)" sh -c "[ \"\$(systemctl is-active fts-tokend)\" = active ] && [ \"\$(systemctl show -p MainPID --value fts-tokend)\" = $pid ] && [ \"\$(systemctl show -p NRestarts --value fts-tokend)\" = $restarts_before ]"
+check "proxy flood: peak RSS $((peak_kib / 1024)) MiB ($((rss_before / 1024)) MiB before), MemoryCurrent at most $memory_current: under half of MemoryMax=192M" sh -c "[ 0$rss_before -gt 0 ] && [ 0$peak_kib -lt $((96 << 10)) ] && { [ '$memory_current' = '[not set]' ] || [ '$memory_current' -lt $((96 << 20)) ]; }"
+check "proxy flood: afterwards a reader's request is served" eventually 40 sh -c "$(declare -f echo_as); echo_as reader | jq -e .tokenValid"
+check "proxy flood: no EMFILE (Too many open files) in the journal" sh -c "! journalctl -u fts-tokend --since @$since -o cat | grep -qiE 'EMFILE|too many open files|errno: 24'"
+install -m 0644 /tmp/config.good /etc/fts-tokend/config.json
+systemctl reload fts-tokend
+
 # --- 6. journald fields
 check "journal entries carry FTS_EVENT=login_ok" sh -c 'journalctl -u fts-tokend FTS_EVENT=login_ok -o json | jq -e "select(.FTS_TOKEN_FP != null and .FTS_EXPIRES_AT != null)" | grep -q .'
 check "journal entries carry PRIORITY and CODE_FILE" sh -c 'journalctl -u fts-tokend FTS_EVENT=token_written -o json | jq -e "select(.PRIORITY == \"6\" and .CODE_FILE != null and .SYSLOG_IDENTIFIER == \"fts-tokend\")" | grep -q .'
