@@ -13,7 +13,8 @@ import TokenDaemon
         // READY=1 waited for the socket too.
         let token = try await Command.curl("/token", socket: harness.socketPath)
         #expect(token.status == 200)
-        #expect(token.body == harness.token)
+        // Compared by fingerprint: a failed expectation prints both sides.
+        #expect(Fingerprint.of(token.body) == harness.token.map(Fingerprint.of))
         #expect(harness.mock.accepts(token.body))
         #expect(token.headers.contains("Cache-Control: no-store"))
         #expect(token.headers.contains("Content-Type: text/plain"))
@@ -23,7 +24,7 @@ import TokenDaemon
         #expect(json.body == harness.folder.read("run/token.json"))
 
         let headers = try await Command.curl("/headers", socket: harness.socketPath)
-        #expect(headers.body == harness.folder.read("run/headers"))
+        #expect(Fingerprint.of(headers.body) == harness.folder.read("run/headers").map(Fingerprint.of))
 
         let health = try await Command.curl("/healthz", socket: harness.socketPath)
         #expect(health.status == 200)
@@ -74,7 +75,7 @@ import TokenDaemon
         let started = Date()
         let timedOut = try await Command.curl("/token?wait=1&after=\(fingerprint)", socket: harness.socketPath)
         #expect(timedOut.status == 200)
-        #expect(timedOut.body == first.body)
+        #expect(Fingerprint.of(timedOut.body) == Fingerprint.of(first.body))
         #expect(Date().timeIntervalSince(started) >= 0.9)
 
         // A rotation wakes it long before its 30 s timeout.
@@ -84,13 +85,16 @@ import TokenDaemon
         let rotated = try await woken
         let arrived = Date().timeIntervalSince1970
         #expect(rotated.status == 200)
-        #expect(rotated.body != first.body)
+        #expect(Fingerprint.of(rotated.body) != Fingerprint.of(first.body))
         #expect(harness.mock.accepts(rotated.body))
         let issued = try #require(harness.mock.stats.loginTimes.last)
         #expect(arrived - issued < 10, "woken \(arrived - issued) s after the login")
 
         // A stale fingerprint answers at once.
-        #expect(try await Command.curl("/token?wait=30&after=old", socket: harness.socketPath).body == rotated.body)
+        #expect(
+            Fingerprint.of(try await Command.curl("/token?wait=30&after=old", socket: harness.socketPath).body)
+                == Fingerprint.of(rotated.body)
+        )
         await harness.stop()
     }
 
