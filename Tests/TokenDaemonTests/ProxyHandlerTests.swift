@@ -538,12 +538,12 @@ private final class FakeUpstream: UpstreamSource {
     var busy = false
     /// Whether body writes complete at once.
     var writesComplete = true
-    private var held: [(Int, (Result<FakeLink, UpstreamError>) -> Void)] = []
+    private var held: [(Int, (Result<any UpstreamLink, UpstreamError>) -> Void)] = []
     private var nextWait = 0
 
     init(loop: EmbeddedEventLoop) { self.loop = loop }
 
-    func acquire(for peer: PeerKey, _ then: @escaping (Result<FakeLink, UpstreamError>) -> Void) -> Int? {
+    func acquireLink(for peer: PeerKey, _ then: @escaping (Result<any UpstreamLink, UpstreamError>) -> Void) -> Int? {
         if busy {
             then(.failure(.busy))
             return nil
@@ -572,7 +572,7 @@ private final class FakeUpstream: UpstreamSource {
 
     func cancelWait(_ id: Int) { cancelledWaits.append(id) }
 
-    func release(_ link: FakeLink) { released.append(link) }
+    func releaseLink(_ link: any UpstreamLink) { released.append(link as! FakeLink) }
 }
 
 private final class FakeLink: UpstreamLink {

@@ -30,15 +30,15 @@ import Foundation
 ///    saying what happened (`TokenRefresh`);
 /// 5. an upstream that cannot be reached or does not answer in time: 502 or 504 if nothing was
 ///    sent back yet, otherwise the connection is closed (a truncated answer must not look whole).
-final class ProxyHandler<Upstream: UpstreamSource>: ChannelDuplexHandler, UpstreamResponder {
+final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundIn = HTTPServerResponsePart
     typealias OutboundOut = HTTPServerResponsePart
-    typealias Exchange = ProxyExchange<Upstream.Link>
+    typealias Exchange = ProxyExchange
 
     private let shared: ProxyShared
     private let listener: ProxyRules.Listener
-    private let upstream: Upstream
+    private let upstream: any UpstreamSource
     private let loop: any EventLoop
     private var context: ChannelHandlerContext?
     private var peer: PeerCredentials?
@@ -56,7 +56,7 @@ final class ProxyHandler<Upstream: UpstreamSource>: ChannelDuplexHandler, Upstre
     private var report: (RejectionReport, decided: EventLoopPromise<Void>)?
     private var tokenWait: (id: Int, timeout: Scheduled<Void>)?
 
-    init(shared: ProxyShared, listener: ProxyRules.Listener, upstream: Upstream, loop: any EventLoop) {
+    init(shared: ProxyShared, listener: ProxyRules.Listener, upstream: any UpstreamSource, loop: any EventLoop) {
         self.shared = shared
         self.listener = listener
         self.upstream = upstream
@@ -177,7 +177,7 @@ final class ProxyHandler<Upstream: UpstreamSource>: ChannelDuplexHandler, Upstre
         case .acquire(let serial):
             acquire(serial)
         case .release(let connection):
-            upstream.release(connection)
+            upstream.releaseLink(connection)
         case .send(let connection, let head, let body, let streamed, let serial, let parts, let end):
             connection.send(head, body: body, streamed: streamed, to: self, attempt: serial)
             for part in parts { write(part, on: connection, serial: serial) }
@@ -198,7 +198,7 @@ final class ProxyHandler<Upstream: UpstreamSource>: ChannelDuplexHandler, Upstre
         }
     }
 
-    private func write(_ part: ByteBuffer, on connection: Upstream.Link, serial: Int) {
+    private func write(_ part: ByteBuffer, on connection: any UpstreamLink, serial: Int) {
         connection.writeBody(part).assumeIsolated().whenComplete { [weak self] result in
             guard let self else { return }
             let ok: Bool
@@ -211,10 +211,10 @@ final class ProxyHandler<Upstream: UpstreamSource>: ChannelDuplexHandler, Upstre
 
     private func acquire(_ serial: Int) {
         let upstream = self.upstream
-        let wait = upstream.acquire(for: PeerKey(uid: peer?.uid)) { [weak self] result in
+        let wait = upstream.acquireLink(for: PeerKey(uid: peer?.uid)) { [weak self] result in
             guard let self else {
                 // The connection closed while the upstream connection was made: it goes back unused.
-                if case .success(let connection) = result { upstream.release(connection) }
+                if case .success(let connection) = result { upstream.releaseLink(connection) }
                 return
             }
             switch result {

@@ -95,11 +95,11 @@ public final class ProxyServer: Sendable {
 
     /// The proxy's handlers after the idle timer, on `channel`'s loop: what a connection is served by
     /// (the server's pipeline and the handler's tests build it here alike).
-    static func addHandlers<Upstream: UpstreamSource>(
+    static func addHandlers(
         to channel: any Channel,
         shared: ProxyShared,
         listener: ProxyRules.Listener,
-        upstream: Upstream
+        upstream: any UpstreamSource
     ) throws {
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderFieldSize = headLimit

@@ -100,6 +100,7 @@ struct PeerKey: Hashable, Sendable {
 ///    connections close after `idleTimeout`, and any the upstream closes leave the pool at once;
 /// 5. a waiter whose client went away is withdrawn (`cancelWait`) and takes no connection.
 final class UpstreamPool: UpstreamSource {
+
     static let idleTimeout = TimeAmount.seconds(60)
 
     let loop: any EventLoop
@@ -346,6 +347,18 @@ final class UpstreamPool: UpstreamSource {
             waiter.then(.failure(.connect("the proxy is stopping")))
         }
         publish()
+    }
+}
+
+/// The pool as the proxy's exchange sees it (`UpstreamSource`).
+extension UpstreamPool {
+    func acquireLink(for peer: PeerKey, _ then: @escaping (Result<any UpstreamLink, UpstreamError>) -> Void) -> Int? {
+        acquire(for: peer) { then($0.map { $0 }) }
+    }
+
+    func releaseLink(_ link: any UpstreamLink) {
+        guard let connection = link as? UpstreamConnection else { return link.cancel() }
+        release(connection)
     }
 }
 
