@@ -1,6 +1,7 @@
 import Foundation
 import TestSupport
 import Testing
+import TokenDaemon
 
 /// The API proxy as a trust boundary (README "API proxy", docs/reliability.md "Trust boundaries"):
 /// each test is an attack a consumer can make on `api.sock`, judged on the exact bytes the upstream
@@ -51,8 +52,15 @@ import Testing
     ) {
         let token = harness.token ?? "?"
         for request in upstream.requests {
-            #expect(Self.fields(request, "authorization") == ["Bearer \(token)"], sourceLocation: sourceLocation)
-            #expect(Self.fields(request, "x-api-key") == [harness.apiKey], sourceLocation: sourceLocation)
+            // By fingerprint: a failed expectation prints its operands.
+            #expect(
+                Self.fields(request, "authorization").map(Fingerprint.of) == [Fingerprint.of("Bearer \(token)")],
+                sourceLocation: sourceLocation
+            )
+            #expect(
+                Self.fields(request, "x-api-key").map(Fingerprint.of) == [Fingerprint.of(harness.apiKey)],
+                sourceLocation: sourceLocation
+            )
             let normalised = request.headers.map { $0.0.lowercased().replacingOccurrences(of: "_", with: "-") }
             #expect(normalised.filter { $0 == "authorization" || $0 == "x-api-key" }.count == 2)
         }
@@ -78,7 +86,8 @@ import Testing
             let next = try await Command.curl("/api/next", socket: ProxyTests.apiSocket(harness))
             #expect(next.status == 200 && next.body == "request 1\n", "\(next.body)")
             #expect(upstream.requests.map(\.uri) == ["/api/next"], "the upstream parsed one request, the client's")
-            #expect(!upstream.rawText.contains("smuggled") && !upstream.rawText.contains("TRACE"))
+            let traceReached = upstream.rawText.contains("smuggled") || upstream.rawText.contains("TRACE")
+            #expect(!traceReached, "nothing of the TRACE reached the upstream")
             Self.expectOnlyTheDaemonsCredentials(upstream, harness: harness)
             let metrics = try await Command.curl("/metrics", socket: harness.socketPath).body
             #expect(metrics.contains(#"fts_tokend_proxy_refusals_total{reason="method"} 2"#), "\(metrics)")
@@ -124,9 +133,14 @@ import Testing
             let bodies = ["", "hello", "world", "a=1&b=2&c=3", "abcdef", "", "{}", "", "xyz"]
             #expect(received.map { String(decoding: $0.body, as: UTF8.self) } == bodies)
             Self.expectOnlyTheDaemonsCredentials(upstream, harness: harness)
-            #expect(!upstream.rawText.contains("stolen") && !upstream.rawText.lowercased().contains("basic"))
+            // Judged as booleans: a failed expectation prints its operands, and these bytes hold the
+            // daemon's credentials.
+            let raw = upstream.rawText
+            let clientsCredentialsPassed = raw.contains("stolen") || raw.lowercased().contains("basic")
+            #expect(!clientsCredentialsPassed, "none of the client's credentials reach the upstream")
             // Nothing after the last request: the last byte the upstream got ends the last request.
-            #expect(upstream.rawText.hasSuffix("\r\n\r\nxyz"))
+            let endsWithTheLastRequest = raw.hasSuffix("\r\n\r\nxyz")
+            #expect(endsWithTheLastRequest, "the upstream's bytes end with the last request's body")
             harness.expectNoSecretsInOutput()
         }
     }
@@ -374,6 +388,96 @@ import Testing
             upstream.release()
             for client in held { #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true) }
             #expect(try await Self.poolDrains(harness))
+        }
+    }
+
+    /// Attack (the second review): one user held the whole pool by sending through both listeners,
+    /// its uid's share on the Unix socket and the TCP clients' share (¾ + ¼ of 4). Requests of TCP
+    /// clients count against every uid's share: another user is served at once.
+    @Test func oneUserThroughBothListenersLeavesAnUpstreamConnectionForAnother() async throws {
+        let port = try ProxyTests.freePort()
+        try await Self.withProxy(
+            #""maxUpstreamConnections": 4, "connectTimeoutSeconds": 120, "listen": "127.0.0.1:\#(port)""#
+        ) { upstream, harness, _ in
+            Self.openToNobody(harness)
+            let socket = ProxyTests.apiSocket(harness)
+            upstream.hold("/held")
+            var held: [UnixSocketClient] = []
+            for index in 0..<3 {
+                let client = try await UnixSocketClient.connect(socket)
+                try await client.send(Self.get("/held/unix-\(index)"))
+                held.append(client)
+            }
+            #expect(await eventually(timeout: 60) { upstream.requests.count == 3 }, "three quarters of 4")
+            var overTCP: [Int32] = []
+            for index in 0..<2 {
+                overTCP.append(
+                    try Self.tcpSend(port, "GET /held/tcp-\(index) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\n\r\n")
+                )
+            }
+            // The TCP requests wait: they count against uid 0's share, which is full.
+            #expect(try await Self.untilPool(harness, waiting: 2), "the TCP requests wait")
+            #expect(upstream.requests.count == 3)
+            let other = try await Command.curl("/api/other", socket: socket, as: (65534, 65534))
+            #expect(other.status == 200 && other.body.hasPrefix("request "), "\(other.status) \(other.body)")
+            upstream.release()
+            for client in held { #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true) }
+            for descriptor in overTCP { close(descriptor) }
+            #expect(try await Self.poolDrains(harness))
+        }
+    }
+
+    /// Whether the pool reports `waiting` requests within 60 s.
+    static func untilPool(_ harness: DaemonHarness, waiting: Int) async throws -> Bool {
+        for _ in 0..<600 {
+            if try await Self.pool(harness).waiting == waiting { return true }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        return false
+    }
+
+    /// A TCP connection to the proxy's listener on `port` that has sent `request`.
+    static func tcpSend(_ port: Int, _ request: String) throws -> Int32 {
+        let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        guard connected == 0, request.withCString({ send(descriptor, $0, strlen($0), 0) }) == request.utf8.count else {
+            close(descriptor)
+            throw POSIXError(.ECONNREFUSED)
+        }
+        return descriptor
+    }
+
+    /// Attack (the second review): an upstream that sent a body after its answer to HEAD left those
+    /// bytes on the pooled connection, and the request that waited for it (another client's) was
+    /// sent on it and read them as its answer: 502. The connection goes back to the pool only once
+    /// its read burst is decoded; the stray bytes close it, and the waiting request gets another.
+    @Test func bytesAnUpstreamSendsAfterABodilessAnswerNeverReachTheNextRequest() async throws {
+        try await Self.withProxy(#""maxUpstreamConnections": 1, "connectTimeoutSeconds": 120"#) {
+            upstream,
+            harness,
+            _ in
+            let socket = ProxyTests.apiSocket(harness)
+            upstream.hold("/held")
+            let head = try await UnixSocketClient.connect(
+                socket,
+                sending: Array("HEAD /held/headbody HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
+            )
+            #expect(await eventually(timeout: 60) { upstream.requests.count == 1 })
+            let next = try await UnixSocketClient.connect(socket, sending: Self.get("/after"))
+            #expect(try await Self.untilPool(harness, waiting: 1))
+            upstream.release()
+            #expect(String(decoding: await head.readSome(timeout: 60), as: UTF8.self).hasPrefix("HTTP/1.1 200"))
+            let answer = await next.readAnswer(timeout: 60) ?? ""
+            #expect(answer.hasPrefix("HTTP/1.1 200") && answer.hasSuffix("request 2\n"), "\(answer)")
+            #expect(upstream.connections == 2, "the connection that had stray bytes served no one again")
         }
     }
 

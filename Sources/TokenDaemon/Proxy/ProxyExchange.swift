@@ -288,7 +288,10 @@ struct ProxyExchange {
         state = .receiving(request, kept: ByteBuffer(), budgeted: 0)
         // The body is read before the request goes out: a client waiting for 100 Continue is told
         // to send it now (the upstream never sees Expect).
-        if request.head.headers.first(name: "expect")?.lowercased() == "100-continue" {
+        // (An HTTP/1.0 client's expectation is ignored: RFC 9110 §10.1.1.)
+        if request.head.version.major == 1, request.head.version.minor >= 1,
+            request.head.headers.first(name: "expect")?.lowercased() == "100-continue"
+        {
             return .sendContinue(request.head.version)
         }
         return .none
@@ -611,7 +614,9 @@ struct ProxyExchange {
             hasLength: head.headers.contains(name: "content-length")
         )
         if framing == .chunked { head.headers.add(name: "Transfer-Encoding", value: "chunked") }
-        let closes = !request.head.isKeepAlive || framing == .untilClose
+        // An answer that comes before the client's body ended closes the connection after it
+        // (`upstreamEnd`): the head says so.
+        let closes = !request.head.isKeepAlive || framing == .untilClose || !requestEnded
         if closes {
             head.headers.replaceOrAdd(name: "Connection", value: "close")
         } else if request.head.version.minor == 0 {

@@ -12,7 +12,10 @@ import NIOHTTP1
 ///    bodies, and nothing more is read from the connection while any wait;
 /// 3. past either bound (one read decodes many small requests at once), the rest is dropped: the
 ///    requests queued before it are answered, then the connection closes. A client that counts its
-///    answers sends the unanswered requests again on a new connection, as after any server close.
+///    answers sends the unanswered requests again on a new connection, as after any server close;
+/// 4. bytes that do not decode behind requests read whole (or any after `Connection: close`) are
+///    treated alike: what was read whole is answered, then the connection closes, with no 400 in
+///    front of an answer to a request the upstream has.
 ///
 /// The rules live in `ProxyRequestQueue.Machine` (no I/O); the handler performs its actions.
 final class ProxyRequestQueue: ChannelDuplexHandler {
@@ -95,6 +98,19 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
             }
         }
 
+        /// The decoder could not read what followed the requests read so far (malformed bytes, or
+        /// any after a request that said `Connection: close`). With a request whose parts all
+        /// arrived still being answered, that answer goes out, the requests queued whole before the
+        /// bad bytes are answered, and the connection closes: true. Otherwise (nothing to answer, or
+        /// the bad bytes are inside the request being read) false: the error handler answers 400
+        /// and the connection closes.
+        mutating func malformed() -> Bool {
+            if overflowed || closing { return true }
+            guard answering, !requestOpen else { return false }
+            overflow()
+            return true
+        }
+
         /// The answer being written closes the connection (`Connection: close`): no request queued
         /// behind it may reach the handler, which would send it upstream although the client is
         /// told the connection ends here, and may send it again.
@@ -156,6 +172,15 @@ final class ProxyRequestQueue: ChannelDuplexHandler {
         case .dropped:
             break
         }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard error is HTTPParserError || error is ByteToMessageDecoderError, machine.malformed() else {
+            return context.fireErrorCaught(error)
+        }
+        // Answered first, then closed (`Machine.malformed`): a 400 now would answer a request
+        // the upstream has, and may have run.
+        releaseBudget()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

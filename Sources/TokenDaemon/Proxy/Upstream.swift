@@ -89,8 +89,9 @@ struct PeerKey: Hashable, Sendable {
 /// 1. at most `limit` connections open or being made; requests beyond wait, first come first
 ///    served, each at most `waitTimeout` (then it fails with `.busy`: the client gets 503);
 /// 2. no peer holds more than `perPeerLimit` of them (connections serving its requests or being
-///    made for them): its further requests wait while another peer's are served, so one user
-///    cannot starve the others;
+///    made for them), counting the requests of unknown peers (TCP clients) as every uid's: its
+///    further requests wait while another peer's are served, so one user, on either listener or
+///    both, cannot starve the others;
 /// 3. a slot is taken when a connection is begun and given back exactly once, when that
 ///    connection's close future fires, whatever state it closed in (made, connecting, cancelled
 ///    before it was active, idle, busy), or when no channel was ever made: nothing can leak it;
@@ -202,7 +203,18 @@ final class UpstreamPool: UpstreamSource {
         return waiters.contains { $0.id == id } ? id : nil
     }
 
-    private func hasShare(_ peer: PeerKey) -> Bool { busyByPeer[peer, default: 0] < perPeerLimit }
+    /// Whether `peer` may have one more connection (guarantee 2). Requests of unknown peers (every
+    /// TCP client: any local user may be behind one) count against every uid's share, and the
+    /// busiest uid's against theirs: one user who sends through both listeners still leaves
+    /// `limit - perPeerLimit` connections to the others (with separate shares, ¾ + ¾ took the pool).
+    private func hasShare(_ peer: PeerKey) -> Bool {
+        let unknown = busyByPeer[PeerKey(uid: nil), default: 0]
+        guard peer.uid != nil else {
+            let busiest = busyByPeer.lazy.filter { $0.key.uid != nil }.map(\.value).max() ?? 0
+            return unknown + busiest < perPeerLimit
+        }
+        return busyByPeer[peer, default: 0] + unknown < perPeerLimit
+    }
 
     private func begin(_ slot: Slot, for peer: PeerKey) {
         slot.owner = peer
@@ -381,6 +393,15 @@ final class UpstreamConnection: ChannelDuplexHandler, UpstreamLink {
     private var readHeld = false
     private var requestEnded = false
     private var keepAlive = true
+    /// Inside a read burst: a connection whose answer could carry no body (to HEAD; 1xx, 204,
+    /// 304) goes back to the pool at the burst's end, so that a body the upstream sent anyway is
+    /// decoded first, and closes the connection, rather than reaching the next request sent on it.
+    /// (Other answers end where their framing says: the connection goes back at once, and a
+    /// request pipelined behind finds it.)
+    private var reading = false
+    private var releaseWhenReadEnds = false
+    private var requestMethod = HTTPMethod.GET
+    private var answerIsBodiless = false
     private var silence: Scheduled<Void>?
     private var idleClose: Scheduled<Void>?
     /// Requests served before the current one: a failure before any answer on a reused connection
@@ -440,6 +461,7 @@ final class UpstreamConnection: ChannelDuplexHandler, UpstreamLink {
     {
         guard let context else { return responder.upstreamFailed(.closed, attempt: attempt) }
         self.responder = (responder, attempt)
+        requestMethod = head.method
         requestEnded = !streamed
         keepAlive = true
         armSilence()
@@ -473,13 +495,27 @@ final class UpstreamConnection: ChannelDuplexHandler, UpstreamLink {
     // MARK: The answer
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        reading = true
+        // Bytes no request asked for (the connection is idle, or its answer already ended): the
+        // upstream and this connection disagree on where answers end, so it serves no one again.
+        guard responder != nil else {
+            releaseWhenReadEnds = false
+            parts.removeAll()
+            close()
+            return
+        }
         armSilence()
         parts.append(unwrapInboundIn(data))
         deliver()
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
+        reading = false
         if let (responder, attempt) = responder { responder.upstreamReadComplete(attempt: attempt) }
+        if releaseWhenReadEnds {
+            releaseWhenReadEnds = false
+            if context.channel.isActive { pool.value.release(self) }
+        }
         context.fireChannelReadComplete()
     }
 
@@ -497,6 +533,7 @@ final class UpstreamConnection: ChannelDuplexHandler, UpstreamLink {
             switch part {
             case .head(let head):
                 keepAlive = head.isKeepAlive
+                answerIsBodiless = requestMethod == .HEAD || !head.status.mayHaveResponseBody
                 wait(for: responder.upstreamHead(head, attempt: attempt))
             case .body(let body):
                 wait(for: responder.upstreamBody(body, attempt: attempt))
@@ -522,9 +559,10 @@ final class UpstreamConnection: ChannelDuplexHandler, UpstreamLink {
         silence?.cancel()
         guard let (responder, attempt) = responder else { return }
         self.responder = nil
-        // Back to the pool first: a replay the responder starts at once can have this connection.
+        // Back to the pool first (a replay the responder starts at once can have this connection),
+        // or at the end of the read burst that brought the answer's end (see `reading`).
         if keepAlive && requestEnded && parts.isEmpty {
-            pool.value.release(self)
+            if reading && answerIsBodiless { releaseWhenReadEnds = true } else { pool.value.release(self) }
         } else {
             close()
         }
