@@ -17,7 +17,7 @@ SYSUSERSDIR ?= /usr/lib/sysusers.d
 TMPFILESDIR ?= /usr/lib/tmpfiles.d
 DEB := dist/fts-tokend_$(VERSION)_amd64.deb
 
-.PHONY: all deps build test test-contrib test-examples man completions lint format test-system soak demo release install deb bench bench-smoke clean
+.PHONY: all deps build test test-contrib test-examples man completions lint format test-system soak demo release install deb bench bench-instructions bench-smoke clean
 
 all: build
 
@@ -164,6 +164,14 @@ soak: deps
 	  $(SWIFT) test --skip-build --filter '$(CHAOS_SUITES)' 2>&1 | tee dist/soak.log
 	set -o pipefail; bash Fuzz/run.sh $(FUZZ_SECONDS) 2>&1 | tee -a dist/soak.log
 	grep '^scenario: ' dist/soak.log > dist/soak.txt; cat dist/soak.txt
+
+## bench-instructions: instructions the daemon executes per proxied request (callgrind; a figure that
+## repeats on a shared machine where requests per second do not); BENCH_BINARIES to compare several
+BENCH_BINARIES ?= $(RELEASE_BIN)
+bench-instructions: release dist/uds-load
+	@command -v nginx >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq nginx-light; }
+	@command -v valgrind >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq valgrind; }
+	python3 bench/proxy-instructions.py $(foreach b,$(BENCH_BINARIES),--binary $(b)) --load dist/uds-load
 
 ## bench-smoke: one short round of every benchmark, to keep the script working (writes to dist/)
 bench-smoke: BENCH_FLAGS = --smoke --output dist/benchmarks-smoke.md
