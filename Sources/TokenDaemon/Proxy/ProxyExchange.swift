@@ -286,7 +286,11 @@ struct ProxyExchange {
     /// A request the handler admitted (the gates before it: `ProxyRules.refusal`, the allow lists,
     /// a valid token, the peer's share).
     mutating func begin(_ request: Request) -> Action {
-        guard case .idle = state else { preconditionFailure("a request began during another (the queue passes one)") }
+        guard case .idle = state else {
+            // `ProxyRequestQueue` hands on one request at a time; should another come, nothing on
+            // this connection can be trusted to line up: it closes (not the daemon).
+            return .close(end())
+        }
         state = .receiving(request, kept: ByteBuffer(), budgeted: 0)
         // The body is read before the request goes out: a client waiting for 100 Continue is told
         // to send it now (the upstream never sees Expect).
