@@ -264,9 +264,13 @@ import TokenDaemon
         var idleSince = Date()
         let oldestSince = Date()
         for _ in 0..<3 {
-            let client = try await UnixSocketClient.connect(harness.socketPath)
+            // Connected and sent on one thread: between two awaits a full run's busy executor once
+            // left a connection quiet past the 10 s idle timeout, and the send met a closed socket.
             idleSince = Date()
-            try await client.send(Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+            let client = try await UnixSocketClient.connect(
+                harness.socketPath,
+                sending: Array("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".utf8)
+            )
             #expect(await client.readAnswer(timeout: 60)?.hasPrefix("HTTP/1.1 200") == true)
             clients.append(client)
         }
