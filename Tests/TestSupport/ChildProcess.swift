@@ -61,8 +61,12 @@ public final class ChildProcess: Sendable {
         await spawned.waitForExit(timeout: timeout)
     }
 
-    public var standardOutput: String { (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? "" }
-    public var standardError: String { (try? String(contentsOfFile: errorPath, encoding: .utf8)) ?? "" }
+    public var standardOutput: String {
+        readFileWithoutThrowing(outputPath).map { String(decoding: $0, as: UTF8.self) } ?? ""
+    }
+    public var standardError: String {
+        readFileWithoutThrowing(errorPath).map { String(decoding: $0, as: UTF8.self) } ?? ""
+    }
     public var allOutput: String { standardOutput + standardError }
 }
 

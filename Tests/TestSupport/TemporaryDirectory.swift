@@ -37,8 +37,9 @@ public final class TemporaryDirectory: Sendable {
         return target
     }
 
+    /// The file's text, or nil when it cannot be read (`readFileWithoutThrowing`).
     public func read(_ name: String) -> String? {
-        FileManager.default.contents(atPath: file(name)).map { String(decoding: $0, as: UTF8.self) }
+        readFileWithoutThrowing(file(name)).map { String(decoding: $0, as: UTF8.self) }
     }
 
     public func mode(_ name: String) -> mode_t? {
@@ -66,5 +67,25 @@ public final class TemporaryDirectory: Sendable {
 
     public func entries(_ folder: String = "") -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: folder.isEmpty ? path : file(folder))) ?? []).sorted()
+    }
+}
+
+/// The bytes of the file at `path`, or nil when it cannot be read. With open(2) and read(2), not
+/// Foundation: Foundation throws inside for a missing file, and Swift Testing captures a backtrace,
+/// under one lock for the whole process, for every error thrown. Tests poll files every 10 ms while
+/// they wait; in a loaded full run those captures held every test's threads for a minute (seen in
+/// stack dumps).
+public func readFileWithoutThrowing(_ path: String) -> [UInt8]? {
+    let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+    guard descriptor >= 0 else { return nil }
+    defer { close(descriptor) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = read(descriptor, &buffer, buffer.count)
+        if count < 0, errno == EINTR { continue }
+        guard count >= 0 else { return nil }
+        if count == 0 { return bytes }
+        bytes += buffer[0..<count]
     }
 }

@@ -44,7 +44,7 @@ final class TokenWatcher: @unchecked Sendable {
         self.interval = interval
         func file(_ name: String) -> () -> Data? {
             let path = harness.folder.file("run/" + name)
-            return { FileManager.default.contents(atPath: path) }
+            return { readFileWithoutThrowing(path).map { Data($0) } }
         }
         var sources: [(name: String, fetch: () -> Data?, extract: (Data) -> String?)] = [
             ("token", file("token"), { String(decoding: $0, as: UTF8.self) }),
