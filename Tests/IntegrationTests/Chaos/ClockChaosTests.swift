@@ -38,15 +38,17 @@ import TokenDaemon
     }
 
     @Test func aForwardStepPastExpiryReplacesTheTokenOnTheNextTick() async throws {
-        let harness = try await DaemonHarness(ttl: 20, refresh: .chaos)
+        // 120 s tokens: the replacement must come before the unstepped refresh (a share of the
+        // lifetime), and with 20 s tokens a loaded full run took longer than that margin.
+        let harness = try await DaemonHarness(ttl: 120, refresh: .chaos)
         let clock = SteppedClock()
         let daemon = try runDaemon(harness, clock: clock)
         #expect(await eventually { harness.token.map(harness.mock.accepts) == true })
         let first = try #require(harness.token)
-        // Without the step, the token would be replaced at its refresh (refreshAt × 20 s, less the
+        // Without the step, the token would be replaced at its refresh (refreshAt × 120 s, less the
         // jitter): a replacement before then is the step's doing, however slow the machine.
         let chaos = DaemonHarness.Refresh.chaos
-        let unsteppedRefresh = Date().addingTimeInterval(20 * (chaos.refreshAt - chaos.jitter))
+        let unsteppedRefresh = Date().addingTimeInterval(120 * (chaos.refreshAt - chaos.jitter))
         let watcher = TokenWatcher(harness)
 
         clock.step(by: 3600)
