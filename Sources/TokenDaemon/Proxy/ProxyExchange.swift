@@ -261,11 +261,6 @@ struct ProxyExchange {
         }
     }
 
-    var isIdle: Bool {
-        if case .idle = state { return true }
-        return false
-    }
-
     /// When the current attempt was sent, if `serial` is it.
     func sentAt(_ serial: Int) -> NIODeadline? {
         guard case .sending(_, let attempt, _) = state, attempt.serial == serial else { return nil }
@@ -358,20 +353,21 @@ struct ProxyExchange {
     /// A body past `maxRequestBodyBytes`: 413 if the client has no answer yet, otherwise the
     /// connection closes; whatever was sent upstream is abandoned.
     private mutating func tooLarge() -> Action {
-        let answered: Bool
-        if case .sending(_, let attempt, _) = state, case .streaming = attempt.answer {
-            answered = true
-        } else {
-            answered = false
-        }
-        guard let ended = end() else { return .none }
-        guard !answered else { return .close(ended) }
-        let refusal = ProxyRules.Refusal(
-            status: .payloadTooLarge,
-            reason: .tooLarge,
-            message: "request body over outputs.proxy.maxRequestBodyBytes"
+        endEarly(
+            ProxyRules.Refusal(
+                status: .payloadTooLarge,
+                reason: .tooLarge,
+                message: "request body over outputs.proxy.maxRequestBodyBytes"
+            )
         )
-        return .refuse(ended, refusal, close: true)
+    }
+
+    /// Ends the exchange before its answer is whole: the client gets `refusal` (and the connection
+    /// closes after it) if nothing of an answer went out yet; otherwise the connection just closes.
+    private mutating func endEarly(_ refusal: ProxyRules.Refusal) -> Action {
+        let answerStarted = forwardsAnswerBody
+        guard let ended = end() else { return .none }
+        return answerStarted ? .close(ended) : .refuse(ended, refusal, close: true)
     }
 
     mutating func requestEnd() -> Action {
@@ -641,8 +637,13 @@ struct ProxyExchange {
 
     /// Whether a part of attempt `serial`'s answer goes to the client (a dropped answer's does not).
     func forwardsAnswerBody(serial: Int) -> Bool {
-        guard case .sending(_, let attempt, _) = state, attempt.serial == serial, case .streaming = attempt.answer
-        else { return false }
+        guard case .sending(_, let attempt, _) = state, attempt.serial == serial else { return false }
+        return forwardsAnswerBody
+    }
+
+    /// The client has the head of the current attempt's answer, and its body follows.
+    private var forwardsAnswerBody: Bool {
+        guard case .sending(_, let attempt, _) = state, case .streaming = attempt.answer else { return false }
         return true
     }
 
@@ -713,16 +714,13 @@ struct ProxyExchange {
             return .close(nil)
         case .receiving, .ready, .sending:
             guard !requestEnded, !holdsReads else { return .none }
-            var answered = false
-            if case .sending(_, let attempt, _) = state, case .streaming = attempt.answer { answered = true }
-            guard let ended = end() else { return .none }
-            guard !answered else { return .close(ended) }
-            let refusal = ProxyRules.Refusal(
-                status: .requestTimeout,
-                reason: .stalled,
-                message: "the request body stopped arriving"
+            return endEarly(
+                ProxyRules.Refusal(
+                    status: .requestTimeout,
+                    reason: .stalled,
+                    message: "the request body stopped arriving"
+                )
             )
-            return .refuse(ended, refusal, close: true)
         case .awaitingToken, .modifying:
             return .none
         }
