@@ -218,6 +218,13 @@ import TokenDaemon
 
     static func get(_ path: String) -> [UInt8] { Array("GET \(path) HTTP/1.1\r\nHost: x\r\n\r\n".utf8) }
 
+    /// A connection for each of `paths`, each having sent its GET (in order, one after the other).
+    static func requests(_ paths: [String], on socket: String) async throws -> [UnixSocketClient] {
+        var clients: [UnixSocketClient] = []
+        for path in paths { clients.append(try await UnixSocketClient.connect(socket, sending: Self.get(path))) }
+        return clients
+    }
+
     /// Attack (the review's wedge): clients that hang up at every stage of an exchange (while its
     /// connection is being made, while it waits for one, once the request is out, mid-answer),
     /// over a thousand times. Before, a connection closed inside its connect future never gave its
@@ -374,12 +381,7 @@ import TokenDaemon
             Self.openToNobody(harness)
             let socket = ProxyTests.apiSocket(harness)
             upstream.hold("/held")
-            var held: [UnixSocketClient] = []
-            for index in 0..<10 {
-                let client = try await UnixSocketClient.connect(socket)
-                try await client.send(Self.get("/held/\(index)"))
-                held.append(client)
-            }
+            let held = try await Self.requests((0..<10).map { index in "/held/\(index)" }, on: socket)
             #expect(await eventually(timeout: 60) { upstream.requests.count == 3 }, "three quarters of 4")
             #expect(try await Self.pool(harness).waiting == 7)
             let other = try await Command.curl("/api/other", socket: socket, as: (65534, 65534))
@@ -402,12 +404,7 @@ import TokenDaemon
             Self.openToNobody(harness)
             let socket = ProxyTests.apiSocket(harness)
             upstream.hold("/held")
-            var held: [UnixSocketClient] = []
-            for index in 0..<3 {
-                let client = try await UnixSocketClient.connect(socket)
-                try await client.send(Self.get("/held/unix-\(index)"))
-                held.append(client)
-            }
+            let held = try await Self.requests((0..<3).map { index in "/held/unix-\(index)" }, on: socket)
             #expect(await eventually(timeout: 60) { upstream.requests.count == 3 }, "three quarters of 4")
             var overTCP: [Int32] = []
             for index in 0..<2 {
