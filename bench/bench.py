@@ -320,6 +320,40 @@ http {{
     return subprocess.Popen([nginx, "-c", config, "-e", f"{folder}/nginx-error.log"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def start_upstream(lab, plain_port, tls_port=None, big=0):
+    """The upstream of section 7: nginx serving `/data.json` (a 1 KB JSON) and, with `big`, a file
+    of that many bytes as `/big.bin`, on loopback HTTP (and HTTPS with the lab's certificate on
+    `tls_port`). Returns the nginx process, once it answers."""
+    # nginx's workers run as nobody: they need to reach the files they serve (the secrets stay 0600).
+    os.chmod(lab.folder, 0o711)
+    www = lab.path("www")
+    os.makedirs(www)
+    os.chmod(www, 0o755)
+    record = '{"id":%d,"headline":"Markets open higher as rates hold","source":"fts","score":0.%04d}'
+    items, size = [], 2
+    while size < 1000:
+        items.append(record % (len(items), len(items)))
+        size += len(items[-1]) + 1
+    with open(os.path.join(www, "data.json"), "w") as handle:
+        handle.write("[" + ",".join(items) + "]")
+    os.chmod(os.path.join(www, "data.json"), 0o644)
+    if big:
+        with open(os.path.join(www, "big.bin"), "wb") as handle:
+            handle.truncate(big)
+        os.chmod(os.path.join(www, "big.bin"), 0o644)
+    tls = f"""
+    listen 127.0.0.1:{tls_port} ssl;
+    ssl_certificate {lab.path("server.pem")}; ssl_certificate_key {lab.path("server.key")};""" if tls_port else ""
+    process = start_nginx_config(lab.folder, "upstream", f"""
+  server {{
+    listen 127.0.0.1:{plain_port};{tls}
+    root {www};
+    location = /data.json {{ default_type application/json; }}
+  }}""")
+    Lab.wait_for(lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{plain_port}/data.json"]).returncode == 0, 10)
+    return process
+
+
 def proxy_benchmark(args, say, goals):
     """Section 7: the API proxy against nginx as a reverse proxy, both in front of one nginx upstream
     (a 1 KB JSON and a 100 MB file, over HTTP and HTTPS), both reached on Unix sockets."""
@@ -329,33 +363,9 @@ def proxy_benchmark(args, say, goals):
     lab = Lab(args.binary, ttl=3600, tls=True)  # the CA and localhost certificate serve the upstream
     processes = []
     try:
-        # nginx's workers run as nobody: they need to reach the files they serve (the secrets stay 0600).
-        os.chmod(lab.folder, 0o711)
-        www = lab.path("www")
-        os.makedirs(www)
-        os.chmod(www, 0o755)
-        record = '{"id":%d,"headline":"Markets open higher as rates hold","source":"fts","score":0.%04d}'
-        items, size = [], 2
-        while size < 1000:
-            items.append(record % (len(items), len(items)))
-            size += len(items[-1]) + 1
-        with open(os.path.join(www, "data.json"), "w") as handle:
-            handle.write("[" + ",".join(items) + "]")
-        os.chmod(os.path.join(www, "data.json"), 0o644)
         big = 20_000_000 if args.smoke else 100_000_000
-        with open(os.path.join(www, "big.bin"), "wb") as handle:
-            handle.truncate(big)
-        os.chmod(os.path.join(www, "big.bin"), 0o644)
         plain_port, tls_port = free_port(), free_port()
-        processes.append(start_nginx_config(lab.folder, "upstream", f"""
-  server {{
-    listen 127.0.0.1:{plain_port};
-    listen 127.0.0.1:{tls_port} ssl;
-    ssl_certificate {lab.path("server.pem")}; ssl_certificate_key {lab.path("server.key")};
-    root {www};
-    location = /data.json {{ default_type application/json; }}
-  }}"""))
-        Lab.wait_for(lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{plain_port}/data.json"]).returncode == 0, 10)
+        processes.append(start_upstream(lab, plain_port, tls_port, big))
         lab.configure()
         results = {}
         for scheme, upstream in (("http", f"http://127.0.0.1:{plain_port}"), ("https", f"https://localhost:{tls_port}")):

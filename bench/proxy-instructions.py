@@ -36,21 +36,8 @@ def measure(binary, load, seconds):
     processes = []
     rows = []
     try:
-        os.chmod(lab.folder, 0o711)
-        www = lab.path("www")
-        os.makedirs(www)
-        os.chmod(www, 0o755)
-        with open(os.path.join(www, "data.json"), "w") as handle:
-            handle.write(json.dumps([{"id": n, "headline": "Markets open higher", "score": n / 7} for n in range(16)]))
-        os.chmod(os.path.join(www, "data.json"), 0o644)
         port = bench.free_port()
-        processes.append(bench.start_nginx_config(lab.folder, "upstream", f"""
-  server {{
-    listen 127.0.0.1:{port};
-    root {www};
-    location = /data.json {{ default_type application/json; }}
-  }}"""))
-        bench.Lab.wait_for(lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/data.json"]).returncode == 0, 10)
+        processes.append(bench.start_upstream(lab, port))
         lab.configure()
         config = json.load(open(lab.path("config.json")))
         config["outputs"]["proxy"] = {"path": lab.path("run/api.sock"), "upstream": f"http://127.0.0.1:{port}"}
@@ -91,7 +78,6 @@ def measure(binary, load, seconds):
             rows.append((clients, requests, total))
         return rows
     finally:
-        lab.stop()
         for process in processes:
             process.terminate()
             process.wait(10)
