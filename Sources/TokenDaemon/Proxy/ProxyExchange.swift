@@ -563,16 +563,20 @@ struct ProxyExchange {
 
     // MARK: The answer
 
-    /// The upstream's answer head for attempt `serial`. `current` is the fingerprint of the token
-    /// the daemon holds now.
-    mutating func upstreamHead(_ head: HTTPResponseHead, serial: Int, current: String?) -> HeadAction {
+    /// The upstream's answer head for attempt `serial`. `current` reads the fingerprint of the token
+    /// the daemon holds now, when a rejected status needs it.
+    mutating func upstreamHead(
+        _ head: HTTPResponseHead,
+        serial: Int,
+        current: @autoclosure () -> String?
+    ) -> HeadAction {
         guard case .sending(let request, let attempt, _) = state, attempt.serial == serial,
             case .waiting = attempt.answer
         else { return .ignore }
         guard request.rejectedStatuses.contains(Int(head.status.code)) else { return forward(head, refresh: nil) }
         if attempt.history.attempts > 1 { return forward(head, refresh: .replayRejected) }
         // A new token came while the request was out: nothing to report.
-        if current != attempt.fingerprint { return replayOrForward(head, refresh: .newerToken) }
+        if current() != attempt.fingerprint { return replayOrForward(head, refresh: .newerToken) }
         setAnswer(.reporting(head))
         return .report(fingerprint: attempt.fingerprint)
     }

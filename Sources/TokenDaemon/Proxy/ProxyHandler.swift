@@ -237,8 +237,11 @@ final class ProxyHandler: ChannelDuplexHandler, UpstreamResponder {
         if let sentAt = exchange.sentAt(serial) {
             shared.metrics.proxyUpstreamHead(.nanoseconds((NIODeadline.now() - sentAt).nanoseconds))
         }
-        let current = shared.board.validEntry(at: shared.clock())?.fingerprint
-        return perform(exchange.upstreamHead(head, serial: serial, current: current), serial: serial)
+        // The board is read only for a rejected status (a lock and the clock, per answer otherwise).
+        let board = shared.board
+        let clock = shared.clock
+        let action = exchange.upstreamHead(head, serial: serial, current: board.validEntry(at: clock())?.fingerprint)
+        return perform(action, serial: serial)
     }
 
     /// Performs what the machine decided about an answer's head; the future completes when the
