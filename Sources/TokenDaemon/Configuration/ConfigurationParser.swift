@@ -63,11 +63,10 @@ public struct ConfigurationParser {
     private func parseFleet(_ fleet: ConfigurationObject) throws(ConfigurationError) -> Configuration.Fleet {
         let member = try fleet.optionalString("member")
         if let member {
-            let allowed = member.utf8.allSatisfy {
-                (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0 | 0x20)
-                    || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0)
-                    || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-")
-                    || $0 == UInt8(ascii: "@")
+            let allowed = member.unicodeScalars.allSatisfy {
+                $0.isASCII
+                    && ($0.properties.isAlphabetic || $0.properties.numericType != nil
+                        || "._-@".unicodeScalars.contains($0))
             }
             guard allowed, !member.isEmpty, member.utf8.count <= Configuration.Fleet.maxMemberLength else {
                 throw ConfigurationError(
