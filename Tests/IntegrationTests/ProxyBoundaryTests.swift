@@ -345,7 +345,7 @@ import TokenDaemon
             for _ in 0..<connections {
                 let client = try await UnixSocketClient.connect(socket)
                 if !opening.isEmpty { try await client.send(opening) }
-                _ = await UnixSocketClient.blocking { client.flood(chunk, total: total, stallTimeout: 0.1) }
+                _ = await onOwnThread { client.flood(chunk, total: total, stallTimeout: 0.1) }
                 clients.append(client)
             }
             try await Task.sleep(for: .seconds(1))
@@ -707,7 +707,7 @@ import TokenDaemon
     @Test func aSlowSteadyReaderIsNotClosedAsUnread() async throws {
         try await Self.withProxy(#""idleTimeoutSeconds": 8"#) { upstream, harness, _ in
             let client = try await UnixSocketClient.connect(ProxyTests.apiSocket(harness), sending: Self.get("/big"))
-            let (read, longestPause, closed) = await UnixSocketClient.blocking {
+            let (read, longestPause, closed) = await onOwnThread {
                 // 128 KiB every 3 s (43 KiB/s), as the review's reader.
                 var read = 0
                 var longestPause: TimeInterval = 0

@@ -4,11 +4,9 @@ import Foundation
 /// connections open at once.
 ///
 /// Its calls block in poll(2) and send(2), for as long as the server takes. From async code they are
-/// called through their async overloads, which block a thread of their own
-/// (`UnixSocketClient.blocking`), never one of the concurrency pool's: that pool has one thread per
-/// core, two on a two-core machine, and a test blocked on each stalled every other test's tasks,
-/// and the daemons some tests run in this process (their logins timed out with both cores loaded).
-/// The blocking versions are unavailable from async code, so the compiler finds every such call.
+/// called through their async overloads, which block a thread of their own (`onOwnThread`), never
+/// one of the concurrency pool's. The blocking versions are unavailable from async code, so the
+/// compiler finds every such call.
 public final class UnixSocketClient: Sendable {
     private let fd: Int32
 
@@ -208,30 +206,15 @@ extension UnixSocketClient {
 // MARK: From async code
 
 extension UnixSocketClient {
-    /// Runs `work` on a thread of its own and waits for it without holding a thread of the
-    /// concurrency pool (see the type's comment).
-    public static func blocking<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        try await withCheckedThrowingContinuation { continuation in
-            Thread { continuation.resume(with: Result { try work() }) }.start()
-        }
-    }
-
-    /// Runs `work`, which cannot fail, on a thread of its own.
-    public static func blocking<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { continuation in
-            Thread { continuation.resume(returning: work()) }.start()
-        }
-    }
-
     /// Connects on a thread of its own: connect(2) blocks while the server's backlog is full.
     public static func connect(_ path: String) async throws -> UnixSocketClient {
-        try await blocking { try UnixSocketClient(socket: path) }
+        try await onOwnThread { try UnixSocketClient(socket: path) }
     }
 
     /// Connects and sends `bytes` in one step on a thread of its own: against a short idle timeout,
     /// no gap between the two that a loaded machine could stretch past it.
     public static func connect(_ path: String, sending bytes: [UInt8]) async throws -> UnixSocketClient {
-        try await blocking {
+        try await onOwnThread {
             let client = try UnixSocketClient(socket: path)
             try client.send(bytes)
             return client
@@ -239,27 +222,27 @@ extension UnixSocketClient {
     }
 
     public func send(_ bytes: [UInt8]) async throws {
-        try await Self.blocking { try self.send(bytes) }
+        try await onOwnThread { try self.send(bytes) }
     }
 
     public func readAll(timeout: TimeInterval = 15) async -> String {
-        await Self.blocking { self.readAll(timeout: timeout) }
+        await onOwnThread { self.readAll(timeout: timeout) }
     }
 
     public func readSome(timeout: TimeInterval = 15) async -> [UInt8] {
-        await Self.blocking { self.readSome(timeout: timeout) }
+        await onOwnThread { self.readSome(timeout: timeout) }
     }
 
     public func readAnswer(timeout: TimeInterval = 15) async -> String? {
-        await Self.blocking { self.readAnswer(timeout: timeout) }
+        await onOwnThread { self.readAnswer(timeout: timeout) }
     }
 
     public func waitForClose(timeout: TimeInterval) async -> Bool {
-        await Self.blocking { self.waitForClose(timeout: timeout) }
+        await onOwnThread { self.waitForClose(timeout: timeout) }
     }
 
     public static func exchange(_ bytes: [UInt8], socket: String, shutdownWrite: Bool = false) async throws -> String {
-        try await blocking { try exchange(bytes, socket: socket, shutdownWrite: shutdownWrite) }
+        try await onOwnThread { try exchange(bytes, socket: socket, shutdownWrite: shutdownWrite) }
     }
 
     public static func concurrentGets(
@@ -267,7 +250,7 @@ extension UnixSocketClient {
         count: Int,
         socket: String
     ) async throws -> [(status: Int, body: String)] {
-        try await blocking { try concurrentGets(target, count: count, socket: socket) }
+        try await onOwnThread { try concurrentGets(target, count: count, socket: socket) }
     }
 
     public static func concurrentRequests(
@@ -275,10 +258,10 @@ extension UnixSocketClient {
         count: Int,
         socket: String
     ) async throws -> [(status: Int, body: String)] {
-        try await blocking { try concurrentRequests(requestText, count: count, socket: socket) }
+        try await onOwnThread { try concurrentRequests(requestText, count: count, socket: socket) }
     }
 
     public static func status(of target: String, socket: String) async throws -> Int {
-        try await blocking { try status(of: target, socket: socket) }
+        try await onOwnThread { try status(of: target, socket: socket) }
     }
 }

@@ -80,7 +80,7 @@ import Testing
         #expect(FleetSeal.maxMemory < 192 << 20)
         // On a thread of its own: seconds of CPU in a debug build, which must not hold one of the
         // few threads every other test's tasks run on.
-        let standard = try await UnixSocketClient.blocking {
+        let standard = try await onOwnThread {
             try FleetSeal(secrets: Self.secrets, baseURL: "https://auth.example")
         }
         let sealed = try standard.seal(Self.contents, generation: 1, expiresAt: 2_000_000_000)

@@ -20,7 +20,7 @@ import Testing
 
         let flooder = try UnixSocketClient(socket: path)
         let requests = Array(String(repeating: "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", count: 2048).utf8)
-        let (end, sent, peakDuring, served) = await UnixSocketClient.blocking {
+        let (end, sent, peakDuring, served) = await onOwnThread {
             var peakKiB = baseline.rssKiB
             var served = 0
             func serveAnother() {
@@ -127,7 +127,7 @@ import Testing
 
     /// `count` connections, each sending one byte of a request head it never finishes.
     static func slowloris(_ count: Int, socket: String) async throws -> [UnixSocketClient] {
-        try await UnixSocketClient.blocking {
+        try await onOwnThread {
             try (0..<count).map { _ in
                 let client = try UnixSocketClient(socket: socket)
                 try? client.send(Array("G".utf8))
