@@ -5,8 +5,8 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 # Debian packages the build needs: libsystemd's headers (CSystemd) and pkg-config to find them;
 # openssl makes the test certificates for the HTTPS tests; curl, systemd-socket-activate and setpriv
-# drive the socket tests.
-APT_PACKAGES := libsystemd-dev pkg-config openssl curl systemd util-linux
+# drive the socket tests; postgresql is the real database the fleet tests start (TestPostgres).
+APT_PACKAGES := libsystemd-dev pkg-config openssl curl systemd util-linux postgresql
 
 VERSION := $(shell sed -n 's/.*static let version = "\(.*\)"/\1/p' Sources/fts-tokend/FTSTokend.swift)
 # Where release builds go (a second folder keeps debug and release artefacts apart when wanted).

@@ -19,6 +19,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
         // Prometheus exposition for /metrics and metricsFile.
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        // Fleet mode's coordination through PostgreSQL (README "Fleet"): one connection per member,
+        // through its EventLoopFuture interface on the daemon's loop (no pool, no Swift tasks).
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
     ],
     targets: [
         // libsystemd, seen only by the Systemd module.
@@ -52,6 +55,7 @@ let package = Package(
                 // scrypt for the fleet's seal (FleetSeal): built from the BoringSSL Crypto builds anyway.
                 .product(name: "CryptoExtras", package: "swift-crypto"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
             ]
         ),
         .target(

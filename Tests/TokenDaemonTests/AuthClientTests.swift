@@ -161,37 +161,12 @@ import Testing
         }
     }
 
-    /// A throw-away CA and a server certificate for 127.0.0.1, made with openssl(1).
+    /// A throw-away CA and a server certificate for 127.0.0.1 (`TestCertificates`).
     static func makeCertificates(
         in folder: TemporaryDirectory
     ) async throws -> (ca: String, tls: MockFTSServer.TLSFiles) {
-        try folder.write("san.ext", "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n", mode: 0o644)
-        let (caKey, ca, key, request, certificate) = (
-            folder.file("ca.key"), folder.file("ca.pem"), folder.file("server.key"),
-            folder.file("server.csr"), folder.file("server.pem")
-        )
-        let steps = [
-            [
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", caKey,
-                "-out", ca, "-days", "2", "-subj", "/CN=fts-tokend test CA",
-            ],
-            [
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out",
-                request, "-subj", "/CN=127.0.0.1",
-            ],
-            [
-                "x509", "-req", "-in", request, "-CA", ca, "-CAkey", caKey, "-CAcreateserial", "-out", certificate,
-                "-days", "2", "-extfile", folder.file("san.ext"),
-            ],
-        ]
-        for arguments in steps {
-            let result = try await Command.run("/usr/bin/openssl", arguments)
-            guard result.status == 0 else { throw POSIXError(.EIO) }
-        }
-        return (
-            folder.file("ca.pem"),
-            .init(certificateChain: folder.file("server.pem"), privateKey: folder.file("server.key"))
-        )
+        let made = try await TestCertificates.make(in: folder)
+        return (made.ca, .init(certificateChain: made.certificate, privateKey: made.key))
     }
 
     /// A client of `baseURL` (the credentials come with each login), trusting `caFile` besides the
