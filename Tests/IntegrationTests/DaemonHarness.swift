@@ -13,8 +13,10 @@ final class DaemonHarness: @unchecked Sendable {
     let mock: MockFTSServer
     let port: Int
     let notify: NotifyListener
-    let password = "pw-" + UUID().uuidString
-    let apiKey = UUID().uuidString.lowercased()
+    let password: String
+    let apiKey: String
+    /// The mock is another harness's (fleet members of one account): that harness stops it.
+    private let sharesMock: Bool
     var child: ChildProcess?
     private var children: [ChildProcess] = []
 
@@ -56,15 +58,21 @@ final class DaemonHarness: @unchecked Sendable {
         ttl: TimeInterval = 60,
         refresh: Refresh = Refresh(),
         socket: String? = nil,
-        extraConfig: String? = nil
+        extraConfig: String? = nil,
+        sharingMockOf owner: DaemonHarness? = nil
     ) async throws {
         let folder = try TemporaryDirectory()
         self.folder = folder
         self.extraConfig = extraConfig
         self.refresh = refresh
         self.socket = socket.map { "{ \"path\": \"\(folder.file("run/tokend.sock"))\"\($0.isEmpty ? "" : ", " + $0) }" }
-        mock = MockFTSServer(.init(apiKey: apiKey, email: "svc@example.com", password: password, tokenTTL: ttl))
-        port = try await mock.start()
+        if let owner {
+            (mock, port, password, apiKey, sharesMock) = (owner.mock, owner.port, owner.password, owner.apiKey, true)
+        } else {
+            (password, apiKey, sharesMock) = ("pw-" + UUID().uuidString, UUID().uuidString.lowercased(), false)
+            mock = MockFTSServer(.init(apiKey: apiKey, email: "svc@example.com", password: password, tokenTTL: ttl))
+            port = try await mock.start()
+        }
         notify = try NotifyListener(in: folder)
         try folder.write("secrets/password", password + "\n")
         try folder.write("secrets/api-key", apiKey + "\n")
@@ -214,6 +222,6 @@ final class DaemonHarness: @unchecked Sendable {
             _ = await process.waitForExit(timeout: 10)
         }
         notify.stop()
-        await mock.stop()
+        if !sharesMock { await mock.stop() }
     }
 }

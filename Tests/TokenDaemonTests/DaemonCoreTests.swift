@@ -232,7 +232,7 @@ extension [DaemonCore.Action] {
         compactMap { if case .publish(let snapshot, let notice) = $0 { (snapshot, notice) } else { nil } }
     }
     var readyNotices: [DaemonCore.ReadyNotice] { publications.compactMap(\.1) }
-    var logins: [Int] { compactMap { if case .startLogin(let generation) = $0 { generation } else { nil } } }
+    var logins: [Int] { compactMap { if case .startLogin(let generation, _) = $0 { generation } else { nil } } }
     var writes: [DaemonCore.WriteRequest] {
         compactMap { if case .writeFiles(let request) = $0 { request } else { nil } }
     }

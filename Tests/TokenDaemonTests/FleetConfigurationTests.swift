@@ -103,19 +103,39 @@ import Testing
         }
     }
 
-    /// Until the members coordinate, a host told to share a token refuses to start (exit 78)
-    /// rather than log in alone as if it shared one.
-    @Test func aConfigurationWithFleetIsRefusedAtLoadUntilFleetModeExists() throws {
-        let folder = try TemporaryDirectory()
-        let path = try folder.write(
+    /// A configuration with `fleet` in `folder`; `fleet` is the block's members as JSON.
+    func writeConfig(_ folder: TemporaryDirectory, fleet: String) throws -> String {
+        try folder.write(
             "config.json",
-            #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k-1"},"outputs":{"tokenFile":{"path":"/run/t"}},"fleet":{"url":"postgresql://m@db.internal/t"}}"#,
+            #"{"api":{"baseURL":"https://x.example","email":"e@x","password":"pw","apiKey":"k-1"},"#
+                + #""outputs":{"tokenFile":{"path":"/run/t"}},"fleet":{"url":"postgresql://m@db.internal/t""#
+                + fleet + "}}",
             mode: 0o600
         )
+    }
+
+    @Test func theFleetPasswordComesFromItsFileThenTheCredentialElseThereIsNone() throws {
+        let folder = try TemporaryDirectory()
+        let file = try folder.write("fleet-password-file", "from-file\n", mode: 0o600)
+        try folder.write("credentials/fleet-password", "from-credential\n", mode: 0o600)
+        let credentials = ["CREDENTIALS_DIRECTORY": folder.file("credentials")]
+        let withFile = try writeConfig(folder, fleet: #","passwordFile":""# + file + #"""#)
+        #expect(try ConfigurationLoader(environment: credentials).load(path: withFile).fleetPassword == "from-file")
+        let withoutFile = try writeConfig(folder, fleet: "")
+        #expect(
+            try ConfigurationLoader(environment: credentials).load(path: withoutFile).fleetPassword == "from-credential"
+        )
+        #expect(try ConfigurationLoader(environment: [:]).load(path: withoutFile).fleetPassword == nil)
+    }
+
+    @Test func aFleetPasswordFileEveryoneMayReadIsRefused() throws {
+        let folder = try TemporaryDirectory()
+        let file = try folder.write("fleet-password-file", "readable\n", mode: 0o644)
+        let path = try writeConfig(folder, fleet: #","passwordFile":""# + file + #"""#)
         let error = try #require(throws: ConfigurationError.self) {
             try ConfigurationLoader(environment: [:]).load(path: path)
         }
-        #expect("\(error)".contains("fleet mode is not in this version yet"))
+        #expect("\(error)".contains("fleet.passwordFile"))
     }
 
     @Test func unknownKeysAreErrors() {

@@ -185,7 +185,7 @@ import Testing
     }
 
     @Test func aBusyLockPastTheFallbackPointLogsInAlone() {
-        // 3,500 s into a one-hour token: past the fallback point (360 s and the margin before expiry).
+        // 3,300 s into a one-hour token: past the fallback point (3,240 s).
         let held = grant("old", age: 3300)
         var member = coordinator(holding: held)
         _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
@@ -201,7 +201,8 @@ import Testing
         let held = grant("old", age: 2880)
         var member = coordinator(holding: held)
         let fallbackAt = member.settings.fallbackAt(held)
-        #expect(fallbackAt == held.localExpiry.addingTimeInterval(-361))
+        // Halfway between the refresh point (now) and the withdrawal (719 s on).
+        #expect(fallbackAt == start.addingTimeInterval(359.5))
         _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
         let down = FleetLinkError.timedOut(seconds: 5)
         #expect(member.handle(.read(.failure(down)), now: start) == [.report(.databaseUnreachable(down))])

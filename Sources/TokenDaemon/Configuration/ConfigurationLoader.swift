@@ -5,6 +5,8 @@ import NIOSSL
 public struct LoadedConfiguration: Sendable, Equatable {
     public var configuration: Configuration
     public var secrets: LoginSecrets
+    /// Fleet mode's database password, when there is one (`SecretResolver.fleetPassword`).
+    public var fleetPassword: String?
 
     /// Settings that work but that an operator should hear about: logged at start and at every
     /// reload, printed by `check`.
@@ -53,16 +55,12 @@ public struct ConfigurationLoader: Sendable {
             throw ConfigurationError("(file)", "cannot read \(path): \(error)")
         }
         var configuration = try ConfigurationParser().parse(contents.bytes)
-        // The block is read and checked, but no member coordinates yet (issue "Fleet mode"): a host
-        // told to share a token must not log in alone as if it did.
-        guard configuration.fleet == nil else {
-            throw ConfigurationError("fleet", "fleet mode is not in this version yet; remove the block")
-        }
         try Self.checkTrustedInputs(configuration)
-        let secrets = try SecretResolver(environment: environment).resolve(
-            configuration.api,
-            configFileMode: contents.mode
-        )
+        let resolver = SecretResolver(environment: environment)
+        let secrets = try resolver.resolve(configuration.api, configFileMode: contents.mode)
+        let fleetPassword = try configuration.fleet.flatMap { fleet throws(ConfigurationError) in
+            try resolver.fleetPassword(fleet)
+        }
         // Both end up in header lines: a newline would inject a header.
         guard secrets.apiKey.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else {
             throw ConfigurationError("api.apiKey", "contains whitespace, control or non-ASCII characters")
@@ -70,16 +68,17 @@ public struct ConfigurationLoader: Sendable {
         guard !secrets.email.contains(where: { $0.isNewline }) else {
             throw ConfigurationError("api.email", "contains a line break")
         }
-        if let caFile = configuration.api.caFile {
-            // Checked now so that a wrong path is a configuration error, not a failed login per retry.
+        // Checked now so that a wrong path is a configuration error, not a failure per retry.
+        for (key, caFile) in [("api.caFile", configuration.api.caFile), ("fleet.caFile", configuration.fleet?.caFile)] {
+            guard let caFile else { continue }
             do {
                 guard !(try NIOSSLCertificate.fromPEMFile(caFile)).isEmpty else {
-                    throw ConfigurationError("api.caFile", "\(caFile) holds no certificate")
+                    throw ConfigurationError(key, "\(caFile) holds no certificate")
                 }
             } catch let error as ConfigurationError {
                 throw error
             } catch {
-                throw ConfigurationError("api.caFile", "cannot read \(caFile) as PEM certificates: \(error)")
+                throw ConfigurationError(key, "cannot read \(caFile) as PEM certificates: \(error)")
             }
         }
         // Symlinks the operator put in a written file's path are resolved now, once: every write
@@ -107,7 +106,7 @@ public struct ConfigurationLoader: Sendable {
             try Self.checkVisible(proxy.allowUIDs, key: "outputs.proxy.allowUIDs", map: "/proc/self/uid_map")
             try Self.checkVisible(proxy.allowGIDs, key: "outputs.proxy.allowGIDs", map: "/proc/self/gid_map")
         }
-        return LoadedConfiguration(configuration: configuration, secrets: secrets)
+        return LoadedConfiguration(configuration: configuration, secrets: secrets, fleetPassword: fleetPassword)
     }
 
     /// The files whose content decides what the daemon trusts or runs: the `…File` secrets, the
@@ -121,6 +120,8 @@ public struct ConfigurationLoader: Sendable {
             if case .file(let path) = source { try checkTrusted(path, key: key) }
         }
         if let caFile = api.caFile { try checkTrusted(caFile, key: "api.caFile") }
+        if let path = configuration.fleet?.passwordFile { try checkTrusted(path, key: "fleet.passwordFile") }
+        if let caFile = configuration.fleet?.caFile { try checkTrusted(caFile, key: "fleet.caFile") }
         if let caFile = configuration.outputs.proxy?.caFile, caFile != api.caFile {
             try checkTrusted(caFile, key: "outputs.proxy.caFile")
         }

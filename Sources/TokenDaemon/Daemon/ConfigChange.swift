@@ -100,6 +100,13 @@ public struct ConfigChange: Sendable, Equatable {
         case (let before?, nil):
             needsRestart = needsRestart ?? "outputs.proxy (\(before.path)) was removed"
         }
+        // The link and the fleet's key are made at start: the key derives from the account's secrets.
+        if was.fleet != now.fleet || old.fleetPassword != new.fleetPassword {
+            needsRestart = needsRestart ?? "fleet settings changed"
+        } else if now.fleet != nil, account || password {
+            needsRestart =
+                needsRestart ?? "the account's secrets changed in fleet mode (the fleet's key derives from them)"
+        }
         other = was.onRotate != now.onRotate || was.metricsFile != now.metricsFile || was.logLevel != now.logLevel
     }
 

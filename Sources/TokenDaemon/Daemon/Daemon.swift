@@ -67,6 +67,16 @@ public final class Daemon {
     private var server: SocketServer?
     private var proxy: ProxyServer?
     private var login: Task<Void, Never>?
+    /// Fleet mode (README "Fleet"): the member's decisions, and the link that makes its database calls.
+    private var coordinator: FleetCoordinator?
+    private var link: FleetLink?
+
+    /// What the loop takes in: the core's events and, in fleet mode, the coordinator's.
+    enum Input: Sendable {
+        case core(DaemonCore.Event)
+        case fleet(FleetCoordinator.Event)
+    }
+    typealias Sink = AsyncStream<Input>.Continuation
 
     /// Takes a configuration already loaded by the caller (who reports its errors with exit 78).
     public init(configPath: String, loaded: LoadedConfiguration, dependencies: Dependencies, logger: Logger) {
@@ -94,9 +104,9 @@ public final class Daemon {
         // The password and the API key are in this process's memory: no core file, and /proc's
         // views of it (mem, environ) stay root's (README "Hardening").
         _ = clinux_set_undumpable()
-        let (events, sink) = AsyncStream<DaemonCore.Event>.makeStream()
+        let (events, sink) = AsyncStream<Input>.makeStream()
         board.receiveRejections { fingerprint, reporterUID, reportID in
-            sink.yield(.tokenRejected(fingerprint: fingerprint, reporterUID: reporterUID, reportID: reportID))
+            sink.yield(.core(.tokenRejected(fingerprint: fingerprint, reporterUID: reporterUID, reportID: reportID)))
         }
         // Timer and signals live on NIO's event loop, as the socket and the logins do (README
         // "Threads and idle cost").
@@ -104,7 +114,7 @@ public final class Daemon {
         let signals: any Channel
         do {
             signals = try await DaemonSignals.open(on: loop) { number in
-                if let signal = DaemonSignals.meaning(of: number) { sink.yield(.signal(signal)) }
+                if let signal = DaemonSignals.meaning(of: number) { sink.yield(.core(.signal(signal))) }
             }
         } catch {
             return await failToStart("cannot read signals: \(error)", event: "signals_failed")
@@ -147,19 +157,38 @@ public final class Daemon {
                 return await failToStart("cannot listen for the API proxy: \(error)", event: "proxy_failed")
             }
         }
-        process(.start(stored: loadStoredToken()), sink: sink)
+        if let fleet = configuration.fleet {
+            do {
+                try await startFleet(fleet, on: loop, sink: sink)
+            } catch {
+                await server?.stop()
+                await proxy?.stop()
+                try? await signals.close()
+                return await failToStart("cannot start fleet mode: \(error)", event: "fleet_failed")
+            }
+            process(.fleet(.start(held: nil)), sink: sink)
+        }
+        process(.core(.start(stored: loadStoredToken())), sink: sink)
         // One pending wake-up at a time: each input re-arms it.
         var wake: Scheduled<Void>?
         var due = NIODeadline.now()
         func arm() {
             wake?.cancel()
-            due = .now() + Self.timerDelay(core.nextWake(now: deps.clock()))
-            wake = loop.scheduleTask(deadline: due) { sink.yield(.tick) }
+            let now = deps.clock()
+            var next = core.nextWake(now: now)
+            if let deadline = coordinator?.nextDeadline {
+                next = min(next, .seconds(max(0, deadline.timeIntervalSince(now))))
+            }
+            due = .now() + Self.timerDelay(next)
+            wake = loop.scheduleTask(deadline: due) { sink.yield(.core(.tick)) }
         }
         if core.exitStatus == nil {
             arm()
             for await event in events {
-                if case .tick = event { reportLateness(since: due) }
+                if case .core(.tick) = event {
+                    reportLateness(since: due)
+                    if coordinator != nil { process(.fleet(.tick), sink: sink) }
+                }
                 process(event, sink: sink)
                 if core.exitStatus != nil { break }
                 arm()
@@ -168,6 +197,7 @@ public final class Daemon {
         wake?.cancel()
         try? await signals.close()
         login?.cancel()
+        try? await link?.stop().get()
         await server?.stop()
         await proxy?.stop()
         await client.shutdown()
@@ -216,34 +246,48 @@ public final class Daemon {
 
     // MARK: Performing actions
 
-    /// Hands `event` to the core, performs the actions, and hands their outcomes back until none is left.
-    private func process(_ event: DaemonCore.Event, sink: AsyncStream<DaemonCore.Event>.Continuation) {
-        var inputs = [event]
+    /// Hands `input` to the core or the coordinator, performs the actions, and hands their outcomes
+    /// back until none is left.
+    private func process(_ input: Input, sink: Sink) {
+        var inputs = [input]
         var next = 0
         while next < inputs.count {
-            let actions = core.handle(inputs[next], now: deps.clock())
-            next += 1
-            for action in actions {
-                if let outcome = perform(action, sink: sink) { inputs.append(outcome) }
+            let now = deps.clock()
+            switch inputs[next] {
+            case .core(let event):
+                for action in core.handle(event, now: now) {
+                    if let outcome = perform(action, sink: sink) { inputs.append(outcome) }
+                }
+            case .fleet(let event):
+                guard var coordinator else { break }
+                let actions = coordinator.handle(event, now: now)
+                self.coordinator = coordinator
+                for action in actions {
+                    if let outcome = perform(action, sink: sink) { inputs.append(outcome) }
+                }
             }
+            next += 1
         }
     }
 
-    /// Performs one action; returns its outcome for the core, when it has one.
-    private func perform(
-        _ action: DaemonCore.Action,
-        sink: AsyncStream<DaemonCore.Event>.Continuation
-    ) -> DaemonCore.Event? {
+    /// Performs one action; returns its outcome, when it has one.
+    private func perform(_ action: DaemonCore.Action, sink: Sink) -> Input? {
         switch action {
         case .removeStaleTemporaryFiles:
             TokenOutputs(configuration.outputs).removeStaleTemporaryFiles()
-        case .startLogin(let generation):
-            startLogin(generation: generation, sink: sink)
+        case .startLogin(let generation, let forced):
+            // In fleet mode the fleet answers: another member's token, or this member's login.
+            if coordinator != nil {
+                let need: FleetCoordinator.Need = forced.map { .forced(rejected: $0) } ?? .refresh
+                return .fleet(.need(need, generation: generation, held: core.holding.grant))
+            }
+            startLogin { sink.yield(.core(.loginFinished(generation: generation, $0))) }
         case .cancelLogin:
             login?.cancel()
             login = nil
+            if coordinator != nil { return .fleet(.cancel) }
         case .writeFiles(let request):
-            return .filesWritten(id: request.id, writeFiles(request))
+            return .core(.filesWritten(id: request.id, writeFiles(request)))
         case .withdrawFiles:
             do {
                 try TokenOutputs(configuration.outputs).remove()
@@ -266,13 +310,13 @@ public final class Daemon {
             guard let path = configuration.stateFile else { break }
             do {
                 try StateStore(path: path).save(grant, identity: core.configuration.identity)
-                return .stateSaved(failure: nil)
+                return .core(.stateSaved(failure: nil))
             } catch {
                 logger.warning(
                     "cannot save state, a restart will log in again",
                     metadata: ["event": "state_write_failed", "reason": "\(error)"]
                 )
-                return .stateSaved(failure: "\(error)")
+                return .core(.stateSaved(failure: "\(error)"))
             }
         case .runRotateActions(let grant):
             RotateActionRunner(logger: logger).run(
@@ -283,12 +327,12 @@ public final class Daemon {
         case .loadConfiguration(let notify):
             if notify { deps.notifier.notify(.reloading(monotonicMicroseconds: Notifier.monotonicMicroseconds())) }
             do throws(ConfigurationError) {
-                return .configurationLoaded(.success(try deps.loader.load(path: configPath)))
+                return .core(.configurationLoaded(.success(try deps.loader.load(path: configPath))))
             } catch {
-                return .configurationLoaded(.failure(error))
+                return .core(.configurationLoaded(.failure(error)))
             }
         case .applyConfiguration(let change):
-            return .configurationApplied(problem: apply(change))
+            return .core(.configurationApplied(problem: apply(change)))
         case .publish(let snapshot, let notice):
             publish(snapshot, notice: notice)
         case .updateHealth(let snapshot):
@@ -306,9 +350,9 @@ public final class Daemon {
                     directoryMode: 0o755,
                     rule: .shared
                 )
-                return .metricsFileWritten(failure: nil)
+                return .core(.metricsFileWritten(failure: nil))
             } catch {
-                return .metricsFileWritten(failure: error.description)
+                return .core(.metricsFileWritten(failure: error.description))
             }
         case .answerRejection(let reportID, let outcome):
             metrics.forcedRefresh(outcome)
@@ -321,7 +365,83 @@ public final class Daemon {
         return nil
     }
 
-    private func startLogin(generation: Int, sink: AsyncStream<DaemonCore.Event>.Continuation) {
+    /// Performs one of the fleet coordinator's actions; returns its outcome, when it has one.
+    private func perform(_ action: FleetCoordinator.Action, sink: Sink) -> Input? {
+        switch action {
+        case .read, .tryLock, .publish, .holdLogins, .unlock:
+            link?.perform(action)
+        case .login:
+            startLogin { sink.yield(.fleet(.loginFinished($0))) }
+        case .answer(let generation, .token(let grant, _, .member(let member))):
+            return .core(.fleetToken(generation: generation, grant, member: member))
+        case .answer(let generation, .token(let grant, let warnings, _)):
+            return .core(.loginFinished(generation: generation, .success(.init(grant: grant, warnings: warnings))))
+        case .answer(let generation, .failed(let error)):
+            return .core(.loginFinished(generation: generation, .failure(error)))
+        case .answer(let generation, .deferred(let until, let why)):
+            return .core(.fleetDeferred(generation: generation, until: until, why: why))
+        case .adopt(let grant, let member):
+            return .core(.fleetToken(generation: nil, grant, member: member))
+        case .report(let report):
+            log(report)
+        }
+        return nil
+    }
+
+    /// Fleet mode's start: the member's key (slow on purpose, on a thread of its own), the link,
+    /// and its first connection attempt, so that the first need of a token finds the database if it
+    /// is there.
+    private func startFleet(_ fleet: Configuration.Fleet, on loop: any EventLoop, sink: Sink) async throws {
+        let loaded = core.configuration
+        let seal = try await Self.onOwnThread {
+            try FleetSeal(secrets: loaded.secrets, baseURL: loaded.configuration.api.baseURL)
+        }
+        let member = fleet.member ?? Self.defaultMemberName(environment: deps.loader.environment)
+        let link = try FleetLink(
+            settings: .init(url: fleet.url, password: loaded.fleetPassword, caFile: fleet.caFile, member: member),
+            seal: seal,
+            loop: loop,
+            logger: logger,
+            clock: deps.clock,
+            deliver: { sink.yield(.fleet($0)) }
+        )
+        self.link = link
+        coordinator = FleetCoordinator(
+            settings: .init(refresh: configuration.refresh, loginTimeout: configuration.api.timeoutSeconds)
+        )
+        logger.info(
+            "fleet mode",
+            metadata: ["event": "fleet_member", "member": "\(member)", "database": "\(fleet.url)"]
+        )
+        try await link.start().get()
+    }
+
+    /// The host name, with the instance's name for `fts-tokend@NAME` (the unit sets
+    /// `FTS_TOKEND_INSTANCE`), kept to the characters and length a member name allows.
+    static func defaultMemberName(environment: [String: String]) -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        gethostname(&buffer, buffer.count - 1)
+        var name = String(cString: buffer)
+        if let instance = environment["FTS_TOKEND_INSTANCE"], !instance.isEmpty { name += "@" + instance }
+        let allowed = name.unicodeScalars.filter {
+            $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || "._@-".unicodeScalars.contains($0))
+        }
+        let kept = String(String.UnicodeScalarView(allowed).prefix(Configuration.Fleet.maxMemberLength))
+        return kept.isEmpty ? "member" : kept
+    }
+
+    /// Runs `work` on a thread of its own, which ends with it (it would hold the loop for its whole
+    /// length; NIO's shared thread pool would keep its threads for good).
+    private static func onOwnThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        defer { pool.shutdownGracefully { _ in } }
+        return try await pool.runIfActive(work)
+    }
+
+    private func startLogin(
+        deliver: @escaping @Sendable (Result<TokenResponseParser.Result, LoginError>) -> Void
+    ) {
         let (client, secrets, clock, metrics) = (self.client, core.configuration.secrets, deps.clock, self.metrics)
         login = Task {
             let started = ContinuousClock.now
@@ -336,7 +456,7 @@ public final class Daemon {
             } else {
                 metrics.loginFinished(ok: true, status: 200, duration: started.duration(to: .now))
             }
-            sink.yield(.loginFinished(generation: generation, result))
+            deliver(result)
         }
     }
 
@@ -440,6 +560,41 @@ public final class Daemon {
 
     // MARK: Logs
 
+    private func log(_ report: FleetCoordinator.Report) {
+        switch report {
+        case .databaseUnreachable(let error):
+            logger.warning(
+                "fleet database call failed; keeping the token held: \(error)",
+                metadata: ["event": "fleet_unreachable", "reason": "\(error)"]
+            )
+        case .waitingForMember(let until):
+            logger.info(
+                "another member is logging in; waiting for its token",
+                metadata: ["event": "fleet_waiting", "until": "\(FormatTime.iso8601(until))"]
+            )
+        case .fallbackLogin:
+            logger.warning(
+                "logging in without the fleet: its database is out of reach and the token held is near its end",
+                metadata: ["event": "fleet_fallback_login"]
+            )
+        case .fenceRefused:
+            logger.warning(
+                "another member published while this one logged in (its lock was lost): not overwriting",
+                metadata: ["event": "fleet_fence_refused"]
+            )
+        case .published(let generation):
+            logger.info(
+                "published the token for the fleet",
+                metadata: ["event": "fleet_published", "generation": "\(generation)"]
+            )
+        case .unopenableRow(let generation, let member):
+            logger.warning(
+                "the fleet's token does not open with this member's key (another password or API key?)",
+                metadata: ["event": "fleet_unopenable", "generation": "\(generation)", "from": "\(member)"]
+            )
+        }
+    }
+
     private func log(_ report: DaemonCore.Report) {
         switch report {
         case .tokenReused(let grant):
@@ -531,6 +686,19 @@ public final class Daemon {
             )
         case .stopping(let signal):
             logger.info("stopping", metadata: ["event": "stopping", "signal": "\(signal)"])
+        case .fleetTokenAdopted(let grant, let member, let pushed):
+            logger.info(
+                pushed ? "adopted the token another member published" : "the fleet had a newer token: no login",
+                metadata: [
+                    "event": "fleet_adopted", "token_fp": "\(grant.fingerprint)", "from": "\(member)",
+                    "pushed": "\(pushed)", "expires_at": "\(FormatTime.iso8601(grant.localExpiry))",
+                ]
+            )
+        case .fleetDeferred(let until, let why):
+            logger.notice(
+                "no login before \(FormatTime.iso8601(until)): \(why)",
+                metadata: ["event": "fleet_deferred", "retry_at": "\(FormatTime.iso8601(until))"]
+            )
         case .tokenRejected(let fingerprint, let reporterUID, let outcome):
             // Only the report that forces a login is worth a line at the default level: a consumer
             // that repeats itself is counted in the metrics, not allowed to fill the journal.

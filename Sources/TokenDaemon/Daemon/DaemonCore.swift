@@ -62,6 +62,12 @@ public struct DaemonCore: Sendable {
         /// A consumer (`reporterUID`: its uid, when known) reports that the API rejected the token
         /// with this fingerprint. The answer goes out as `.answerRejection(reportID:)`.
         case tokenRejected(fingerprint: String, reporterUID: UInt32?, reportID: Int)
+        /// Fleet mode: another member's token, the answer to `.startLogin(generation:)`, or, with
+        /// no generation, pushed while no login was in flight (taken when newer than the one held).
+        case fleetToken(generation: Int?, TokenGrant, member: String)
+        /// Fleet mode: no login for `.startLogin(generation:)` before `until` (the fleet's
+        /// forced-refresh floor or an auth server's `Retry-After` that holds every member).
+        case fleetDeferred(generation: Int, until: Date, why: String)
     }
 
     /// Why files are written.
@@ -74,6 +80,11 @@ public struct DaemonCore: Sendable {
         case retry
         /// A reload changed which files there are or how they look.
         case reconfigured
+        /// Another member of the fleet published it (README "Fleet").
+        case fleetToken
+
+        /// The token is new to this daemon: its rotate actions run and it is saved.
+        var isNew: Bool { self == .newToken || self == .fleetToken }
     }
 
     /// Why a publication carries `READY=1`.
@@ -104,6 +115,8 @@ public struct DaemonCore: Sendable {
         case loginSucceeded(TokenGrant, warnings: [String], shorterThanMargin: Bool)
         case loginFailed(LoginError, attempt: Int, retryAt: Date)
         case loginRejectedAtStart(LoginError)
+        case fleetTokenAdopted(TokenGrant, member: String, pushed: Bool)
+        case fleetDeferred(until: Date, why: String)
         case refreshScheduled(at: Date, expiresAt: Date)
         case refreshRequested
         case tokenExpired(TokenGrant)
@@ -128,7 +141,9 @@ public struct DaemonCore: Sendable {
     public enum Action: Sendable, Equatable {
         /// Before anything is written: remove temporary files a killed writer left.
         case removeStaleTemporaryFiles
-        case startLogin(generation: Int)
+        /// Get a token: log in, or in fleet mode ask the fleet. `forced`: the fingerprint of the
+        /// token a consumer reported rejected, when that is why.
+        case startLogin(generation: Int, forced: String?)
         case cancelLogin
         /// Write every configured output file (the current configuration's) with this token.
         case writeFiles(WriteRequest)
@@ -293,6 +308,8 @@ public struct DaemonCore: Sendable {
     private var loginStartedAt: Date?
     /// A token whose files just landed: its rotate actions run once it is published.
     private var pendingRotation: TokenGrant?
+    /// The token whose rejection forces the next login; cleared when it starts.
+    private var forcedBy: String?
 
     /// - Parameters:
     ///   - watchdogInterval: systemd's `WatchdogSec`, if enabled; pinged every half of it.
@@ -370,6 +387,28 @@ public struct DaemonCore: Sendable {
                 .report(.tokenRejected(fingerprint: fingerprint, reporterUID: reporterUID, outcome)),
                 .answerRejection(reportID: reportID, outcome),
             ]
+        case .fleetToken(let generation?, let grant, let member):
+            guard case .loggingIn(generation) = phase else { return [] }
+            failures = 0
+            lastError = nil
+            actions.append(.report(.fleetTokenAdopted(grant, member: member, pushed: false)))
+            adopt(grant, reason: .fleetToken, now: now, &actions)
+        case .fleetToken(nil, let grant, let member):
+            // Pushed: taken only between logins, and only when newer (a login in flight is answered
+            // by the fleet itself).
+            guard case .waiting = phase, grant.isValid(at: now) else { return [] }
+            if let held = holding.grant, held.fingerprint == grant.fingerprint || held.localExpiry >= grant.localExpiry
+            {
+                return []
+            }
+            failures = 0
+            lastError = nil
+            actions.append(.report(.fleetTokenAdopted(grant, member: member, pushed: true)))
+            adopt(grant, reason: .fleetToken, now: now, &actions)
+        case .fleetDeferred(let generation, let until, let why):
+            guard case .loggingIn(generation) = phase else { return [] }
+            phase = .waiting(until: until)
+            actions.append(.report(.fleetDeferred(until: until, why: why)))
         }
         var isTick = false
         if case .tick = event { isTick = true }
@@ -495,8 +534,8 @@ public struct DaemonCore: Sendable {
         // The first token of a process that found none stored (see RefreshPolicy.refreshTime).
         let coldStart = reason == .newToken && holding == .none
         holding = .current(grant, .written)
-        write(grant, reason: reason, rotate: reason == .newToken, &actions)
-        if reason == .newToken, configuration.configuration.stateFile != nil { actions.append(.saveState(grant)) }
+        write(grant, reason: reason, rotate: reason.isNew, &actions)
+        if reason.isNew, configuration.configuration.stateFile != nil { actions.append(.saveState(grant)) }
         let refreshAt = policy.refreshTime(for: grant, now: now, random: random.unit(), coldStart: coldStart)
         phase = .waiting(until: refreshAt)
         actions.append(.report(.refreshScheduled(at: refreshAt, expiresAt: grant.localExpiry)))
@@ -612,6 +651,7 @@ public struct DaemonCore: Sendable {
         // The rejected token stays current until a new one is on disk: a wrong report must not
         // take a good token away.
         lastForcedLogin = now
+        forcedBy = fingerprint
         phase = .waiting(until: now)
         return .accepted(startedLogin: true)
     }
@@ -665,7 +705,11 @@ public struct DaemonCore: Sendable {
             nextGeneration += 1
             phase = .loggingIn(generation: generation)
             loginStartedAt = now
-            actions += [.startLogin(generation: generation), .report(.loginStarted(attempt: failures + 1))]
+            let forced = forcedBy
+            forcedBy = nil
+            actions += [
+                .startLogin(generation: generation, forced: forced), .report(.loginStarted(attempt: failures + 1)),
+            ]
         }
 
         var published = false

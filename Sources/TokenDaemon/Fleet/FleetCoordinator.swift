@@ -90,13 +90,15 @@ public struct FleetCoordinator: Sendable {
             self.peerWait = loginTimeout + 5
         }
 
-        /// When a member cut off from the database logs in alone: the later of the refresh margin
-        /// and half of what is left of the lifetime after the usual refresh point, before the token
-        /// is withdrawn. Later than any member's refresh point, so that a reachable member logs in
-        /// first; early enough for a whole login before the withdrawal.
+        /// When a member cut off from the database logs in alone: halfway between the token's
+        /// latest refresh point (`RefreshPolicy` with no jitter) and its withdrawal. Later than
+        /// every member's refresh point, so that a member that reaches the database logs in first;
+        /// early enough for a login before the withdrawal (half of the refresh margin: 6 minutes
+        /// of a one-hour token at the defaults).
         public func fallbackAt(_ grant: TokenGrant) -> Date {
-            let margin = max(refresh.minRemainingSeconds, grant.lifetime * (1 - refresh.refreshAt) / 2)
-            return grant.localExpiry.addingTimeInterval(-(margin + TokenGrant.handOutMargin))
+            let latestRefresh = RefreshPolicy(refresh).refreshTime(for: grant, now: .distantPast, random: 0)
+            let withdrawal = grant.localExpiry.addingTimeInterval(-TokenGrant.handOutMargin)
+            return latestRefresh.addingTimeInterval(max(0, withdrawal.timeIntervalSince(latestRefresh)) / 2)
         }
     }
 

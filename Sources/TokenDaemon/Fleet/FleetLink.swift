@@ -30,8 +30,8 @@ import Foundation
 ///    "Fleet" gives the SQL for DBAs who create it themselves), LISTEN is on, and only then
 ///    `.connection(up: true)` goes out, on which the coordinator reads the row: notifications sent
 ///    while the connection was down are lost.
-/// 5. **Reconnects** 1, 2, 4 … 30 s after a failure or a close, on the loop's timer (no Swift task
-///    sleeps: README "Threads and idle cost").
+/// 5. **Reconnects** after a failure or a close, 1, 2, 4, 8 then every 10 s (each drawn from half
+///    to all of that), on the loop's timer (no Swift task sleeps: README "Threads and idle cost").
 /// 6. **The database never holds a usable token**: rows are sealed and opened with `FleetSeal`; a
 ///    row that does not open is `.unopenable`, never served.
 ///
@@ -87,9 +87,12 @@ final class FleetLink: @unchecked Sendable {
     private var connectionID = 0
     /// The last failure to connect was logged (one line per outage, not per attempt).
     private var outageLogged = false
+    private var firstAttempt: EventLoopPromise<Void>?
 
     static let firstReconnectDelay: TimeAmount = .seconds(1)
-    static let maxReconnectDelay: TimeAmount = .seconds(30)
+    /// A database back after an outage is found within this (and the members converge on one
+    /// token then); each attempt is one TCP connect.
+    static let maxReconnectDelay: TimeAmount = .seconds(10)
 
     init(
         settings: Settings,
@@ -127,8 +130,16 @@ final class FleetLink: @unchecked Sendable {
 
     // MARK: Connection
 
-    func start() {
-        loop.execute { self.connect() }
+    /// Connects; the future completes once the first attempt is over, connected or not (the daemon
+    /// waits for it at start, so that its first need of a token finds the database if it is there).
+    @discardableResult
+    func start() -> EventLoopFuture<Void> {
+        loop.flatSubmit {
+            let promise = self.loop.makePromise(of: Void.self)
+            self.firstAttempt = promise
+            self.connect()
+            return promise.futureResult
+        }
     }
 
     /// Closes the connection and makes no other; the server lets go of a lock held on it.
@@ -143,7 +154,11 @@ final class FleetLink: @unchecked Sendable {
     }
 
     private func connect() {
-        guard !stopped, connection == nil, !connecting else { return }
+        guard !stopped, connection == nil, !connecting else {
+            firstAttempt?.succeed()
+            firstAttempt = nil
+            return
+        }
         connecting = true
         connectionID += 1
         let id = connectionID
@@ -163,6 +178,10 @@ final class FleetLink: @unchecked Sendable {
             }
             .whenComplete { result in
                 self.connecting = false
+                defer {
+                    self.firstAttempt?.succeed()
+                    self.firstAttempt = nil
+                }
                 switch result {
                 case .success(let connection):
                     guard !self.stopped else {
@@ -204,7 +223,8 @@ final class FleetLink: @unchecked Sendable {
     private func scheduleReconnect() {
         guard !stopped else { return }
         reconnect?.cancel()
-        let delay = reconnectDelay
+        // Drawn from [d/2, d]: the members of a fleet do not all come back in the same instant.
+        let delay = TimeAmount.nanoseconds(Int64(Double(reconnectDelay.nanoseconds) * Double.random(in: 0.5...1)))
         reconnectDelay = min(reconnectDelay * 2, Self.maxReconnectDelay)
         reconnect = loop.scheduleTask(in: delay) { self.connect() }
     }

@@ -22,6 +22,19 @@ public struct SecretResolver: Sendable {
         )
     }
 
+    /// The fleet database's password: `fleet.passwordFile`, else the systemd credential
+    /// `fleet-password` when present, else none (peer authentication on a Unix socket).
+    public func fleetPassword(_ fleet: Configuration.Fleet) throws(ConfigurationError) -> String? {
+        if let path = fleet.passwordFile {
+            return try read(path, key: "fleet.passwordFile", refuseWorldReadable: true)
+        }
+        let name = Configuration.Fleet.passwordCredential
+        guard let directory = Credentials.directory(environment: environment),
+            access(directory + "/" + name, F_OK) == 0
+        else { return nil }
+        return try read(directory + "/" + name, key: "credential \"\(name)\"", refuseWorldReadable: false)
+    }
+
     private func value(
         _ source: SecretSource,
         key: String,

@@ -105,7 +105,7 @@ public struct FleetSimulation: Sendable {
                 next += 1
                 for action in actions {
                     switch action {
-                    case .startLogin(let generation):
+                    case .startLogin(let generation, _):
                         let bucket = Int(time / options.bucketSeconds)
                         if bucket < bucketCount { buckets[bucket] += 1 }
                         if restarting { restartLogins += 1 }

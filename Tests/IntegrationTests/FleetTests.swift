@@ -1,0 +1,166 @@
+import Foundation
+import MockFTS
+import TestSupport
+import Testing
+import TokenDaemon
+
+/// Fleet mode with real parts (issue "Fleet mode"): members as separate daemons (the real binary),
+/// one mock auth server for their one account, and a real PostgreSQL (`TestPostgres`). Judged from
+/// the outside: logins counted at the mock, each member's token file sampled.
+@Suite(.serialized, .enabled(if: TestPostgres.isInstalled, "PostgreSQL is not installed: make deps"))
+struct FleetTests {
+    /// 10-second tokens refreshed at half their life (5 s, jitter 0.5 s): several lifetimes in a test.
+    static let ttl = 10.0
+    static let refresh = DaemonHarness.Refresh(
+        refreshAt: 0.5,
+        minRemainingSeconds: 1,
+        jitter: 0.05,
+        backoffInitialSeconds: 0.2,
+        backoffMaxSeconds: 1
+    )
+
+    /// `count` members of one account, each with its own folder, outputs and NOTIFY_SOCKET.
+    static func members(_ count: Int, database: TestPostgres) async throws -> [DaemonHarness] {
+        var members: [DaemonHarness] = []
+        for index in 1...count {
+            let fleet = """
+                "fleet": { "url": "\(database.url())", "passwordFile": "{folder}/secrets/fleet-password",
+                           "caFile": "\(database.certificates.ca)", "member": "web-0\(index)" }
+                """
+            let member = try await DaemonHarness(
+                ttl: ttl,
+                refresh: refresh,
+                extraConfig: fleet,
+                sharingMockOf: members.first
+            )
+            try member.folder.write("secrets/fleet-password", database.password + "\n")
+            members.append(member)
+        }
+        return members
+    }
+
+    /// Each member's token file, sampled every 50 ms for `seconds`: how long each new token took to
+    /// reach every member, and whether any member ever had no valid token.
+    struct Samples {
+        var tokens: [String] = []
+        /// For each token after the first: seconds from its first sighting to its last member.
+        var spreads: [TimeInterval] = []
+        var samples = 0
+        var empty = 0
+    }
+
+    static func sample(_ members: [DaemonHarness], for seconds: TimeInterval) async -> Samples {
+        var result = Samples()
+        var firstSeen: [String: Date] = [:]
+        var everywhere: Set<String> = []
+        let end = Date().addingTimeInterval(seconds)
+        while Date() < end {
+            let now = Date()
+            let held = members.map(\.token)
+            result.samples += 1
+            result.empty += held.filter { $0 == nil }.count
+            for token in held.compactMap({ $0 }) where firstSeen[token] == nil {
+                firstSeen[token] = now
+                result.tokens.append(token)
+            }
+            if let token = held.first ?? nil, held.allSatisfy({ $0 == token }), !everywhere.contains(token) {
+                everywhere.insert(token)
+                if let seen = firstSeen[token], result.tokens.first != token {
+                    result.spreads.append(now.timeIntervalSince(seen))
+                }
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return result
+    }
+
+    @Test func threeMembersMakeOneLoginPerRefreshAndHoldOneToken() async throws {
+        let database = try await TestPostgres()
+        let members = try await Self.members(3, database: database)
+        let mock = members[0].mock
+        for member in members { try member.start() }
+        for member in members { #expect(await member.waitUntilReady() != nil) }
+        // Three members started at once: one logged in, the others took its token.
+        #expect(await eventually { Set(members.map(\.token)).count == 1 })
+        #expect(mock.stats.loginRequests == 1)
+
+        let before = mock.stats.loginRequests
+        let duration = 4 * Self.ttl
+        let seen = await Self.sample(members, for: duration)
+        let logins = mock.stats.loginRequests - before
+        // Alone, a member logs in once per refresh period, at least every (refreshAt − jitter) × ttl:
+        // at most this many in the run. Three alone would make three times as many.
+        let lone = Int((duration / ((Self.refresh.refreshAt - Self.refresh.jitter) * Self.ttl)).rounded(.up)) + 1
+        let slowest = seen.spreads.max() ?? 0
+        let held = logins >= 1 && Double(logins) <= 1.2 * Double(lone) && seen.empty == 0 && slowest < 2
+        Scenario.report(
+            held,
+            String(
+                format: "3 members, %.0f s of %.0f-s tokens: %d logins (a lone member: up to %d), %d tokens, "
+                    + "every new token on every member within %.2f s, %d of %d samples without a token",
+                duration,
+                Self.ttl,
+                logins,
+                lone,
+                seen.tokens.count,
+                slowest,
+                seen.empty,
+                seen.samples * members.count
+            )
+        )
+        #expect(held)
+        for member in members {
+            member.expectNoSecretsInOutput()
+            #expect(!(member.child?.allOutput.contains(database.password) ?? true), "the database's password leaked")
+            await member.stop()
+        }
+        await mock.stop()
+    }
+
+    @Test func aDatabaseCrashCostsAtMostOneLoginPerMemberPerLifetimeAndTheFleetConverges() async throws {
+        let database = try await TestPostgres()
+        let members = try await Self.members(3, database: database)
+        let mock = members[0].mock
+        for member in members { try member.start() }
+        for member in members { #expect(await member.waitUntilReady() != nil) }
+        #expect(await eventually { Set(members.map(\.token)).count == 1 })
+
+        try await database.kill()
+        let before = mock.stats.loginRequests
+        let outage = 3 * Self.ttl
+        let during = await Self.sample(members, for: outage)
+        let outageLogins = mock.stats.loginRequests - before
+        // Each member keeps its token and logs in alone once per token, late in its life: halfway
+        // between its refresh point (5 s) and its withdrawal (9 s), so every 7 s. Alone, each
+        // would log in every 4.5 to 5 s.
+        let fallbackEvery = 7.0
+        let bound = members.count * (Int((outage / fallbackEvery).rounded(.up)) + 1)
+
+        try await database.start()
+        let back = Date()
+        let converged = await eventually(timeout: 60) { Set(members.map(\.token)).count == 1 }
+        let convergedAfter = Date().timeIntervalSince(back)
+        let afterwards = await Self.sample(members, for: 3 * Self.ttl)
+        let held =
+            during.empty == 0 && outageLogins <= bound && converged && afterwards.empty == 0
+            && afterwards.spreads.allSatisfy { $0 < 2 }
+        Scenario.report(
+            held,
+            String(
+                format: "database killed for %.0f s under 3 members: %d logins (bound %d), %d of %d samples "
+                    + "without a token; back: one token on every member %.2f s later, then new tokens everywhere "
+                    + "within %.2f s",
+                outage,
+                outageLogins,
+                bound,
+                during.empty,
+                during.samples * members.count,
+                convergedAfter,
+                afterwards.spreads.max() ?? 0
+            )
+        )
+        #expect(held)
+        for member in members { await member.stop() }
+        await mock.stop()
+    }
+}
