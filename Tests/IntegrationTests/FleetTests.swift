@@ -20,7 +20,12 @@ struct FleetTests {
     )
 
     /// `count` members of one account, each with its own folder, outputs and NOTIFY_SOCKET.
-    static func members(_ count: Int, database: TestPostgres) async throws -> [DaemonHarness] {
+    static func members(
+        _ count: Int,
+        database: TestPostgres,
+        ttl: TimeInterval = ttl,
+        refresh: DaemonHarness.Refresh = refresh
+    ) async throws -> [DaemonHarness] {
         var members: [DaemonHarness] = []
         for index in 1...count {
             let fleet = """
@@ -114,6 +119,89 @@ struct FleetTests {
             #expect(!(member.child?.allOutput.contains(database.password) ?? true), "the database's password leaked")
             await member.stop()
         }
+        await mock.stop()
+    }
+
+    @Test func theMemberLoggingInKilledMidLoginCostsOneMoreLoginAndNoOtherMemberGoesWithout() async throws {
+        let database = try await TestPostgres()
+        // 30-s tokens refreshed at 15 s: a member waiting for another's login falls back at 22 s,
+        // and a 4-s login then lands well before the withdrawal at 29 s.
+        var refresh = Self.refresh
+        refresh.jitter = 0
+        let members = try await Self.members(3, database: database, ttl: 30, refresh: refresh)
+        let mock = members[0].mock
+        for member in members { try member.start() }
+        for member in members { #expect(await member.waitUntilReady() != nil) }
+        #expect(await eventually { Set(members.map(\.token)).count == 1 })
+        let first = try #require(members[0].token)
+
+        // The next login takes 4 s; the member making it is killed in the middle of it.
+        mock.always(.delay(4))
+        func loginsStarted(_ member: DaemonHarness) -> Int {
+            (member.child?.standardError ?? "").components(separatedBy: "event=login_started").count - 1
+        }
+        let started = members.map(loginsStarted)
+        #expect(await eventually(timeout: 60) { members.indices.contains { loginsStarted(members[$0]) > started[$0] } })
+        let victim = try #require(members.indices.first { loginsStarted(members[$0]) > started[$0] })
+        let loginsBefore = mock.stats.loginRequests
+        members[victim].child?.signal(SIGKILL)
+        let survivors = members.indices.filter { $0 != victim }.map { members[$0] }
+        let seen = await Self.sample(survivors, for: 20)
+        let tokens = Set(survivors.map(\.token))
+        let replaced = tokens.count == 1 && tokens.first != first && tokens.first != nil
+        let logins = mock.stats.loginRequests - loginsBefore
+        let held = seen.empty == 0 && replaced && logins <= 2
+        Scenario.report(
+            held,
+            String(
+                format: "the member logging in killed mid-login (4-s logins, 30-s tokens): %d more login(s) at the "
+                    + "mock after the kill, %d of %d samples of the other members without a token, one new token "
+                    + "on both: %@",
+                logins,
+                seen.empty,
+                seen.samples * survivors.count,
+                replaced ? "yes" : "no"
+            )
+        )
+        #expect(held)
+        mock.always(nil)
+        for member in members { await member.stop() }
+        await mock.stop()
+    }
+
+    @Test func aMemberWithAWrongPasswordNeitherOpensNorReplacesTheFleetsTokenAndStopsWith78() async throws {
+        let database = try await TestPostgres()
+        let members = try await Self.members(3, database: database)
+        let mock = members[0].mock
+        // The third member's password is wrong: its key is another, and the auth server refuses it.
+        try members[2].folder.write("secrets/password", "wrong-password\n")
+        for member in members.prefix(2) { try member.start() }
+        for member in members.prefix(2) { #expect(await member.waitUntilReady() != nil) }
+        let shared = try #require(members[0].token)
+        let rowBefore = try await database.psql(
+            "SELECT generation, published_by FROM fts_tokend_fleet",
+            database: "fts_tokend"
+        )
+        let loginsBefore = mock.stats.loginRequests
+
+        let bad = try members[2].start()
+        let status = await bad.waitForExit(timeout: 60)
+        let rowAfter = try await database.psql(
+            "SELECT generation, published_by FROM fts_tokend_fleet",
+            database: "fts_tokend"
+        )
+        let badLogins = mock.stats.loginRequests - loginsBefore
+        let unopenable = bad.standardError.contains("event=fleet_unopenable")
+        let held = status == 78 && badLogins == 1 && rowAfter == rowBefore && unopenable
+        Scenario.report(
+            held,
+            "a member with a wrong password: exit \(status.map(String.init) ?? "none"), \(badLogins) login(s), "
+                + "the row unchanged: \(rowAfter == rowBefore), the fleet's token unopened: \(unopenable)"
+        )
+        #expect(held)
+        // The others still share the token they had.
+        #expect(members[0].token == shared && members[1].token == shared)
+        for member in members { await member.stop() }
         await mock.stop()
     }
 
