@@ -41,6 +41,9 @@ public final class MockFTSServer: Sendable {
         public var expiresInMilliseconds: Bool
         public var userId: String
         public var tenantId: String?
+        /// Like a provider that keeps one active token per user: each login revokes every token
+        /// issued before it (the API refuses them from then on).
+        public var oneTokenPerUser = false
 
         public init(
             apiKey: String,
@@ -367,6 +370,7 @@ public final class MockFTSServer: Sendable {
         if response.status == .ok, fault?.body == nil, let token = response.token {
             state.withLockedValue {
                 $0.stats.tokensIssued += 1
+                if $0.configuration.oneTokenPerUser { $0.revoked.formUnion($0.issuedTokens) }
                 $0.issuedTokens.append(token)
             }
         }

@@ -29,6 +29,9 @@ struct MockServer: AsyncParsableCommand {
     @Flag(help: "Send expires in milliseconds, like later FTS deployments.")
     var expiresMs = false
 
+    @Flag(help: "Keep one token per user, as some providers do: each login revokes the tokens issued before it.")
+    var oneTokenPerUser = false
+
     @Option(help: "Accepted email.")
     var email = DemoAccount.email
 
@@ -59,15 +62,15 @@ struct MockServer: AsyncParsableCommand {
 
     func run() async throws {
         guard let (host, port) = Self.split(listen) else { throw ExitCode.validationFailure }
-        let server = MockFTSServer(
-            .init(
-                apiKey: try Self.secret(apiKeyFile) ?? DemoAccount.apiKey,
-                email: email,
-                password: try Self.secret(passwordFile) ?? DemoAccount.password,
-                tokenTTL: ttl,
-                expiresInMilliseconds: expiresMs
-            )
+        var configuration = MockFTSServer.Configuration(
+            apiKey: try Self.secret(apiKeyFile) ?? DemoAccount.apiKey,
+            email: email,
+            password: try Self.secret(passwordFile) ?? DemoAccount.password,
+            tokenTTL: ttl,
+            expiresInMilliseconds: expiresMs
         )
+        configuration.oneTokenPerUser = oneTokenPerUser
+        let server = MockFTSServer(configuration)
         let tls = tlsCertificate.flatMap { chain in
             tlsKey.map { MockFTSServer.TLSFiles(certificateChain: chain, privateKey: $0) }
         }

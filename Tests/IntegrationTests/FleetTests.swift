@@ -54,6 +54,20 @@ struct FleetTests {
         var empty = 0
     }
 
+    /// How often each member logged the fleet's events so far (for a failure's message).
+    static func events(_ members: [DaemonHarness]) -> [String] {
+        members.map { member in
+            let log = member.child?.standardError ?? ""
+            return ["login_ok", "fleet_adopted", "fleet_fallback_login", "fleet_unreachable", "fleet_waiting"]
+                .map { "\($0)=\(log.components(separatedBy: "event=" + $0).count - 1)" }.joined(separator: " ")
+        }
+    }
+
+    /// How many times the member has connected to the database.
+    static func connections(_ member: DaemonHarness) -> Int {
+        (member.child?.standardError ?? "").components(separatedBy: "event=fleet_connected").count - 1
+    }
+
     static func sample(_ members: [DaemonHarness], for seconds: TimeInterval) async -> Samples {
         var result = Samples()
         var firstSeen: [String: Date] = [:]
@@ -87,7 +101,7 @@ struct FleetTests {
         for member in members { #expect(await member.waitUntilReady() != nil) }
         // Three members started at once: one logged in, the others took its token.
         #expect(await eventually { Set(members.map(\.token)).count == 1 })
-        #expect(mock.stats.loginRequests == 1)
+        #expect(mock.stats.loginRequests == 1, "\(Self.events(members))")
 
         let before = mock.stats.loginRequests
         let duration = 4 * Self.ttl
@@ -119,6 +133,66 @@ struct FleetTests {
             #expect(!(member.child?.allOutput.contains(database.password) ?? true), "the database's password leaked")
             await member.stop()
         }
+        await mock.stop()
+    }
+
+    /// Samples each member's token every 50 ms for `seconds`: the share of samples whose token the
+    /// mock's API accepts now.
+    static func acceptedShare(_ members: [DaemonHarness], for seconds: TimeInterval) async -> (Double, Int) {
+        let mock = members[0].mock
+        var (accepted, samples) = (0, 0)
+        let end = Date().addingTimeInterval(seconds)
+        while Date() < end {
+            for member in members {
+                samples += 1
+                if let token = member.token, mock.accepts(token) { accepted += 1 }
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return (Double(accepted) / Double(max(samples, 1)), samples)
+    }
+
+    @Test func withAProviderThatKeepsOneTokenPerUserEveryMembersTokenStaysAccepted() async throws {
+        // 20-s tokens refreshed at 16 s: each rotation revokes the token every member holds, until
+        // the new one reaches them; what counts is that time against the refresh period.
+        var refresh = Self.refresh
+        refresh.refreshAt = 0.8
+        let (ttl, duration) = (20.0, 50.0)
+        // Three daemons of one account without fleet mode: each login revokes the others' tokens.
+        var lone: [DaemonHarness] = []
+        for _ in 0..<3 {
+            lone.append(try await DaemonHarness(ttl: ttl, refresh: refresh, sharingMockOf: lone.first))
+        }
+        lone[0].mock.update { $0.oneTokenPerUser = true }
+        for member in lone { try member.start() }
+        for member in lone { #expect(await member.waitUntilReady() != nil) }
+        let (loneShare, _) = await Self.acceptedShare(lone, for: 20)
+        for member in lone { await member.stop() }
+        await lone[0].mock.stop()
+
+        let database = try await TestPostgres()
+        let members = try await Self.members(3, database: database, ttl: ttl, refresh: refresh)
+        let mock = members[0].mock
+        mock.update { $0.oneTokenPerUser = true }
+        for member in members { try member.start() }
+        for member in members { #expect(await member.waitUntilReady() != nil) }
+        #expect(await eventually { Set(members.map(\.token)).count == 1 })
+        let (share, samples) = await Self.acceptedShare(members, for: duration)
+        let held = share >= 0.99
+        Scenario.report(
+            held,
+            String(
+                format: "a provider that keeps one token per user, 3 members, %.0f s of %.0f-s tokens: %.1f %% of "
+                    + "%d samples hold a token the API accepts (without fleet mode: %.1f %%)",
+                duration,
+                ttl,
+                share * 100,
+                samples,
+                loneShare * 100
+            )
+        )
+        #expect(held)
+        for member in members { await member.stop() }
         await mock.stop()
     }
 
@@ -171,7 +245,8 @@ struct FleetTests {
 
     @Test func aMemberWithAWrongPasswordNeitherOpensNorReplacesTheFleetsTokenAndStopsWith78() async throws {
         let database = try await TestPostgres()
-        let members = try await Self.members(3, database: database)
+        // 10-minute tokens: no rotation of the good members' during the test.
+        let members = try await Self.members(3, database: database, ttl: 600)
         let mock = members[0].mock
         // The third member's password is wrong: its key is another, and the auth server refuses it.
         try members[2].folder.write("secrets/password", "wrong-password\n")
@@ -224,9 +299,14 @@ struct FleetTests {
         let fallbackEvery = 7.0
         let bound = members.count * (Int((outage / fallbackEvery).rounded(.up)) + 1)
 
+        let connections = members.map(Self.connections)
         try await database.start()
         let back = Date()
-        let converged = await eventually(timeout: 60) { Set(members.map(\.token)).count == 1 }
+        // Every member back on the database (each reconnects within 10 s), on one token.
+        let converged = await eventually(timeout: 60) {
+            members.indices.allSatisfy { Self.connections(members[$0]) > connections[$0] }
+                && Set(members.map(\.token)).count == 1
+        }
         let convergedAfter = Date().timeIntervalSince(back)
         let afterwards = await Self.sample(members, for: 3 * Self.ttl)
         let held =

@@ -62,13 +62,13 @@ import Testing
         #expect(member.handle(.locked(.success(true)), now: start) == [.read])
         #expect(member.handle(.read(.success(row(4, held))), now: start) == [.login(fallback: false)])
         let fresh = grant("fresh")
-        #expect(member.handle(.loginFinished(login(fresh)), now: start) == [.publish(fresh, over: 4, forced: false)])
+        // The core takes it at once; the fleet as soon as it is published.
         #expect(
-            member.handle(.published(.success(5)), now: start) == [
-                .report(.published(generation: 5)), .unlock,
-                .answer(generation: 1, .token(fresh, warnings: [], .login)),
+            member.handle(.loginFinished(login(fresh)), now: start) == [
+                .answer(generation: 1, .token(fresh, warnings: [], .login)), .publish(fresh, over: 4, forced: false),
             ]
         )
+        #expect(member.handle(.published(.success(5)), now: start) == [.report(.published(generation: 5)), .unlock])
         #expect(member.state == .idle)
     }
 
@@ -79,7 +79,11 @@ import Testing
         #expect(member.handle(.locked(.success(true)), now: start) == [.read])
         #expect(member.handle(.read(.success(row(0, nil))), now: start) == [.login(fallback: false)])
         let fresh = grant("fresh")
-        #expect(member.handle(.loginFinished(login(fresh)), now: start) == [.publish(fresh, over: 0, forced: false)])
+        #expect(
+            member.handle(.loginFinished(login(fresh)), now: start) == [
+                .answer(generation: 0, .token(fresh, warnings: [], .login)), .publish(fresh, over: 0, forced: false),
+            ]
+        )
     }
 
     @Test func aTokenPublishedBetweenTheReadAndTheLockIsAdoptedAndTheLockLetGo() {
@@ -123,11 +127,7 @@ import Testing
         let mine = grant("mine")
         _ = member.handle(.loginFinished(login(mine)), now: start)
         // Paused past its lock: another member published generation 5 meanwhile.
-        #expect(
-            member.handle(.published(.success(nil)), now: start) == [
-                .report(.fenceRefused), .unlock, .answer(generation: 1, .token(mine, warnings: [], .login)), .read,
-            ]
-        )
+        #expect(member.handle(.published(.success(nil)), now: start) == [.report(.fenceRefused), .unlock, .read])
         // Theirs is older than mine (they logged in first): mine is offered under the lock.
         let theirs = grant("theirs", age: 5)
         #expect(member.handle(.read(.success(row(5, theirs))), now: start) == [.tryLock])
@@ -280,11 +280,7 @@ import Testing
         let mine = grant("mine")
         _ = member.handle(.loginFinished(login(mine)), now: start)
         let down = FleetLinkError.unavailable("server closed the connection")
-        #expect(
-            member.handle(.published(.failure(down)), now: start) == [
-                .report(.databaseUnreachable(down)), .answer(generation: 1, .token(mine, warnings: [], .login)),
-            ]
-        )
+        #expect(member.handle(.published(.failure(down)), now: start) == [.report(.databaseUnreachable(down))])
         #expect(member.unshared == mine)
     }
 
@@ -371,7 +367,11 @@ import Testing
         _ = member.handle(.locked(.success(true)), now: start)
         _ = member.handle(.read(.success(row(4, held))), now: start)
         let fresh = grant("fresh")
-        #expect(member.handle(.loginFinished(login(fresh)), now: start) == [.publish(fresh, over: 4, forced: true)])
+        #expect(
+            member.handle(.loginFinished(login(fresh)), now: start) == [
+                .answer(generation: 2, .token(fresh, warnings: [], .login)), .publish(fresh, over: 4, forced: true),
+            ]
+        )
     }
 
     @Test func aRetryAfterHoldsEveryMembersLogins() {
@@ -418,6 +418,25 @@ import Testing
                 .unlock, .answer(generation: 1, .failed(rejected)),
             ]
         )
+    }
+
+    @Test func aNeedWhileAPublicationIsInFlightStartsOnceItIsOver() {
+        let held = grant("old", age: 2900)
+        var member = coordinator(holding: held)
+        _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
+        _ = member.handle(.read(.success(row(4, held))), now: start)
+        _ = member.handle(.locked(.success(true)), now: start)
+        _ = member.handle(.read(.success(row(4, held))), now: start)
+        let fresh = grant("fresh")
+        _ = member.handle(.loginFinished(login(fresh)), now: start)
+        // The core, holding the new token, is told it was rejected before the publication is back.
+        #expect(
+            member.handle(.need(.forced(rejected: fresh.fingerprint), generation: 2, held: fresh), now: start) == []
+        )
+        #expect(
+            member.handle(.published(.success(5)), now: start) == [.report(.published(generation: 5)), .unlock, .read]
+        )
+        #expect(member.state == .reading(.init(generation: 2, need: .forced(rejected: fresh.fingerprint), held: fresh)))
     }
 
     // MARK: Cancellation

@@ -254,12 +254,10 @@ public struct FleetCoordinator: Sendable {
                 // A convergence read in flight is answered as the job's: calls complete in order.
                 state = .reading(job)
                 actions.append(.read)
-            case .sharingLocking, .sharingRereading, .sharingPublishing:
-                // The share's calls complete first; the job starts after them.
-                queuedJob = job
             default:
-                // One acquisition at a time: the core never asks twice.
-                break
+                // A share or a publication is in flight (the core already has the token it
+                // publishes): its calls complete first, and the job starts after them.
+                queuedJob = job
             }
         case .cancel:
             if holdsLock { actions.append(.unlock) }
@@ -518,10 +516,16 @@ public struct FleetCoordinator: Sendable {
         guard case .loggingIn(let job, let lock) = state else { return }
         switch (result, lock) {
         case (.success(let answer), .held(let over)):
+            // The core takes the token now and the fleet as soon as it is published: with a provider
+            // that keeps one token per user, the old one stopped working at this login.
+            newest = answer.grant
             state = .publishing(job, answer)
             var forced = false
             if case .forced = job.need { forced = true }
-            actions.append(.publish(answer.grant, over: over, forced: forced))
+            actions += [
+                .answer(generation: job.generation, .token(answer.grant, warnings: answer.warnings, .login)),
+                .publish(answer.grant, over: over, forced: forced),
+            ]
         case (.success(let answer), .fallback):
             newest = answer.grant
             unshared = answer.grant
@@ -550,8 +554,7 @@ public struct FleetCoordinator: Sendable {
             }
             actions.append(.unlock)
             finish(&actions)
-        case .publishing(let job, let answer):
-            newest = answer.grant
+        case .publishing(_, let answer):
             switch result {
             case .success(let generation?):
                 actions += [.report(.published(generation: generation)), .unlock]
@@ -565,7 +568,6 @@ public struct FleetCoordinator: Sendable {
                 unshared = answer.grant
                 actions.append(.report(.databaseUnreachable(error)))
             }
-            actions.append(.answer(generation: job.generation, .token(answer.grant, warnings: answer.warnings, .login)))
             finish(&actions)
         default:
             break

@@ -23,7 +23,9 @@ import Foundation
 /// 2. **Every call has a deadline** (`callTimeout`). A call that misses it fails as `.timedOut` and
 ///    the connection is closed: postgres-nio never completes a call on a dead connection, and a
 ///    lock the member held on it is released by the server with the session. No call is sent on a
-///    closed connection; a call made while disconnected fails at once as `.unavailable`.
+///    closed connection; a call made while disconnected fails at once as `.unavailable`. A
+///    connection attempt as a whole (TCP, TLS, authentication, the table, LISTEN) has a deadline
+///    of twice `connectTimeout`.
 /// 3. **Calls complete in the order they were made** (one connection, and PostgreSQL answers in
 ///    order); the coordinator depends on it.
 /// 4. **After every connect**, the table exists (created when absent and the role may: README
@@ -162,9 +164,16 @@ final class FleetLink: @unchecked Sendable {
         connecting = true
         connectionID += 1
         let id = connectionID
+        // The whole attempt (TCP, TLS, authentication, the table, LISTEN) has a deadline too: a
+        // server that stops answering mid-handshake would otherwise hold it, and the start, for good.
+        let attempt = NIOLoopBoundBox<(any Channel)?>(nil, eventLoop: loop)
+        let deadline = loop.scheduleTask(in: settings.connectTimeout * 2) {
+            attempt.value?.close(promise: nil)
+        }
         makeChannel()
             .flatMap { channel in
-                PostgresConnection.connect(
+                attempt.value = channel
+                return PostgresConnection.connect(
                     on: self.loop,
                     configuration: self.configuration(channel),
                     id: id,
@@ -178,6 +187,7 @@ final class FleetLink: @unchecked Sendable {
             }
             .whenComplete { result in
                 self.connecting = false
+                deadline.cancel()
                 defer {
                     self.firstAttempt?.succeed()
                     self.firstAttempt = nil
