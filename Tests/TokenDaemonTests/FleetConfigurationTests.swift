@@ -144,3 +144,40 @@ import Testing
         }
     }
 }
+
+/// What a reload may change in fleet mode (README "Signals"): the link and the key are made at start.
+@Suite struct FleetReloadTests {
+    func fleetConfiguration() throws -> LoadedConfiguration {
+        var loaded = CoreFixtures.configuration()
+        loaded.configuration.fleet = Configuration.Fleet(
+            url: try DatabaseURL("postgresql://m@db.internal/t", at: "fleet.url"),
+            passwordFile: nil,
+            caFile: nil,
+            member: "web-01"
+        )
+        return loaded
+    }
+
+    @Test func aReloadOfTheFleetSettingsOrTheAccountsSecretsNeedsARestart() throws {
+        let running = try fleetConfiguration()
+        var renamed = running
+        renamed.configuration.fleet?.member = "web-02"
+        #expect(
+            ConfigChange(from: running, to: renamed, socketActivated: false).needsRestart == "fleet settings changed"
+        )
+        var newPassword = running
+        newPassword.secrets.password = "another-password"
+        #expect(
+            ConfigChange(from: running, to: newPassword, socketActivated: false).needsRestart
+                == "the account's secrets changed in fleet mode (the fleet's key derives from them)"
+        )
+        var newDatabasePassword = running
+        newDatabasePassword.fleetPassword = "another-database-password"
+        #expect(ConfigChange(from: running, to: newDatabasePassword, socketActivated: false).needsRestart != nil)
+        // Without fleet mode a new password applies at the next login.
+        let plain = CoreFixtures.configuration()
+        var plainNewPassword = plain
+        plainNewPassword.secrets.password = "another-password"
+        #expect(ConfigChange(from: plain, to: plainNewPassword, socketActivated: false).needsRestart == nil)
+    }
+}
