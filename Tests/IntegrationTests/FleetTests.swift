@@ -102,6 +102,17 @@ struct FleetTests {
         // Three members started at once: one logged in, the others took its token.
         #expect(await eventually { Set(members.map(\.token)).count == 1 })
         #expect(mock.stats.loginRequests == 1, "\(Self.events(members))")
+        // Fleet mode adds no thread and keeps libdispatch idle: the main thread, the one event loop,
+        // the notification thread (the key's thread ended with the derivation).
+        for member in members {
+            let pid = try #require(member.child?.pid)
+            func threads() -> [String] {
+                ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []).compactMap {
+                    try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/comm", encoding: .utf8)
+                }
+            }
+            #expect(await eventually { threads().count == 3 }, "\(threads())")
+        }
 
         let before = mock.stats.loginRequests
         let duration = 4 * Self.ttl
@@ -285,7 +296,10 @@ struct FleetTests {
         let members = try await Self.members(3, database: database)
         let mock = members[0].mock
         for member in members { try member.start() }
-        for member in members { #expect(await member.waitUntilReady() != nil) }
+        for member in members {
+            let ready = await member.waitUntilReady() != nil
+            #expect(ready, "not ready; its log ends: \((member.child?.standardError ?? "").suffix(20000).prefix(6000))")
+        }
         #expect(await eventually { Set(members.map(\.token)).count == 1 })
 
         try await database.kill()

@@ -184,15 +184,20 @@ import Testing
         #expect(member.handle(.read(.success(row(4, held))), now: start.addingTimeInterval(35)) == [.tryLock])
     }
 
-    @Test func aBusyLockPastTheFallbackPointLogsInAlone() {
-        // 3,300 s into a one-hour token: past the fallback point (3,240 s).
+    @Test func aBusyLockIsWaitedForEvenPastTheFallbackPointOrWithNoToken() {
+        // 3,300 s into a one-hour token: past the fallback point (3,240 s). The database is
+        // reachable and another member is logging in: its token is the one to wait for.
         let held = grant("old", age: 3300)
         var member = coordinator(holding: held)
         _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
         _ = member.handle(.read(.success(row(4, held))), now: start)
-        #expect(
-            member.handle(.locked(.success(false)), now: start) == [.report(.fallbackLogin), .login(fallback: true)]
-        )
+        let until = start.addingTimeInterval(35)
+        #expect(member.handle(.locked(.success(false)), now: start) == [.report(.waitingForMember(until: until))])
+        // A member starting with no token, the others starting with it, waits too.
+        var newcomer = coordinator()
+        _ = newcomer.handle(.need(.refresh, generation: 0, held: nil), now: start)
+        _ = newcomer.handle(.read(.success(row(0, nil))), now: start)
+        #expect(newcomer.handle(.locked(.success(false)), now: start) == [.report(.waitingForMember(until: until))])
     }
 
     // MARK: 4. The database out of reach

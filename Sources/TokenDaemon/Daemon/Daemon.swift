@@ -393,7 +393,7 @@ public final class Daemon {
     /// is there.
     private func startFleet(_ fleet: Configuration.Fleet, on loop: any EventLoop, sink: Sink) async throws {
         let loaded = core.configuration
-        let seal = try await Self.onOwnThread {
+        let seal = try await OneShotThread.run {
             try FleetSeal(secrets: loaded.secrets, baseURL: loaded.configuration.api.baseURL)
         }
         let member = fleet.member ?? Self.defaultMemberName(environment: deps.loader.environment)
@@ -428,15 +428,6 @@ public final class Daemon {
         }
         let kept = String(String.UnicodeScalarView(allowed).prefix(Configuration.Fleet.maxMemberLength))
         return kept.isEmpty ? "member" : kept
-    }
-
-    /// Runs `work` on a thread of its own, which ends with it (it would hold the loop for its whole
-    /// length; NIO's shared thread pool would keep its threads for good).
-    private static func onOwnThread<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-        let pool = NIOThreadPool(numberOfThreads: 1)
-        pool.start()
-        defer { pool.shutdownGracefully { _ in } }
-        return try await pool.runIfActive(work)
     }
 
     private func startLogin(

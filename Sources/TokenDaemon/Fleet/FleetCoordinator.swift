@@ -63,7 +63,9 @@ public struct FleetRecord: Sendable, Equatable {
 ///    when the generation moved (the lock was lost: a pause, a partition). A member never writes over
 ///    a newer token; its own token, if newer than the row's, is offered again through 5.
 /// 3. **A busy lock is a login in flight elsewhere.** The member waits for its publication (pushed
-///    to it, `.notified`) for at most `peerWait`, then reads again.
+///    to it, `.notified`) for at most `peerWait`, then reads again; it never logs in beside it, even
+///    without a valid token (at most one login in flight per account among the members that reach
+///    the database).
 /// 4. **The database is never needed to keep serving.** Unreachable: the member keeps its valid
 ///    token and logs in alone only once it must (`fallbackAt`: late in the token's life, or at once
 ///    without a valid token), at most once per token it holds.
@@ -491,12 +493,9 @@ public struct FleetCoordinator: Sendable {
                 state = .rereading(job)
                 actions.append(.read)
             case .success(false):
-                if mustLogInAlone(job, now: now, databaseReachable: true) {
-                    fallback(job, &actions)
-                    return
-                }
-                var until = now.addingTimeInterval(settings.peerWait)
-                if let held = job.held { until = min(until, settings.fallbackAt(held)) }
+                // Never a login beside the one in flight, even without a valid token: it brings
+                // the fleet's next token (and a stuck holder's lock goes with its session).
+                let until = now.addingTimeInterval(settings.peerWait)
                 state = .waitingForMember(job, until: until)
                 actions.append(.report(.waitingForMember(until: until)))
             case .failure(let error):
@@ -584,7 +583,7 @@ public struct FleetCoordinator: Sendable {
     ) {
         actions.append(.report(.databaseUnreachable(error)))
         // A lock held on a connection that failed is gone with it: the link drops the connection.
-        if mustLogInAlone(job, now: now, databaseReachable: false) {
+        if mustLogInAlone(job, now: now) {
             fallback(job, &actions)
             return
         }
@@ -598,14 +597,13 @@ public struct FleetCoordinator: Sendable {
         actions += [.report(.fallbackLogin), .login(fallback: true)]
     }
 
-    /// Whether the member must log in without the fleet: it holds no valid token, or the token's
-    /// fallback point has passed. With the database out of reach, also when the token was reported
-    /// rejected: consumers would get 401s until the fallback point (the core's forced-refresh floor
-    /// bounds these logins; with a provider that keeps one token per user, each displaces the
-    /// fleet's token, README "Fleet").
-    private func mustLogInAlone(_ job: Job, now: Date, databaseReachable: Bool) -> Bool {
+    /// Whether a member cut off from the database must log in alone: it holds no valid token, the
+    /// token was reported rejected (consumers would get 401s until the fallback point; the core's
+    /// forced-refresh floor bounds these logins, and with a provider that keeps one token per user
+    /// each displaces the fleet's token, README "Fleet"), or the token's fallback point has passed.
+    private func mustLogInAlone(_ job: Job, now: Date) -> Bool {
         guard let held = job.held, held.isValid(at: now) else { return true }
-        if !databaseReachable, case .forced = job.need { return true }
+        if case .forced = job.need { return true }
         return now >= settings.fallbackAt(held)
     }
 
