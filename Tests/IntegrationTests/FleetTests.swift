@@ -222,8 +222,10 @@ struct FleetTests {
 
         // The next login takes 4 s; the member making it is killed in the middle of it.
         mock.always(.delay(4))
+        // The member logging in for the fleet says so (every member's core starts a "login" at
+        // its refresh point; only the lock's holder goes to the auth server).
         func loginsStarted(_ member: DaemonHarness) -> Int {
-            (member.child?.standardError ?? "").components(separatedBy: "event=login_started").count - 1
+            (member.child?.standardError ?? "").components(separatedBy: "event=fleet_login").count - 1
         }
         let started = members.map(loginsStarted)
         #expect(await eventually(timeout: 60) { members.indices.contains { loginsStarted(members[$0]) > started[$0] } })

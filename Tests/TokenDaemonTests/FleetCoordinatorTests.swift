@@ -191,13 +191,17 @@ import Testing
         var member = coordinator(holding: held)
         _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
         _ = member.handle(.read(.success(row(4, held))), now: start)
-        let until = start.addingTimeInterval(35)
-        #expect(member.handle(.locked(.success(false)), now: start) == [.report(.waitingForMember(until: until))])
+        // It checks every second (a holder that died let go of the lock with its session).
+        let recheck = start.addingTimeInterval(1)
+        #expect(member.handle(.locked(.success(false)), now: start) == [.report(.waitingForMember(until: recheck))])
+        #expect(member.handle(.tick, now: recheck) == [.read])
+        #expect(member.handle(.read(.success(row(4, held))), now: recheck) == [.tryLock])
+        #expect(member.handle(.locked(.success(true)), now: recheck) == [.read])
         // A member starting with no token, the others starting with it, waits too.
         var newcomer = coordinator()
         _ = newcomer.handle(.need(.refresh, generation: 0, held: nil), now: start)
         _ = newcomer.handle(.read(.success(row(0, nil))), now: start)
-        #expect(newcomer.handle(.locked(.success(false)), now: start) == [.report(.waitingForMember(until: until))])
+        #expect(newcomer.handle(.locked(.success(false)), now: start) == [.report(.waitingForMember(until: recheck))])
     }
 
     // MARK: 4. The database out of reach

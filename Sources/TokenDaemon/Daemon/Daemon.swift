@@ -370,7 +370,10 @@ public final class Daemon {
         switch action {
         case .read, .tryLock, .publish, .holdLogins, .unlock:
             link?.perform(action)
-        case .login:
+        case .login(let fallback):
+            if !fallback {
+                logger.info("logging in for the fleet (holding its lock)", metadata: ["event": "fleet_login"])
+            }
             startLogin { sink.yield(.fleet(.loginFinished($0))) }
         case .answer(let generation, .token(let grant, _, .member(let member))):
             return .core(.fleetToken(generation: generation, grant, member: member))

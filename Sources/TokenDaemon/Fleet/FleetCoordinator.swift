@@ -86,6 +86,9 @@ public struct FleetCoordinator: Sendable {
         public var peerWait: TimeInterval
         /// How often an unreachable database is tried again while a token is needed.
         public var retryInterval: TimeInterval = 5
+        /// How often a busy lock is tried again once the token's fallback point has passed, or
+        /// with no valid token.
+        public var recheckInterval: TimeInterval = 1
 
         public init(refresh: Configuration.Refresh, loginTimeout: TimeInterval) {
             self.refresh = refresh
@@ -494,8 +497,16 @@ public struct FleetCoordinator: Sendable {
                 actions.append(.read)
             case .success(false):
                 // Never a login beside the one in flight, even without a valid token: it brings
-                // the fleet's next token (and a stuck holder's lock goes with its session).
-                let until = now.addingTimeInterval(settings.peerWait)
+                // the fleet's next token. The wait ends early at its publication; past the fallback
+                // point (or with no valid token) it is checked every `recheckInterval`, so that a
+                // holder that died (its lock gone with its session) is replaced at once.
+                var until = now.addingTimeInterval(settings.peerWait)
+                let recheck = now.addingTimeInterval(settings.recheckInterval)
+                if let held = job.held, held.isValid(at: now) {
+                    until = min(until, max(settings.fallbackAt(held), recheck))
+                } else {
+                    until = recheck
+                }
                 state = .waitingForMember(job, until: until)
                 actions.append(.report(.waitingForMember(until: until)))
             case .failure(let error):
