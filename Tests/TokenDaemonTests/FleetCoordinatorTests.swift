@@ -464,3 +464,74 @@ import Testing
         #expect(member.handle(.locked(.success(true)), now: start) == [.unlock])
     }
 }
+
+/// The core's side of fleet mode: another member's token as an answer or pushed, and a deferral.
+@Suite struct DaemonCoreFleetTests {
+    /// A driver whose first token came from its own login, now at its refresh point with a login
+    /// (a fleet acquisition) in flight.
+    func atRefresh() -> (CoreDriver, generation: Int) {
+        var driver = CoreDriver(CoreFixtures.configuration(stateFile: "/var/lib/fts/state.json"))
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        driver.advance(3000)
+        return (driver, driver.loginInFlight ?? -1)
+    }
+
+    @Test func anotherMembersTokenAnswersTheLoginAndIsWrittenSavedAndRotated() {
+        var (driver, generation) = atRefresh()
+        #expect(generation >= 0)
+        let theirs = driver.grant(token: "their.token.sig")
+        let actions = driver.send(.fleetToken(generation: generation, theirs, member: "web-02"))
+        #expect(actions.contains(.report(.fleetTokenAdopted(theirs, member: "web-02", pushed: false))))
+        #expect(actions.contains { if case .writeFiles(let request) = $0 { request.grant == theirs } else { false } })
+        #expect(actions.contains(.saveState(theirs)))
+        #expect(actions.contains(.runRotateActions(theirs)))
+        #expect(driver.core.holding.grant == theirs && driver.loginInFlight == nil)
+        // An answer to another acquisition is dropped.
+        #expect(
+            driver.send(.fleetToken(generation: generation, driver.grant(token: "late.token.sig"), member: "x")) == []
+        )
+    }
+
+    @Test func aPushedTokenIsTakenBetweenLoginsOnlyWhenNewer() {
+        var driver = CoreDriver()
+        driver.send(.start(stored: nil))
+        driver.loginSucceeds()
+        driver.advance(60)
+        let held = driver.core.holding.grant
+        // Older (it expires first): ignored.
+        let older = TokenGrant(
+            token: "older.token.sig",
+            expiresAt: driver.now.addingTimeInterval(100),
+            obtainedAt: driver.now,
+            userId: nil,
+            tenantId: nil,
+            clockSkew: 0
+        )
+        #expect(driver.send(.fleetToken(generation: nil, older, member: "web-02")) == [])
+        #expect(driver.core.holding.grant == held)
+        // Newer: taken, with no login.
+        let newer = driver.grant(token: "newer.token.sig")
+        let actions = driver.send(.fleetToken(generation: nil, newer, member: "web-02"))
+        #expect(actions.contains(.report(.fleetTokenAdopted(newer, member: "web-02", pushed: true))))
+        #expect(actions.logins.isEmpty)
+        #expect(driver.core.holding.grant == newer)
+    }
+
+    @Test func aPushedTokenDuringALoginIsLeftToTheFleetsAnswer() {
+        var (driver, _) = atRefresh()
+        let held = driver.core.holding.grant
+        #expect(driver.send(.fleetToken(generation: nil, driver.grant(token: "pushed.token.sig"), member: "w")) == [])
+        #expect(driver.core.holding.grant == held)
+    }
+
+    @Test func aDeferralWaitsUntilItsInstantWithNoLogin() {
+        var (driver, generation) = atRefresh()
+        let until = driver.now.addingTimeInterval(20)
+        let actions = driver.send(.fleetDeferred(generation: generation, until: until, why: "floor"))
+        #expect(actions.contains(.report(.fleetDeferred(until: until, why: "floor"))))
+        #expect(driver.loginInFlight == nil)
+        #expect(driver.advance(19).logins.isEmpty)
+        #expect(driver.advance(1).logins.count == 1)
+    }
+}
