@@ -430,38 +430,25 @@ public struct FleetCoordinator: Sendable {
         if case .unopenable = record.content {
             actions.append(.report(.unopenableRow(generation: record.generation, member: record.publishedBy)))
         }
-        if let grant = record.grant, grant.isValid(at: now), isAnswer(grant, to: job) {
+        // Answered by the row: the lock (if held) goes first, then the answer.
+        func answer(_ answer: Answer, _ actions: inout [Action]) -> Bool {
             if lockHeld { actions.append(.unlock) }
-            newest = grant
-            actions.append(
-                .answer(generation: job.generation, .token(grant, warnings: [], .member(record.publishedBy)))
-            )
+            actions.append(.answer(generation: job.generation, answer))
             finish(&actions)
             return true
         }
+        if let grant = record.grant, grant.isValid(at: now), isAnswer(grant, to: job) {
+            newest = grant
+            return answer(.token(grant, warnings: [], .member(record.publishedBy)), &actions)
+        }
         if let until = record.noLoginBefore, until > now {
-            if lockHeld { actions.append(.unlock) }
-            actions.append(
-                .answer(
-                    generation: job.generation,
-                    .deferred(until: until, why: "the fleet waits for the auth server's Retry-After")
-                )
-            )
-            finish(&actions)
-            return true
+            return answer(.deferred(until: until, why: "the fleet waits for the auth server's Retry-After"), &actions)
         }
         if case .forced = job.need, let last = record.lastForcedAt {
             let until = last.addingTimeInterval(settings.refresh.minForcedRefreshSeconds)
             if until > now {
-                if lockHeld { actions.append(.unlock) }
-                actions.append(
-                    .answer(
-                        generation: job.generation,
-                        .deferred(until: until, why: "another member forced a login within the forced-refresh floor")
-                    )
-                )
-                finish(&actions)
-                return true
+                let why = "another member forced a login within the forced-refresh floor"
+                return answer(.deferred(until: until, why: why), &actions)
             }
         }
         return false
