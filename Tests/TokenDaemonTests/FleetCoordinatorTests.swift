@@ -34,6 +34,21 @@ import Testing
         FleetRecord(generation: generation, content: grant.map { .token($0) } ?? .empty, publishedBy: member)
     }
 
+    /// A member holding `held` whose acquisition found the row at generation 4 holding the same
+    /// token, took the lock, read again and is now logging in.
+    func loggingIn(
+        holding held: TokenGrant,
+        need: Coordinator.Need = .refresh,
+        generation: Int = 1
+    ) -> Coordinator {
+        var member = coordinator(holding: held)
+        _ = member.handle(.need(need, generation: generation, held: held), now: start)
+        _ = member.handle(.read(.success(row(4, held))), now: start)
+        _ = member.handle(.locked(.success(true)), now: start)
+        _ = member.handle(.read(.success(row(4, held))), now: start)
+        return member
+    }
+
     func login(_ grant: TokenGrant) -> Result<TokenResponseParser.Result, LoginError> {
         .success(.init(grant: grant, warnings: []))
     }
@@ -102,11 +117,7 @@ import Testing
 
     @Test func aFailedLoginLetsGoOfTheLockAndIsTheCoresToRetry() {
         let held = grant("old", age: 2900)
-        var member = coordinator(holding: held)
-        _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
-        _ = member.handle(.locked(.success(true)), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
+        var member = loggingIn(holding: held)
         let error = LoginError.httpStatus(502, retryAfter: nil)
         #expect(
             member.handle(.loginFinished(.failure(error)), now: start) == [
@@ -119,11 +130,7 @@ import Testing
 
     @Test func aPublicationTheFenceRefusesIsOfferedAgainOnlyIfItIsTheNewer() {
         let held = grant("old", age: 2900)
-        var member = coordinator(holding: held)
-        _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
-        _ = member.handle(.locked(.success(true)), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
+        var member = loggingIn(holding: held)
         let mine = grant("mine")
         _ = member.handle(.loginFinished(login(mine)), now: start)
         // Paused past its lock: another member published generation 5 meanwhile.
@@ -139,11 +146,7 @@ import Testing
 
     @Test func aPausedMembersOlderTokenNeverReplacesANewerOne() {
         let held = grant("old", age: 2900)
-        var member = coordinator(holding: held)
-        _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
-        _ = member.handle(.locked(.success(true)), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
+        var member = loggingIn(holding: held)
         let mine = grant("mine", age: 60)
         _ = member.handle(.loginFinished(login(mine)), now: start)
         _ = member.handle(.published(.success(nil)), now: start)
@@ -281,11 +284,7 @@ import Testing
 
     @Test func theLockLostWithTheConnectionMidLoginStillDeliversTheToken() {
         let held = grant("old", age: 2900)
-        var member = coordinator(holding: held)
-        _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
-        _ = member.handle(.locked(.success(true)), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
+        var member = loggingIn(holding: held)
         let mine = grant("mine")
         _ = member.handle(.loginFinished(login(mine)), now: start)
         let down = FleetLinkError.unavailable("server closed the connection")
@@ -370,11 +369,7 @@ import Testing
 
     @Test func aForcedLoginPublishesItsTime() {
         let held = grant("old", age: 60)
-        var member = coordinator(holding: held)
-        _ = member.handle(.need(.forced(rejected: held.fingerprint), generation: 2, held: held), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
-        _ = member.handle(.locked(.success(true)), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
+        var member = loggingIn(holding: held, need: .forced(rejected: held.fingerprint), generation: 2)
         let fresh = grant("fresh")
         #expect(
             member.handle(.loginFinished(login(fresh)), now: start) == [
@@ -385,11 +380,7 @@ import Testing
 
     @Test func aRetryAfterHoldsEveryMembersLogins() {
         let held = grant("old", age: 2900)
-        var member = coordinator(holding: held)
-        _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
-        _ = member.handle(.locked(.success(true)), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
+        var member = loggingIn(holding: held)
         let limited = LoginError.httpStatus(429, retryAfter: 600)
         #expect(
             member.handle(.loginFinished(.failure(limited)), now: start) == [
@@ -416,11 +407,7 @@ import Testing
 
     @Test func aRejectedLoginDoesNotHoldTheFleet() {
         let held = grant("old", age: 2900)
-        var member = coordinator(holding: held)
-        _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
-        _ = member.handle(.locked(.success(true)), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
+        var member = loggingIn(holding: held)
         let rejected = LoginError.httpStatus(401, retryAfter: nil)
         #expect(
             member.handle(.loginFinished(.failure(rejected)), now: start) == [
@@ -431,11 +418,7 @@ import Testing
 
     @Test func aNeedWhileAPublicationIsInFlightStartsOnceItIsOver() {
         let held = grant("old", age: 2900)
-        var member = coordinator(holding: held)
-        _ = member.handle(.need(.refresh, generation: 1, held: held), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
-        _ = member.handle(.locked(.success(true)), now: start)
-        _ = member.handle(.read(.success(row(4, held))), now: start)
+        var member = loggingIn(holding: held)
         let fresh = grant("fresh")
         _ = member.handle(.loginFinished(login(fresh)), now: start)
         // The core, holding the new token, is told it was rejected before the publication is back.
